@@ -1,0 +1,130 @@
+//! Wiring: build a router from a config, then run it until shutdown.
+//!
+//! [`App::bind`] binds every listener first, so a port conflict fails start-up instead of the
+//! first request; tests and the demo use [`App::from_listeners`] with sockets bound on port 0.
+//! [`App::run`] starts the snapshot writer, the health probes and the listeners, and on shutdown
+//! drains: `/readyz` turns 503 at once, listeners stop accepting, and in-flight requests get
+//! `drain_timeout` to finish (spec section 8). This file makes no routing decisions.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::control::Control;
+use crate::forward::Forwarder;
+use crate::health::{self, HealthBoard};
+use crate::proxy::Proxy;
+use crate::{admin, listener, metrics};
+
+/// Why a router could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot listen on {addr} ({key}): {source}")]
+    Bind {
+        key: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("listen.https: TLS termination is not available in this build yet; remove listen.https and serve plain HTTP on listen.http")]
+    HttpsUnsupported,
+    #[error("listen.http: no client listener is configured")]
+    NoDataListener,
+}
+
+/// A router with its listeners bound, ready to run.
+#[derive(Debug)]
+pub struct App {
+    config: Config,
+    http: TcpListener,
+    admin: TcpListener,
+}
+
+impl App {
+    /// Bind the listeners the config names.
+    pub async fn bind(config: Config) -> Result<Self, AppError> {
+        if config.listen.https.is_some() {
+            return Err(AppError::HttpsUnsupported);
+        }
+        let http_addr = config.listen.http.ok_or(AppError::NoDataListener)?;
+        let http = bind("listen.http", http_addr).await?;
+        let admin = bind("listen.admin", config.listen.admin).await?;
+        Ok(Self {
+            config,
+            http,
+            admin,
+        })
+    }
+
+    /// Use listeners the caller bound (tests and the demo bind port 0 or fixed ports).
+    pub fn from_listeners(config: Config, http: TcpListener, admin: TcpListener) -> Self {
+        Self {
+            config,
+            http,
+            admin,
+        }
+    }
+
+    pub fn http_addr(&self) -> std::io::Result<SocketAddr> {
+        self.http.local_addr()
+    }
+
+    pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
+        self.admin.local_addr()
+    }
+
+    /// Serve until `shutdown` fires, then drain and return.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let metrics = metrics::install();
+        let config = self.config;
+        let limits = config.limits.clone();
+        let drain_timeout = config.drain_timeout;
+        let forwarder = Forwarder::new(config.loom.connect_timeout, config.limits.idle_timeout);
+        let board = Arc::new(HealthBoard::new(config.datacenters.len()));
+        // Background tasks stop only after the listeners have drained.
+        let background = CancellationToken::new();
+        health::spawn_probes(
+            &config,
+            board.clone(),
+            forwarder.clone(),
+            background.clone(),
+        );
+        for warning in config.warnings() {
+            tracing::warn!("{warning}");
+        }
+        let control = Control::start(config);
+        let proxy = Proxy::new(control, board, forwarder);
+
+        let data_stop = CancellationToken::new();
+        let data = tokio::spawn(listener::serve(
+            self.http,
+            proxy.clone(),
+            limits,
+            drain_timeout,
+            data_stop.clone(),
+        ));
+        let admin = tokio::spawn(admin::serve(
+            self.admin,
+            proxy.clone(),
+            metrics,
+            background.clone(),
+        ));
+
+        shutdown.cancelled().await;
+        tracing::info!("shutting down: readyz is 503, draining in-flight requests");
+        proxy.start_draining();
+        data_stop.cancel();
+        let _ = data.await;
+        background.cancel();
+        let _ = admin.await;
+    }
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Bind { key, addr, source })
+}

@@ -1,0 +1,595 @@
+//! Classification: method + path → which route a request takes and which shard key it names.
+//!
+//! This is spec section 3 as a pure function. It owns the cluster-ID grammar (section 2), the
+//! path rules (`bad_path`) and the routing table rows for both API generations (`/v1/loom` and
+//! `/v2`). It must not look at the ownership table, the body or the network: rows that need the
+//! body (`/v2/nodes`) or a lookup (`DELETE /v2/nodes/{node}`) come back as a [`Key`] that tells
+//! the proxy what to read, and `ownership.rs` decides where the request goes.
+//!
+//! The common path (no percent-escapes) allocates nothing: segments are borrowed from the path
+//! and the cluster ID is parsed straight into a `u64`.
+
+use std::borrow::Cow;
+
+use http::Method;
+
+/// The largest cluster ID: Loom's counter is a Java `long`.
+pub const MAX_CLUSTER_ID: u64 = i64::MAX as u64;
+
+/// The router's own probe path on the data listeners (spec section 8).
+pub const READYZ_PATH: &str = "/loom-router/readyz";
+
+/// What the request is, as the routing table in spec section 3 names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Task and provisioner traffic: always the local Loom.
+    Provisioner,
+    /// Reads, and POSTs used as queries: always the local Loom.
+    Read,
+    /// `POST {B}/clusters`: the local Loom allocates an ID in this DC's home shard.
+    Create,
+    /// A write for one cluster: the owner of its shard.
+    Write,
+    /// A write with no cluster key: the owner of the global shard.
+    GlobalWrite,
+    /// Anything outside `{B}`: the local Loom.
+    Passthrough,
+    /// `GET /loom-router/readyz`: answered by the router itself.
+    Readyz,
+}
+
+/// Where the shard key of a request comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Key {
+    /// The request names no shard (reads, passthrough, provisioner, readyz).
+    None,
+    /// A cluster ID taken from the path.
+    Cluster(u64),
+    /// The global shard.
+    Global,
+    /// This DC's home shard (creates).
+    Home,
+    /// `clusterId` in the JSON body (`POST`/`PUT /v2/nodes[/{node}]`).
+    NodeBody,
+    /// The cluster of an existing node, learned from the local Loom (`DELETE /v2/nodes/{node}`).
+    NodeLookup,
+}
+
+/// The result of classifying one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Class {
+    pub route: Route,
+    pub key: Key,
+}
+
+/// Why a request could not be classified. Both are the client's fault (400).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ClassifyError {
+    #[error("the path has a dot-segment, an encoded '/' or an empty segment")]
+    BadPath,
+    #[error("the cluster ID is not 1 to 19 decimal digits of at most 9223372036854775807")]
+    BadClusterId,
+}
+
+/// API generation prefixes, as (prefix, number of segments it spans).
+const V1: &str = "/v1/loom";
+const V2: &str = "/v2";
+
+/// Classify a request by method and raw (still percent-encoded) path, without its query.
+pub fn classify(method: &Method, raw_path: &str) -> Result<Class, ClassifyError> {
+    if raw_path == READYZ_PATH && (method == Method::GET || method == Method::HEAD) {
+        return Ok(Class {
+            route: Route::Readyz,
+            key: Key::None,
+        });
+    }
+    let path: Cow<'_, str> = if raw_path.contains('%') {
+        percent_encoding::percent_decode_str(raw_path).decode_utf8_lossy()
+    } else {
+        Cow::Borrowed(raw_path)
+    };
+    let Some(generation) = generation(&path) else {
+        return Ok(PASSTHROUGH);
+    };
+    // Under {B} the decoded path names the resource, so every segment of the raw path must decode
+    // to exactly one segment: no encoded '/', no dot-segments, no empty segments. Otherwise a write
+    // could reach a DC that the plain path would not name.
+    let raw_rest = raw_path
+        .strip_prefix(generation.raw_prefix())
+        .filter(|rest| rest.is_empty() || rest.starts_with('/'));
+    let Some(raw_rest) = raw_rest else {
+        // The prefix itself was encoded, e.g. `/v2%2Fclusters`: decoding merged segments.
+        return Err(ClassifyError::BadPath);
+    };
+    check_segments(raw_rest)?;
+    let rest = &path[generation.raw_prefix().len()..];
+    classify_under_base(method, generation, rest)
+}
+
+const PASSTHROUGH: Class = Class {
+    route: Route::Passthrough,
+    key: Key::None,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Generation {
+    Loom,
+    Coopr,
+}
+
+impl Generation {
+    fn raw_prefix(self) -> &'static str {
+        match self {
+            Self::Loom => V1,
+            Self::Coopr => V2,
+        }
+    }
+}
+
+/// Which `{B}` a decoded path is under, if any.
+fn generation(path: &str) -> Option<Generation> {
+    let under = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    };
+    if under(V1) {
+        Some(Generation::Loom)
+    } else if under(V2) {
+        Some(Generation::Coopr)
+    } else {
+        None
+    }
+}
+
+/// Reject encoded slashes, dot-segments (plain or encoded) and empty segments in the raw path
+/// after `{B}`.
+fn check_segments(raw_rest: &str) -> Result<(), ClassifyError> {
+    if raw_rest.is_empty() {
+        return Ok(());
+    }
+    // raw_rest starts with '/', so the first split item is the empty string before it.
+    for segment in raw_rest.split('/').skip(1) {
+        if segment.is_empty() {
+            return Err(ClassifyError::BadPath);
+        }
+        if !segment.contains('%') {
+            if segment == "." || segment == ".." {
+                return Err(ClassifyError::BadPath);
+            }
+            continue;
+        }
+        let decoded = percent_encoding::percent_decode_str(segment).collect::<Vec<u8>>();
+        if decoded.contains(&b'/') || decoded == b"." || decoded == b".." || decoded.is_empty() {
+            return Err(ClassifyError::BadPath);
+        }
+    }
+    Ok(())
+}
+
+fn is_read_method(method: &Method) -> bool {
+    method == Method::GET || method == Method::HEAD || method == Method::OPTIONS
+}
+
+/// The routing table rows under `{B}`. `rest` is the decoded path after the prefix, empty or
+/// starting with '/', and known to have no empty or dot segments.
+fn classify_under_base(
+    method: &Method,
+    generation: Generation,
+    rest: &str,
+) -> Result<Class, ClassifyError> {
+    let mut segments = rest.split('/').skip(1);
+    let first = segments.next().unwrap_or("");
+    let second = segments.next();
+    let third = segments.next();
+    let coopr = generation == Generation::Coopr;
+
+    // Row 1: provisioner traffic stays local whatever the method.
+    let provisioner = first == "tasks"
+        || (coopr && first == "provisioners")
+        || (coopr
+            && first == "tenants"
+            && second.is_some()
+            && matches!(third, Some("automatortypes" | "providertypes")));
+    if provisioner {
+        return Ok(class(Route::Provisioner, Key::None));
+    }
+    // Row 2: safe methods are reads.
+    if is_read_method(method) {
+        return Ok(class(Route::Read, Key::None));
+    }
+    // Row 3: POSTs used as queries.
+    if method == Method::POST
+        && second.is_none()
+        && (first == "getNodeProperties"
+            || first == "getClusterStatuses"
+            || (coopr && first == "resolve"))
+    {
+        return Ok(class(Route::Read, Key::None));
+    }
+    let write_method = method == Method::POST
+        || method == Method::PUT
+        || method == Method::DELETE
+        || method == Method::PATCH;
+    if first == "clusters" && write_method {
+        return match second {
+            // Row 4: create.
+            None if method == Method::POST => Ok(class(Route::Create, Key::Home)),
+            None => Ok(class(Route::GlobalWrite, Key::Global)),
+            // Row 5: a write for one cluster.
+            Some(id) => parse_owning_cluster(id).map(|id| class(Route::Write, Key::Cluster(id))),
+        };
+    }
+    if coopr && first == "nodes" {
+        // Rows 6 and 7: node writes are keyed by the node's cluster.
+        match (method, second, third) {
+            (&Method::POST | &Method::PUT, _, None) => {
+                return Ok(class(Route::Write, Key::NodeBody))
+            }
+            (&Method::DELETE, Some(_), None) => return Ok(class(Route::Write, Key::NodeLookup)),
+            _ => {}
+        }
+    }
+    // Row 8: everything else that changes state belongs to the global shard.
+    Ok(class(Route::GlobalWrite, Key::Global))
+}
+
+const fn class(route: Route, key: Key) -> Class {
+    Class { route, key }
+}
+
+/// Parse a cluster ID (spec section 2): 1 to 19 ASCII digits, value at most `i64::MAX`, leading
+/// zeros allowed. The input is already percent-decoded.
+pub fn parse_cluster_id(s: &str) -> Result<u64, ClassifyError> {
+    let bytes = s.as_bytes();
+    if bytes.is_empty() || bytes.len() > 19 {
+        return Err(ClassifyError::BadClusterId);
+    }
+    let mut value: u64 = 0;
+    for &b in bytes {
+        if !b.is_ascii_digit() {
+            return Err(ClassifyError::BadClusterId);
+        }
+        // 19 digits fit in a u64 (max 9_999_999_999_999_999_999 < 1.8e19).
+        value = value * 10 + u64::from(b - b'0');
+    }
+    if value > MAX_CLUSTER_ID {
+        return Err(ClassifyError::BadClusterId);
+    }
+    Ok(value)
+}
+
+/// The cluster that a cluster, job, plan or task ID belongs to: the cluster ID before the first
+/// `-` (`00000079-001` and `00000079-001-004` belong to cluster 79). The parts after it must be
+/// decimal, as Loom's `JobId` and `TaskId` are.
+pub fn parse_owning_cluster(s: &str) -> Result<u64, ClassifyError> {
+    let mut parts = s.split('-');
+    let cluster = parse_cluster_id(parts.next().unwrap_or(""))?;
+    let mut suffixes = 0;
+    for part in parts {
+        suffixes += 1;
+        if suffixes > 2 || part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(ClassifyError::BadClusterId);
+        }
+    }
+    Ok(cluster)
+}
+
+/// The cluster ID in a `/v2/nodes` JSON body: `clusterId` as a string or an integer. `None` when
+/// the body is not JSON or has no usable `clusterId`, which routes the write locally (Loom then
+/// answers for it). A present but malformed string ID is an error.
+pub fn cluster_from_node_body(body: &[u8]) -> Result<Option<u64>, ClassifyError> {
+    #[derive(serde::Deserialize)]
+    struct NodeBody {
+        #[serde(rename = "clusterId")]
+        cluster_id: Option<serde_json::Value>,
+    }
+    let Ok(node) = serde_json::from_slice::<NodeBody>(body) else {
+        return Ok(None);
+    };
+    match node.cluster_id {
+        Some(serde_json::Value::String(s)) => parse_cluster_id(&s).map(Some),
+        Some(serde_json::Value::Number(n)) => match n.as_u64() {
+            Some(id) if id <= MAX_CLUSTER_ID => Ok(Some(id)),
+            _ => Err(ClassifyError::BadClusterId),
+        },
+        Some(serde_json::Value::Null) | None => Ok(None),
+        Some(_) => Err(ClassifyError::BadClusterId),
+    }
+}
+
+/// The shard of a cluster ID: `id mod increment`.
+pub fn shard_of(id: u64, increment: u64) -> u64 {
+    id % increment
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(method: &str, path: &str) -> Result<Class, ClassifyError> {
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        classify(&method, path)
+    }
+
+    fn route(method: &str, path: &str) -> Route {
+        c(method, path).unwrap().route
+    }
+
+    const BASES: [&str; 2] = ["/v1/loom", "/v2"];
+
+    // === Row 1: provisioner ===
+
+    #[test]
+    fn tasks_are_provisioner_in_both_generations_for_every_method() {
+        for b in BASES {
+            for m in ["GET", "POST", "PUT", "DELETE"] {
+                assert_eq!(route(m, &format!("{b}/tasks/take")), Route::Provisioner);
+                assert_eq!(route(m, &format!("{b}/tasks/finish")), Route::Provisioner);
+            }
+        }
+    }
+
+    #[test]
+    fn provisioner_endpoints_and_plugin_downloads_are_provisioner() {
+        assert_eq!(route("PUT", "/v2/provisioners/p1"), Route::Provisioner);
+        assert_eq!(
+            route("POST", "/v2/provisioners/p1/heartbeat"),
+            Route::Provisioner
+        );
+        assert_eq!(route("GET", "/v2/provisioners"), Route::Provisioner);
+        assert_eq!(
+            route(
+                "GET",
+                "/v2/tenants/t1/automatortypes/chef/cookbooks/x/versions/1"
+            ),
+            Route::Provisioner
+        );
+        assert_eq!(
+            route("GET", "/v2/tenants/t1/providertypes/aws/keys/k/versions/2"),
+            Route::Provisioner
+        );
+        // Only Coopr has provisioners; under Loom they are ordinary global entities.
+        assert_eq!(route("POST", "/v1/loom/provisioners"), Route::GlobalWrite);
+        // A tenant itself is a global entity, not provisioner traffic.
+        assert_eq!(route("PUT", "/v2/tenants/t1"), Route::GlobalWrite);
+    }
+
+    // === Rows 2 and 3: reads ===
+
+    #[test]
+    fn safe_methods_are_reads() {
+        for b in BASES {
+            for m in ["GET", "HEAD", "OPTIONS"] {
+                assert_eq!(route(m, &format!("{b}/clusters/00000079")), Route::Read);
+                assert_eq!(route(m, &format!("{b}/clusters")), Route::Read);
+                assert_eq!(route(m, &format!("{b}/providers")), Route::Read);
+            }
+        }
+        // A read never needs a valid ID: Loom answers for it.
+        assert_eq!(route("GET", "/v2/clusters/abc"), Route::Read);
+    }
+
+    #[test]
+    fn query_posts_are_reads() {
+        for b in BASES {
+            assert_eq!(
+                route("POST", &format!("{b}/getNodeProperties")),
+                Route::Read
+            );
+            assert_eq!(
+                route("POST", &format!("{b}/getClusterStatuses")),
+                Route::Read
+            );
+        }
+        assert_eq!(route("POST", "/v2/resolve"), Route::Read);
+        // /resolve is Coopr-only.
+        assert_eq!(route("POST", "/v1/loom/resolve"), Route::GlobalWrite);
+    }
+
+    // === Row 4: create ===
+
+    #[test]
+    fn post_clusters_is_create() {
+        for b in BASES {
+            assert_eq!(
+                c("POST", &format!("{b}/clusters")).unwrap(),
+                class(Route::Create, Key::Home)
+            );
+        }
+    }
+
+    // === Row 5: cluster writes ===
+
+    #[test]
+    fn cluster_writes_are_keyed_by_the_id_in_the_path() {
+        for b in BASES {
+            for m in ["POST", "PUT", "DELETE", "PATCH"] {
+                for suffix in ["", "/abort", "/services/hdfs/restart", "/config"] {
+                    let got = c(m, &format!("{b}/clusters/00000079{suffix}")).unwrap();
+                    assert_eq!(got, class(Route::Write, Key::Cluster(79)), "{m} {suffix}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn job_and_task_ids_belong_to_the_cluster_before_the_first_dash() {
+        assert_eq!(parse_owning_cluster("00000079-001"), Ok(79));
+        assert_eq!(parse_owning_cluster("00000079-001-004"), Ok(79));
+        assert_eq!(
+            parse_owning_cluster("00000079-"),
+            Err(ClassifyError::BadClusterId)
+        );
+        assert_eq!(
+            parse_owning_cluster("00000079-x"),
+            Err(ClassifyError::BadClusterId)
+        );
+        assert_eq!(
+            parse_owning_cluster("1-2-3-4"),
+            Err(ClassifyError::BadClusterId)
+        );
+        assert_eq!(
+            c("POST", "/v2/clusters/00000079-001").unwrap().key,
+            Key::Cluster(79)
+        );
+    }
+
+    #[test]
+    fn cluster_id_grammar() {
+        assert_eq!(parse_cluster_id("00000079"), Ok(79));
+        assert_eq!(parse_cluster_id("0"), Ok(0));
+        assert_eq!(
+            parse_cluster_id("9223372036854775807"),
+            Ok(9_223_372_036_854_775_807)
+        );
+        for bad in [
+            "",
+            "-1",
+            "+1",
+            "1a",
+            " 1",
+            "9223372036854775808",
+            "18446744073709551615",
+            "99999999999999999999",
+            "00000000000000000001",
+            "١٢",
+        ] {
+            assert_eq!(
+                parse_cluster_id(bad),
+                Err(ClassifyError::BadClusterId),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_write_with_a_bad_cluster_id_is_bad_cluster_id() {
+        for id in ["abc", "-5", "%2B5", "9223372036854775808", "1.5"] {
+            assert_eq!(
+                c("DELETE", &format!("/v2/clusters/{id}")),
+                Err(ClassifyError::BadClusterId),
+                "{id}"
+            );
+        }
+    }
+
+    #[test]
+    fn percent_encoded_digits_are_decoded_before_parsing() {
+        assert_eq!(
+            c("DELETE", "/v2/clusters/%30%30000079").unwrap().key,
+            Key::Cluster(79)
+        );
+        assert_eq!(
+            c("DELETE", "/v2/%63lusters/00000079").unwrap().key,
+            Key::Cluster(79)
+        );
+    }
+
+    // === Rows 6 and 7: nodes ===
+
+    #[test]
+    fn node_writes_are_keyed_by_body_or_lookup() {
+        assert_eq!(c("POST", "/v2/nodes").unwrap().key, Key::NodeBody);
+        assert_eq!(c("PUT", "/v2/nodes/abc-uuid").unwrap().key, Key::NodeBody);
+        assert_eq!(
+            c("DELETE", "/v2/nodes/abc-uuid").unwrap().key,
+            Key::NodeLookup
+        );
+        assert_eq!(route("GET", "/v2/nodes/abc-uuid"), Route::Read);
+        // Loom has no /nodes endpoint: a global write like any other entity.
+        assert_eq!(route("POST", "/v1/loom/nodes"), Route::GlobalWrite);
+    }
+
+    #[test]
+    fn node_body_cluster_id_is_a_string_or_an_integer() {
+        assert_eq!(
+            cluster_from_node_body(br#"{"clusterId":"00000012"}"#),
+            Ok(Some(12))
+        );
+        assert_eq!(cluster_from_node_body(br#"{"clusterId":12}"#), Ok(Some(12)));
+        assert_eq!(cluster_from_node_body(br#"{"id":"n1"}"#), Ok(None));
+        assert_eq!(cluster_from_node_body(b"not json"), Ok(None));
+        assert_eq!(cluster_from_node_body(b"[1,2]"), Ok(None));
+        assert_eq!(
+            cluster_from_node_body(br#"{"clusterId":"x1"}"#),
+            Err(ClassifyError::BadClusterId)
+        );
+        assert_eq!(
+            cluster_from_node_body(br#"{"clusterId":-3}"#),
+            Err(ClassifyError::BadClusterId)
+        );
+    }
+
+    // === Row 8: global writes ===
+
+    #[test]
+    fn other_writes_are_global() {
+        for b in BASES {
+            for (m, p) in [
+                ("POST", "/providers"),
+                ("PUT", "/hardwaretypes/medium"),
+                ("DELETE", "/imagetypes/centos"),
+                ("POST", "/import"),
+                ("PUT", "/clustertemplates/hadoop"),
+                ("PUT", "/clusters"),
+                ("POST", ""),
+            ] {
+                assert_eq!(
+                    c(m, &format!("{b}{p}")).unwrap(),
+                    class(Route::GlobalWrite, Key::Global),
+                    "{m} {b}{p}"
+                );
+            }
+        }
+        for (m, p) in [
+            ("POST", "/v2/tenants"),
+            ("PUT", "/v2/profile"),
+            ("POST", "/v2/plugins/sync"),
+        ] {
+            assert_eq!(route(m, p), Route::GlobalWrite, "{m} {p}");
+        }
+    }
+
+    // === Row 9 and 10: readyz and passthrough ===
+
+    #[test]
+    fn readyz_is_answered_by_the_router() {
+        assert_eq!(route("GET", READYZ_PATH), Route::Readyz);
+    }
+
+    #[test]
+    fn paths_outside_the_bases_are_passthrough() {
+        for (m, p) in [
+            ("GET", "/status"),
+            ("POST", "/v1/clusters/1"),
+            ("DELETE", "/v3/clusters/1"),
+            ("POST", "/v2x/clusters/1"),
+            ("POST", "/v1/loomx/clusters/1"),
+            ("GET", "/"),
+        ] {
+            assert_eq!(route(m, p), Route::Passthrough, "{m} {p}");
+        }
+    }
+
+    // === bad_path ===
+
+    #[test]
+    fn dot_segments_encoded_slashes_and_empty_segments_are_bad_paths() {
+        for p in [
+            "/v2/clusters/00000011/../00000012",
+            "/v2/clusters/./00000012",
+            "/v2/clusters/%2e%2e/00000012",
+            "/v2/clusters/%2E/00000012",
+            "/v2/clusters%2F00000012",
+            "/v2%2Fclusters%2F00000012",
+            "/v2/clusters//00000012",
+            "/v2/clusters/00000012/",
+            "/v1/loom/clusters/00000012/%2fabort",
+        ] {
+            assert_eq!(c("POST", p), Err(ClassifyError::BadPath), "{p}");
+            assert_eq!(c("GET", p), Err(ClassifyError::BadPath), "{p}");
+        }
+        // Outside {B} the router has no opinion about the path.
+        assert_eq!(route("GET", "/foo/../status"), Route::Passthrough);
+    }
+}

@@ -1,0 +1,346 @@
+//! Router errors, and the one place they become HTTP responses (spec section 5).
+//!
+//! Every error the router produces itself is a [`RouterError`]. [`RouterError::status`] and
+//! [`RouterError::code`] are exhaustive matches with no wildcard, so a new variant cannot ship
+//! without a status and a code. The body is one plain-text sentence telling the user what
+//! happened and what to do; details such as socket errors go to the log, not to the client.
+//!
+//! This file must not log or record metrics: `proxy.rs` does both once, at the edge.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::{Response, StatusCode};
+
+use crate::body::Body;
+use crate::classify::ClassifyError;
+use crate::config::ShardKey;
+use crate::headers::{ROUTER_ERROR, TEXT_PLAIN};
+
+/// Which upstream a transport error is about, for codes and the `kind` metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamKind {
+    Connect,
+    Timeout,
+    Reset,
+    Tls,
+}
+
+impl UpstreamKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Timeout => "timeout",
+            Self::Reset => "reset",
+            Self::Tls => "tls",
+        }
+    }
+}
+
+/// An error the router answers itself.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("the request could not be parsed as HTTP")]
+    BadRequest,
+    #[error("bad cluster ID")]
+    BadClusterId,
+    #[error("bad path")]
+    BadPath,
+    #[error("hop headers without a verified peer certificate")]
+    PeerUnauthenticated,
+    #[error("shard {0} is unassigned")]
+    UnassignedShard(ShardKey),
+    #[error("body over {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("misdirected: shard {shard} is owned by {owner} at epoch {epoch}")]
+    Misdirected {
+        shard: ShardKey,
+        owner: String,
+        epoch: u64,
+    },
+    #[error("request headers over {limit} bytes")]
+    HeadersTooLarge { limit: usize },
+    #[error("local Loom unreachable ({kind:?})")]
+    UpstreamUnreachable {
+        kind: UpstreamKind,
+        #[source]
+        source: Option<BoxError>,
+    },
+    #[error("peer router {dc} unreachable ({kind:?})")]
+    PeerUnreachable {
+        dc: String,
+        kind: UpstreamKind,
+        #[source]
+        source: Option<BoxError>,
+    },
+    #[error("owning datacenter {dc} is down")]
+    OwnerUnavailable { dc: String, retry_after: Duration },
+    #[error("writes for shard {0} are fenced here")]
+    Fenced(ShardKey),
+    #[error("routers disagree about the owner of shard {0}")]
+    OwnershipConflict(ShardKey),
+    #[error("{limit} requests already in flight")]
+    Overloaded { limit: usize },
+    #[error("no response from the local Loom within {0:?}")]
+    UpstreamTimeout(Duration),
+    #[error("no response from peer router {dc} within {after:?}")]
+    PeerTimeout { dc: String, after: Duration },
+    #[error("the request already passed through this router")]
+    LoopDetected,
+}
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl From<ClassifyError> for RouterError {
+    fn from(e: ClassifyError) -> Self {
+        match e {
+            ClassifyError::BadPath => Self::BadPath,
+            ClassifyError::BadClusterId => Self::BadClusterId,
+        }
+    }
+}
+
+impl RouterError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest | Self::BadClusterId | Self::BadPath => StatusCode::BAD_REQUEST,
+            Self::PeerUnauthenticated => StatusCode::FORBIDDEN,
+            Self::UnassignedShard(_) => StatusCode::NOT_FOUND,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
+            Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::UpstreamUnreachable { .. } | Self::PeerUnreachable { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            Self::OwnerUnavailable { .. }
+            | Self::Fenced(_)
+            | Self::OwnershipConflict(_)
+            | Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpstreamTimeout(_) | Self::PeerTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::LoopDetected => StatusCode::LOOP_DETECTED,
+        }
+    }
+
+    /// The `X-Loom-Router-Error` code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::BadClusterId => "bad_cluster_id",
+            Self::BadPath => "bad_path",
+            Self::PeerUnauthenticated => "peer_unauthenticated",
+            Self::UnassignedShard(_) => "unassigned_shard",
+            Self::BodyTooLarge { .. } => "body_too_large",
+            Self::Misdirected { .. } => "misdirected",
+            Self::HeadersTooLarge { .. } => "headers_too_large",
+            Self::UpstreamUnreachable { .. } => "upstream_unreachable",
+            Self::PeerUnreachable { .. } => "peer_unreachable",
+            Self::OwnerUnavailable { .. } => "owner_unavailable",
+            Self::Fenced(_) => "fenced",
+            Self::OwnershipConflict(_) => "ownership_conflict",
+            Self::Overloaded { .. } => "overloaded",
+            Self::UpstreamTimeout(_) => "upstream_timeout",
+            Self::PeerTimeout { .. } => "peer_timeout",
+            Self::LoopDetected => "loop_detected",
+        }
+    }
+
+    /// One sentence for the client: what happened and what to do.
+    fn sentence(&self) -> String {
+        match self {
+            Self::BadRequest => {
+                "The request could not be parsed as HTTP; check the request line and headers."
+                    .to_owned()
+            }
+            Self::BadClusterId => "The cluster ID in the path is not a Loom cluster ID (1 to 19 \
+                 decimal digits, at most 9223372036854775807); check the URL."
+                .to_owned(),
+            Self::BadPath => "The path has a dot-segment, an encoded '/' or an empty segment; \
+                 send the plain path of the resource."
+                .to_owned(),
+            Self::PeerUnauthenticated => "Router hop headers are only accepted from peer routers \
+                 with a verified client certificate; remove X-Loom-Router-* headers."
+                .to_owned(),
+            Self::UnassignedShard(shard) => format!(
+                "No datacenter owns shard {shard}, so no configured datacenter can have created \
+                 this cluster; check the cluster ID."
+            ),
+            Self::BodyTooLarge { limit } => format!(
+                "The request body is larger than the {limit} bytes this router reads; send a \
+                 smaller body."
+            ),
+            Self::Misdirected { .. } => {
+                "This router does not own the shard; retry at its owner.".to_owned()
+            }
+            Self::HeadersTooLarge { limit } => format!(
+                "The request line and headers are larger than {limit} bytes; send fewer or \
+                 smaller headers."
+            ),
+            Self::UpstreamUnreachable { .. } => "The local Loom server could not be reached; \
+                 retry later or use another datacenter."
+                .to_owned(),
+            Self::PeerUnreachable { dc, .. } => format!(
+                "The router of datacenter {dc}, which owns this cluster, could not be reached; \
+                 retry later."
+            ),
+            Self::OwnerUnavailable { dc, .. } => format!(
+                "Datacenter {dc}, which owns this cluster, is down and its shards have not failed \
+                 over yet; retry after the Retry-After delay."
+            ),
+            Self::Fenced(shard) => format!(
+                "Writes for shard {shard} are paused here while its ownership is confirmed or \
+                 moved; retry shortly."
+            ),
+            Self::OwnershipConflict(shard) => {
+                format!("The routers disagree about who owns shard {shard}; retry shortly.")
+            }
+            Self::Overloaded { .. } => {
+                "This router is handling too many requests; retry after the Retry-After delay."
+                    .to_owned()
+            }
+            Self::UpstreamTimeout(after) => format!(
+                "The local Loom server did not answer within {}; retry later.",
+                humantime::format_duration(*after)
+            ),
+            Self::PeerTimeout { dc, after } => format!(
+                "The router of datacenter {dc} did not answer within {}; the write may or may \
+                 not have been applied, so check before retrying.",
+                humantime::format_duration(*after)
+            ),
+            Self::LoopDetected => "The request has already passed through this router; check \
+                 the routers' peer addresses."
+                .to_owned(),
+        }
+    }
+
+    /// `Retry-After`, in whole seconds, at least 1.
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::OwnerUnavailable { retry_after, .. } => {
+                Some(retry_after.as_secs_f64().ceil().max(1.0) as u64)
+            }
+            Self::Overloaded { .. } | Self::Fenced(_) | Self::OwnershipConflict(_) => Some(1),
+            Self::BadRequest
+            | Self::BadClusterId
+            | Self::BadPath
+            | Self::PeerUnauthenticated
+            | Self::UnassignedShard(_)
+            | Self::BodyTooLarge { .. }
+            | Self::Misdirected { .. }
+            | Self::HeadersTooLarge { .. }
+            | Self::UpstreamUnreachable { .. }
+            | Self::PeerUnreachable { .. }
+            | Self::UpstreamTimeout(_)
+            | Self::PeerTimeout { .. }
+            | Self::LoopDetected => None,
+        }
+    }
+
+    /// The response for this error. Route headers are added by the caller, which knows the
+    /// route.
+    pub fn to_response(&self) -> Response<Body> {
+        let (content_type, body) = match self {
+            // The one JSON error: only routers read it (spec section 4).
+            Self::Misdirected {
+                shard,
+                owner,
+                epoch,
+            } => {
+                let shard = match shard {
+                    ShardKey::Residue(r) => serde_json::Value::from(*r),
+                    ShardKey::Global => serde_json::Value::from("global"),
+                };
+                let json = serde_json::json!({"shard": shard, "owner": owner, "epoch": epoch});
+                (
+                    HeaderValue::from_static("application/json"),
+                    Bytes::from(json.to_string()),
+                )
+            }
+            _ => (
+                HeaderValue::from_static(TEXT_PLAIN),
+                Bytes::from(self.sentence() + "\n"),
+            ),
+        };
+        let mut response = Response::new(Body::full(body));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, content_type);
+        headers.insert(ROUTER_ERROR, HeaderValue::from_static(self.code()));
+        if let Some(secs) = self.retry_after() {
+            headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+
+    /// The bytes of a complete HTTP/1.1 response for errors found before hyper hands the request
+    /// to the router (unparseable heads, oversized heads). The connection is closed after it.
+    pub fn raw_http1(&self, via: &str) -> Vec<u8> {
+        let body = self.sentence() + "\n";
+        let status = self.status();
+        format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: {TEXT_PLAIN}\r\nx-loom-router-error: {}\r\n\
+             x-loom-route: unrouted\r\nvia: {via}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            self.code(),
+            body.len(),
+        )
+        .into_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn errors_are_plain_text_with_their_code() {
+        let r = RouterError::BadClusterId.to_response();
+        assert_eq!(r.status(), 400);
+        assert_eq!(r.headers()[ROUTER_ERROR], "bad_cluster_id");
+        assert_eq!(r.headers()[CONTENT_TYPE], "text/plain; charset=utf-8");
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        assert!(body.ends_with(b".\n"), "{body:?}");
+    }
+
+    #[tokio::test]
+    async fn misdirected_is_json_with_the_receivers_view() {
+        let r = RouterError::Misdirected {
+            shard: ShardKey::Residue(2),
+            owner: "us-west".to_owned(),
+            epoch: 7,
+        }
+        .to_response();
+        assert_eq!(r.status(), 421);
+        assert_eq!(r.headers()[CONTENT_TYPE], "application/json");
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], br#"{"epoch":7,"owner":"us-west","shard":2}"#);
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_at_least_one() {
+        let r = RouterError::OwnerUnavailable {
+            dc: "x".to_owned(),
+            retry_after: Duration::from_millis(200),
+        }
+        .to_response();
+        assert_eq!(r.headers()[RETRY_AFTER], "1");
+        let r = RouterError::OwnerUnavailable {
+            dc: "x".to_owned(),
+            retry_after: Duration::from_millis(2500),
+        }
+        .to_response();
+        assert_eq!(r.headers()[RETRY_AFTER], "3");
+    }
+
+    #[test]
+    fn raw_responses_are_complete_http() {
+        let raw =
+            String::from_utf8(RouterError::BadRequest.raw_http1("1.1 loom-router-a")).unwrap();
+        assert!(raw.starts_with("HTTP/1.1 400 Bad Request\r\n"));
+        assert!(raw.contains("x-loom-router-error: bad_request\r\n"));
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+    }
+}

@@ -1,0 +1,163 @@
+//! Forwarding: the I/O of sending a request to the local Loom or a peer router.
+//!
+//! One pooled keep-alive client (hyper-util's legacy `Client`) is built at start-up and shared by
+//! every request and every health probe. This file owns timeouts, the mapping of transport
+//! failures to [`UpstreamKind`], and reading bodies into memory when the router has to. It must
+//! not decide *where* a request goes: `proxy.rs` does that from the ownership table.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::uri::{PathAndQuery, Uri};
+use http::{Request, Response};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::Body;
+use crate::error::{BoxError, UpstreamKind};
+
+/// Idle pooled connections kept per upstream host. Enough for a burst of concurrent writes to
+/// one peer without reconnecting; the rest are closed when they go idle.
+const POOL_MAX_IDLE_PER_HOST: usize = 256;
+
+/// A transport failure talking to an upstream.
+#[derive(Debug, thiserror::Error)]
+#[error("{} error", kind.as_str())]
+pub struct SendError {
+    pub kind: UpstreamKind,
+    #[source]
+    pub source: Option<BoxError>,
+}
+
+impl SendError {
+    /// Whether the upstream may have received (and acted on) the request.
+    pub fn maybe_processed(&self) -> bool {
+        match self.kind {
+            UpstreamKind::Connect | UpstreamKind::Tls => false,
+            UpstreamKind::Timeout | UpstreamKind::Reset => true,
+        }
+    }
+}
+
+/// The shared upstream client.
+#[derive(Debug, Clone)]
+pub struct Forwarder {
+    /// Cloning shares the pool; every request and probe goes through this one client.
+    client: Client<HttpConnector, Body>,
+}
+
+impl Forwarder {
+    pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(idle_timeout)
+            .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
+            // Without a timer the pool never evicts idle connections.
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        Self { client }
+    }
+
+    /// Send a request and wait for the response head, at most `timeout`.
+    pub async fn send(
+        &self,
+        request: Request<Body>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, SendError> {
+        match tokio::time::timeout(timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => {
+                let kind = if e.is_connect() {
+                    UpstreamKind::Connect
+                } else {
+                    UpstreamKind::Reset
+                };
+                Err(SendError {
+                    kind,
+                    source: Some(Box::new(e)),
+                })
+            }
+            Err(_) => Err(SendError {
+                kind: UpstreamKind::Timeout,
+                source: None,
+            }),
+        }
+    }
+}
+
+/// `base` (scheme and authority of an upstream) joined with a request's path and query.
+pub fn upstream_uri(base: &Uri, path_and_query: Option<&PathAndQuery>) -> Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = base.scheme().cloned();
+    parts.authority = base.authority().cloned();
+    parts.path_and_query = Some(
+        path_and_query
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    // Scheme, authority and path all come from valid parts, so this cannot fail; fall back to
+    // the base rather than panic.
+    Uri::from_parts(parts).unwrap_or_else(|_| base.clone())
+}
+
+/// A request body after the router tried to keep it for a retry.
+#[derive(Debug)]
+pub enum Buffered {
+    /// The whole body is in memory: the request can be sent again.
+    Complete(Bytes),
+    /// The body is over the limit: what was read so far, and the rest of the stream. It can be
+    /// sent once only.
+    Partial(Body),
+}
+
+/// Read a body into memory if it is at most `limit` bytes. A body whose declared length is over
+/// the limit is not read at all; one that turns out too big while reading keeps streaming.
+pub async fn buffer_up_to(mut body: Incoming, limit: usize) -> Result<Buffered, hyper::Error> {
+    if body.is_end_stream() {
+        return Ok(Buffered::Complete(Bytes::new()));
+    }
+    if body.size_hint().lower() > limit as u64 {
+        return Ok(Buffered::Partial(Body::Incoming(body)));
+    }
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        if let Ok(data) = frame.into_data() {
+            buf.extend_from_slice(&data);
+            if buf.len() > limit {
+                return Ok(Buffered::Partial(Body::Prefixed {
+                    prefix: Some(buf.freeze()),
+                    rest: body,
+                }));
+            }
+        }
+    }
+    Ok(Buffered::Complete(buf.freeze()))
+}
+
+/// Why a body the router must read could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadBodyError {
+    #[error("body over the limit")]
+    TooLarge,
+    #[error("client body error")]
+    Client(#[source] BoxError),
+}
+
+/// Read a whole body the router needs to look into (a `/v2/nodes` write), at most `limit` bytes.
+pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ReadBodyError> {
+    if body.size_hint().lower() > limit as u64 {
+        return Err(ReadBodyError::TooLarge);
+    }
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ReadBodyError::TooLarge),
+        Err(e) => Err(ReadBodyError::Client(e)),
+    }
+}

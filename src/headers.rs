@@ -1,0 +1,256 @@
+//! Header names the router owns, and the pure header rewrites of a proxy (RFC 9110 section 7.6).
+//!
+//! Everything here works on a `HeaderMap` and returns; no I/O. `forward.rs` calls
+//! [`prepare_upstream`] on every request it sends and [`prepare_downstream`] on every response it
+//! returns. Loom's own headers (`X-Loom-UserID`, `X-Loom-ApiKey`, `Coopr-*`, `Authorization`, and
+//! any `X-Loom-*` the router does not own) are never touched.
+
+use std::net::IpAddr;
+
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, VIA};
+
+/// The route a request took (spec section 5).
+pub const ROUTE: HeaderName = HeaderName::from_static("x-loom-route");
+/// The DC whose Loom produced the response.
+pub const SERVED_BY: HeaderName = HeaderName::from_static("x-loom-served-by");
+/// The code of an error the router produced.
+pub const ROUTER_ERROR: HeaderName = HeaderName::from_static("x-loom-router-error");
+/// Set to `1` on a write forwarded by a router: the receiver never forwards it again.
+pub const HOP: HeaderName = HeaderName::from_static("x-loom-router-hop");
+/// The DC that forwarded a write.
+pub const ORIGIN: HeaderName = HeaderName::from_static("x-loom-router-origin");
+/// The shard epoch a write was routed (origin) or admitted (owner) under.
+pub const EPOCH: HeaderName = HeaderName::from_static("x-loom-router-epoch");
+/// The shard a forwarded write is for. Needed for creates, whose shard is the origin's home
+/// shard and cannot be derived from the path; sent on every forwarded write for auditing.
+pub const SHARD: HeaderName = HeaderName::from_static("x-loom-router-shard");
+pub const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+pub const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The content type of router errors, as Loom's own text errors have.
+pub const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
+
+/// The `X-Loom-Router-` prefix of headers routers send each other.
+const ROUTER_PREFIX: &str = "x-loom-router-";
+
+/// Headers that describe one connection, not the message (RFC 9110 section 7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+    http::header::PROXY_AUTHORIZATION,
+];
+
+/// The `Via` token that names a router's DC: `loom-router-<dc>`.
+pub fn via_token(dc: &str) -> String {
+    format!("loom-router-{dc}")
+}
+
+/// Remove hop-by-hop headers, including any the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(conn) = headers.get(CONNECTION) {
+        // Names listed in Connection are hop-by-hop too. Collect first: we cannot remove while
+        // borrowing the value. Only allocates when a Connection header is present.
+        let named: Vec<HeaderName> = conn
+            .to_str()
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Whether any `Via` entry names `token` as its receiver (`<protocol> <token> [comment]`).
+pub fn via_names(headers: &HeaderMap, token: &str) -> bool {
+    headers.get_all(VIA).iter().any(|value| {
+        value.to_str().unwrap_or("").split(',').any(|entry| {
+            entry
+                .split_whitespace()
+                .nth(1)
+                .is_some_and(|received_by| received_by.eq_ignore_ascii_case(token))
+        })
+    })
+}
+
+/// Whether a request claims to come from a peer router.
+pub fn has_hop(headers: &HeaderMap) -> bool {
+    headers.contains_key(HOP)
+}
+
+/// Who sent a request to the router, for `X-Forwarded-*`.
+#[derive(Debug, Clone, Copy)]
+pub struct Client {
+    pub ip: IpAddr,
+    pub https: bool,
+}
+
+/// Rewrite a request's headers for an upstream (local Loom or peer router):
+/// - drop hop-by-hop headers and `Host` (the client sets it from the upstream URI);
+/// - drop the response-only headers the router owns, and `X-Loom-Router-*` unless the request is
+///   a trusted hop (`keep_router_headers`);
+/// - append `Via` and `X-Forwarded-For`, set `X-Forwarded-Proto` and `X-Forwarded-Host`.
+pub fn prepare_upstream(
+    headers: &mut HeaderMap,
+    client: Client,
+    via: &HeaderValue,
+    keep_router_headers: bool,
+) {
+    strip_hop_by_hop(headers);
+    if let Some(host) = headers.remove(HOST) {
+        if !headers.contains_key(FORWARDED_HOST) {
+            headers.insert(FORWARDED_HOST, host);
+        }
+    }
+    headers.remove(ROUTE);
+    headers.remove(SERVED_BY);
+    if !keep_router_headers {
+        strip_router_headers(headers);
+    }
+    headers.append(VIA, via.clone());
+    append_forwarded_for(headers, client.ip);
+    headers.insert(
+        FORWARDED_PROTO,
+        HeaderValue::from_static(if client.https { "https" } else { "http" }),
+    );
+}
+
+/// Remove every `X-Loom-Router-*` header.
+pub fn strip_router_headers(headers: &mut HeaderMap) {
+    // Fast path: most requests carry none, and finding that out allocates nothing.
+    if !headers
+        .keys()
+        .any(|k| k.as_str().starts_with(ROUTER_PREFIX))
+    {
+        return;
+    }
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with(ROUTER_PREFIX))
+        .cloned()
+        .collect();
+    for name in names {
+        headers.remove(name);
+    }
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
+    let ip = ip.to_string();
+    let value = match headers.get(FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {ip}"),
+        None => ip,
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(FORWARDED_FOR, value);
+    }
+}
+
+/// Rewrite an upstream response's headers for the client: drop hop-by-hop headers and append
+/// `Via`.
+pub fn prepare_downstream(headers: &mut HeaderMap, via: &HeaderValue) {
+    strip_hop_by_hop(headers);
+    headers.append(VIA, via.clone());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    const CLIENT: Client = Client {
+        ip: IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 7)),
+        https: false,
+    };
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_dropped() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("x-loom-userid", "admin"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-loom-userid"], "admin");
+    }
+
+    #[test]
+    fn upstream_requests_keep_loom_headers_and_gain_via_and_forwarded() {
+        let mut h = map(&[
+            ("host", "router.example"),
+            ("x-loom-userid", "admin"),
+            ("x-loom-apikey", "k"),
+            ("coopr-tenantid", "t1"),
+            ("authorization", "Bearer abc"),
+            ("x-loom-custom", "v"),
+            ("x-loom-route", "forged"),
+            ("x-loom-served-by", "forged"),
+            ("x-loom-router-hop", "1"),
+            ("x-loom-router-epoch", "99"),
+            ("x-forwarded-for", "192.0.2.1"),
+        ]);
+        let via = HeaderValue::from_static("1.1 loom-router-us-east");
+        prepare_upstream(&mut h, CLIENT, &via, false);
+        assert_eq!(h["x-loom-userid"], "admin");
+        assert_eq!(h["x-loom-apikey"], "k");
+        assert_eq!(h["coopr-tenantid"], "t1");
+        assert_eq!(h["authorization"], "Bearer abc");
+        assert_eq!(h["x-loom-custom"], "v");
+        assert!(!h.contains_key("x-loom-route"));
+        assert!(!h.contains_key("x-loom-served-by"));
+        assert!(!h.contains_key("x-loom-router-hop"));
+        assert!(!h.contains_key("x-loom-router-epoch"));
+        assert!(!h.contains_key("host"));
+        assert_eq!(h["x-forwarded-host"], "router.example");
+        assert_eq!(h["via"], "1.1 loom-router-us-east");
+        assert_eq!(h["x-forwarded-for"], "192.0.2.1, 10.0.0.7");
+        assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn trusted_hops_keep_router_headers() {
+        let mut h = map(&[
+            ("x-loom-router-hop", "1"),
+            ("x-loom-router-origin", "us-west"),
+        ]);
+        let via = HeaderValue::from_static("1.1 loom-router-us-east");
+        prepare_upstream(&mut h, CLIENT, &via, true);
+        assert_eq!(h["x-loom-router-hop"], "1");
+        assert_eq!(h["x-loom-router-origin"], "us-west");
+    }
+
+    #[test]
+    fn via_matches_whole_receiver_tokens_only() {
+        let h = map(&[("via", "1.0 fred, 1.1 loom-router-us-east (x)")]);
+        assert!(via_names(&h, "loom-router-us-east"));
+        assert!(!via_names(&h, "loom-router-us"));
+        assert!(!via_names(&h, "loom-router-us-east-2"));
+        let h = map(&[("via", "1.1 a"), ("via", "2 loom-router-eu")]);
+        assert!(via_names(&h, "loom-router-eu"));
+    }
+}

@@ -1,0 +1,284 @@
+//! Health checks: is the local Loom answering, and is each peer DC's router ready?
+//!
+//! Two parts, kept apart. [`Counter`] is the pure threshold state machine (N consecutive
+//! failures to go down, M consecutive successes to come back), tested without a clock.
+//! [`spawn_probes`] runs one probe task per DC on the `[health]` schedule and writes the verdict
+//! into [`HealthBoard`], which the request path reads to fail fast with `owner_unavailable`.
+//!
+//! Health never moves ownership (spec section 1); this file must not touch the table.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Uri};
+use tokio_util::sync::CancellationToken;
+
+use crate::body::Body;
+use crate::config::{Config, DcId};
+use crate::forward::{upstream_uri, Forwarder};
+use crate::metrics;
+
+/// What the probes last concluded about a DC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// No probe has answered yet. Treated as up for routing, as not ready for `/readyz`.
+    Unknown,
+    Up,
+    Down,
+}
+
+/// Consecutive-result thresholds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Thresholds {
+    pub unhealthy_after: u32,
+    pub healthy_after: u32,
+}
+
+/// The pure state machine behind one DC's health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counter {
+    status: Status,
+    /// Consecutive results that disagree with `status`.
+    streak: u32,
+}
+
+impl Default for Counter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Counter {
+    pub fn new() -> Self {
+        Self {
+            status: Status::Unknown,
+            streak: 0,
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        self.status
+    }
+
+    /// Feed one probe result; returns the new status if it changed. The first result decides
+    /// at once, so a router knows where it stands after one interval rather than N.
+    pub fn observe(&mut self, ok: bool, t: Thresholds) -> Option<Status> {
+        let wanted = if ok { Status::Up } else { Status::Down };
+        if self.status == Status::Unknown {
+            self.status = wanted;
+            self.streak = 0;
+            return Some(wanted);
+        }
+        if self.status == wanted {
+            self.streak = 0;
+            return None;
+        }
+        self.streak += 1;
+        let needed = if ok {
+            t.healthy_after
+        } else {
+            t.unhealthy_after
+        };
+        if self.streak >= needed {
+            self.status = wanted;
+            self.streak = 0;
+            Some(wanted)
+        } else {
+            None
+        }
+    }
+}
+
+/// The latest status of every DC, by [`DcId`]. The local DC's entry is its Loom's health.
+#[derive(Debug)]
+pub struct HealthBoard {
+    /// Written by the probe tasks only; read by the request path, `/readyz` and `/admin/table`.
+    statuses: Vec<AtomicU8>,
+}
+
+impl HealthBoard {
+    pub fn new(dcs: usize) -> Self {
+        Self {
+            statuses: (0..dcs).map(|_| AtomicU8::new(0)).collect(),
+        }
+    }
+
+    pub fn get(&self, dc: DcId) -> Status {
+        match self.statuses.get(dc).map(|s| s.load(Ordering::Relaxed)) {
+            Some(1) => Status::Up,
+            Some(2) => Status::Down,
+            _ => Status::Unknown,
+        }
+    }
+
+    /// Whether requests may be sent to the DC: anything but a confirmed `Down`.
+    pub fn usable(&self, dc: DcId) -> bool {
+        self.get(dc) != Status::Down
+    }
+
+    pub fn set(&self, dc: DcId, status: Status) {
+        let v = match status {
+            Status::Unknown => 0,
+            Status::Up => 1,
+            Status::Down => 2,
+        };
+        if let Some(s) = self.statuses.get(dc) {
+            s.store(v, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Start one probe task per DC. The local DC is probed at its Loom's `health_path`; every other
+/// DC at its router's `/loom-router/readyz`, which is 503 unless that router's own Loom is
+/// healthy. The tasks end when `cancel` fires.
+pub fn spawn_probes(
+    config: &Config,
+    board: Arc<HealthBoard>,
+    forwarder: Forwarder,
+    cancel: CancellationToken,
+) {
+    let thresholds = Thresholds {
+        unhealthy_after: config.health.unhealthy_after,
+        healthy_after: config.health.healthy_after,
+    };
+    for (dc, d) in config.datacenters.iter().enumerate() {
+        let url = if dc == config.local {
+            probe_url(&config.loom.upstream, &config.loom.health_path)
+        } else {
+            probe_url(&d.router, crate::classify::READYZ_PATH)
+        };
+        let task = Probe {
+            dc,
+            name: d.name.clone(),
+            url,
+            interval: config.health.interval,
+            timeout: config.health.timeout,
+            thresholds,
+            board: board.clone(),
+            forwarder: forwarder.clone(),
+        };
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = task.run() => {}
+                () = cancel.cancelled() => {}
+            }
+        });
+    }
+}
+
+fn probe_url(base: &Uri, path: &str) -> Uri {
+    upstream_uri(base, path.parse().ok().as_ref())
+}
+
+#[derive(Debug)]
+struct Probe {
+    dc: DcId,
+    name: String,
+    url: Uri,
+    interval: Duration,
+    timeout: Duration,
+    thresholds: Thresholds,
+    board: Arc<HealthBoard>,
+    forwarder: Forwarder,
+}
+
+impl Probe {
+    async fn run(self) {
+        let mut counter = Counter::new();
+        let mut ticker = tokio::time::interval(self.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let ok = self.probe_once().await;
+            if let Some(status) = counter.observe(ok, self.thresholds) {
+                self.board.set(self.dc, status);
+                metrics::set_datacenter_up(&self.name, status == Status::Up);
+                match status {
+                    Status::Up => {
+                        tracing::info!(datacenter = %self.name, url = %self.url, "datacenter is up")
+                    }
+                    Status::Down | Status::Unknown => {
+                        tracing::warn!(datacenter = %self.name, url = %self.url, "datacenter is down");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn probe_once(&self) -> bool {
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri(self.url.clone())
+            .body(Body::empty());
+        let Ok(request) = request else { return false };
+        match self.forwarder.send(request, self.timeout).await {
+            Ok(response) => {
+                let ok = response.status().is_success();
+                // Drain the (tiny) body so the pooled connection can be reused.
+                let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+                ok
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Thresholds = Thresholds {
+        unhealthy_after: 3,
+        healthy_after: 2,
+    };
+
+    #[test]
+    fn the_first_result_decides_at_once() {
+        let mut c = Counter::new();
+        assert_eq!(c.observe(false, T), Some(Status::Down));
+        let mut c = Counter::new();
+        assert_eq!(c.observe(true, T), Some(Status::Up));
+    }
+
+    #[test]
+    fn going_down_takes_unhealthy_after_consecutive_failures() {
+        let mut c = Counter::new();
+        c.observe(true, T);
+        assert_eq!(c.observe(false, T), None);
+        assert_eq!(c.observe(false, T), None);
+        assert_eq!(c.observe(false, T), Some(Status::Down));
+        assert_eq!(c.status(), Status::Down);
+    }
+
+    #[test]
+    fn a_success_resets_the_failure_streak() {
+        let mut c = Counter::new();
+        c.observe(true, T);
+        c.observe(false, T);
+        c.observe(false, T);
+        assert_eq!(c.observe(true, T), None);
+        assert_eq!(c.observe(false, T), None);
+        assert_eq!(c.observe(false, T), None);
+        assert_eq!(c.status(), Status::Up);
+    }
+
+    #[test]
+    fn coming_back_takes_healthy_after_consecutive_successes() {
+        let mut c = Counter::new();
+        c.observe(false, T);
+        assert_eq!(c.observe(true, T), None);
+        assert_eq!(c.observe(true, T), Some(Status::Up));
+    }
+
+    #[test]
+    fn the_board_treats_unknown_as_usable_but_not_down() {
+        let b = HealthBoard::new(2);
+        assert!(b.usable(0));
+        b.set(0, Status::Down);
+        assert!(!b.usable(0));
+        assert_eq!(b.get(1), Status::Unknown);
+        assert_eq!(b.get(7), Status::Unknown);
+    }
+}

@@ -1,0 +1,71 @@
+//! loom-router: routes Loom/Coopr API traffic by cluster shard. Reads are served by the local
+//! Loom; writes go to the data center (DC) that owns the cluster's shard.
+//!
+//! One router runs in front of each DC's Loom server. Cluster IDs come from per-DC counters
+//! (`start_k, start_k + M, ...`), so `shard(id) = id mod M` names the DC that created a cluster,
+//! and only the shard's owner may write it. The contract is `spec/router.md`; section numbers in
+//! comments refer to it.
+//!
+//! # Layout
+//!
+//! Pure, no I/O:
+//! - `classify`: method + path → route and shard key (spec section 3); the cluster-ID grammar.
+//! - `ownership`: the immutable ownership [`Table`](ownership::Table); resolving a request to
+//!   the local Loom or a peer; admitting a forwarded write.
+//! - `config`: the TOML file, its validation, and errors that name the key.
+//! - `headers`: header names the router owns and proxy header rewrites (hop-by-hop, `Via`).
+//! - `error`: every error the router answers itself, mapped to status and code in one place.
+//!
+//! I/O at the edges:
+//! - `control`: the single writer of the routing snapshot (`ArcSwap`).
+//! - `proxy`: the request path, classify → resolve → forward, and the edge that logs and counts.
+//! - `forward`: the pooled upstream client, timeouts, body buffering.
+//! - `health`: probes of the local Loom and peer routers, and the threshold state machine.
+//! - `listener`: the data listener's accept loop, connection limits and drain.
+//! - `admin`: `/healthz`, `/readyz`, `/metrics`, `/admin/table`.
+//! - `metrics`: metric names and the Prometheus recorder.
+//! - `app`: wiring; bind, run, drain.
+//! - `emulator`, `demo`: an emulated Loom and the three-DC sandbox of `loom-router demo`.
+//! - `body`: the body type requests and responses travel in.
+//!
+//! # The life of a request
+//!
+//! 1. `listener` accepts a connection; hyper parses each request head within the header size
+//!    and time limits (hyper's own 400 and 431 are rewritten into router errors with codes).
+//! 2. `proxy` loads the current snapshot (config + table) once, with one `ArcSwap` load.
+//! 3. `classify` names the route (read, write, create, global-write, provisioner, passthrough)
+//!    and the shard key: a cluster ID from the path, the global shard, this DC's home shard, or
+//!    a `/v2/nodes` body or lookup.
+//! 4. `ownership` resolves the key against the table: the local Loom, or the owner DC's router.
+//!    A request from a peer router (`X-Loom-Router-Hop`) is instead admitted or answered 421.
+//! 5. `forward` sends it over a pooled keep-alive connection, with hop headers for peers, and
+//!    streams the response back; a 421 from a peer is retried at most twice.
+//! 6. `proxy` adds `X-Loom-Route` and `X-Loom-Served-By`, turns any error into its status and
+//!    code (`error`), and logs and counts the request once.
+//!
+//! Off the request path, `health` probes peers and the local Loom, feeding fail-fast
+//! `owner_unavailable` answers and `/readyz`; `control` is the only code that replaces the
+//! snapshot.
+//!
+//! # Glossary
+//!
+//! - *residue*: `id mod increment`, the number of a shard.
+//! - *home*: the DC whose `id_start` lands in a residue. *owner*: the DC that may write it now.
+//! - *global shard*: writes that name no cluster (templates, providers, tenants...).
+//! - *epoch*: a shard's version; grows whenever its owner or state changes.
+//! - *hop*: one router forwarding a write to another. Never more than one.
+
+pub mod admin;
+pub mod app;
+pub mod body;
+pub mod classify;
+pub mod config;
+pub mod control;
+pub mod error;
+pub mod forward;
+pub mod headers;
+pub mod health;
+pub mod listener;
+pub mod metrics;
+pub mod ownership;
+pub mod proxy;

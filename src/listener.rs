@@ -1,0 +1,278 @@
+//! The data listener: accept connections, serve HTTP on them, and drain on shutdown.
+//!
+//! Each accepted TCP connection is served by hyper's HTTP/1.1 server and calls [`Proxy::handle`] for every request. This file owns the
+//! per-connection limits (header size, header-read timeout) and graceful shutdown. It must not
+//! know about clusters or shards.
+//!
+//! hyper answers some malformed requests itself, before the router sees them: a request head it
+//! cannot parse gets a bare 400, and one over the header limit a bare 431. The spec wants every
+//! router error to carry its code and sentence, so [`RewriteErrors`] wraps the socket and swaps
+//! those canned responses for the router's own. It recognises them exactly: hyper's canned
+//! responses are a status line, `content-length: 0` and `date`, with no `via` header, and every
+//! response the router itself sends carries `via`.
+
+use std::convert::Infallible;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Limits, MIN_HEADER_BYTES};
+use crate::error::RouterError;
+use crate::proxy::{ConnInfo, Proxy};
+
+/// Serve `listener` until `shutdown` fires, then stop accepting and give in-flight requests up to
+/// `drain_timeout` to finish.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Proxy,
+    limits: Limits,
+    drain_timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    let builder = builder(&limits);
+    let graceful = GracefulShutdown::new();
+    let via = proxy
+        .control()
+        .snapshot()
+        .via
+        .to_str()
+        .unwrap_or("")
+        .to_owned();
+    loop {
+        let (stream, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = ConnInfo {
+            remote,
+            https: false,
+            peer_verified: false,
+        };
+        let proxy = proxy.clone();
+        let service = service_fn(move |request| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(request, conn).await) }
+        });
+        let io = TokioIo::new(RewriteErrors::new(
+            stream,
+            via.clone(),
+            limits.max_header_bytes,
+        ));
+        let connection = builder.serve_connection(io, service);
+        let watched = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = watched.await {
+                tracing::debug!(error = %e, %remote, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?drain_timeout,
+            "drain timeout: closing connections with requests in flight"
+        );
+    }
+}
+
+/// HTTP/1.1 on plain connections. (hyper-util's auto builder does not expose hyper's
+/// `max_header_size`, which is what turns an oversized head into a 431.)
+fn builder(limits: &Limits) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        // hyper's idle keep-alive wait and a slow request head share this timer: hyper starts it
+        // when it begins waiting for the next request head.
+        .header_read_timeout(limits.header_read_timeout)
+        .max_header_size(limits.max_header_bytes)
+        .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BYTES) + MIN_HEADER_BYTES);
+    builder
+}
+
+/// A socket that replaces hyper's canned parse-error responses with the router's own.
+#[derive(Debug)]
+pub struct RewriteErrors<T> {
+    inner: T,
+    /// This router's `Via` value, for the replacement response.
+    via: String,
+    /// `max_header_bytes`, named in the 431 sentence.
+    header_limit: usize,
+    /// A replacement being written: bytes, how far we got, and the length of the canned
+    /// response it stands for (what hyper is told was written).
+    pending: Option<(Vec<u8>, usize, usize)>,
+}
+
+impl<T> RewriteErrors<T> {
+    pub fn new(inner: T, via: String, header_limit: usize) -> Self {
+        Self {
+            inner,
+            via,
+            header_limit,
+            pending: None,
+        }
+    }
+}
+
+/// The router error a canned hyper response stands for, if `buf` is one.
+fn canned_error(buf: &[u8]) -> Option<RouterError> {
+    // Canned responses are tiny; anything big is a real response.
+    if buf.len() > 256 || !buf.ends_with(b"\r\n\r\n") {
+        return None;
+    }
+    let error = if buf.starts_with(b"HTTP/1.1 400 Bad Request\r\n") {
+        RouterError::BadRequest
+    } else if buf.starts_with(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+        || buf.starts_with(b"HTTP/1.1 414 URI Too Long\r\n")
+    {
+        RouterError::HeadersTooLarge { limit: 0 }
+    } else {
+        return None;
+    };
+    let text = std::str::from_utf8(buf).ok()?;
+    let mut lines = text.split("\r\n").skip(1).filter(|l| !l.is_empty());
+    let only_canned = lines.all(|l| l == "content-length: 0" || l.starts_with("date: "));
+    only_canned.then_some(error)
+}
+
+impl<T: AsyncWrite + Unpin> RewriteErrors<T> {
+    /// Write the pending replacement; `Ready(Ok(n))` with the canned length once done.
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        while let Some((bytes, written, canned_len)) = &mut self.pending {
+            if *written == bytes.len() {
+                let n = *canned_len;
+                self.pending = None;
+                return Poll::Ready(Ok(n));
+            }
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &bytes[*written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            *written += n;
+        }
+        Poll::Ready(Ok(0))
+    }
+
+    fn start_rewrite(&mut self, error: &RouterError, canned_len: usize) {
+        let error = match error {
+            RouterError::HeadersTooLarge { .. } => RouterError::HeadersTooLarge {
+                limit: self.header_limit,
+            },
+            _ => RouterError::BadRequest,
+        };
+        self.pending = Some((error.raw_http1(&self.via), 0, canned_len));
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for RewriteErrors<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for RewriteErrors<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.pending.is_none() {
+            match canned_error(buf) {
+                Some(error) => this.start_rewrite(&error, buf.len()),
+                None => return Pin::new(&mut this.inner).poll_write(cx, buf),
+            }
+        }
+        this.poll_pending(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.pending.is_none() {
+            let mut non_empty = bufs.iter().filter(|b| !b.is_empty());
+            let canned = match (non_empty.next(), non_empty.next()) {
+                (Some(only), None) => canned_error(only).map(|e| (e, only.len())),
+                _ => None,
+            };
+            match canned {
+                Some((error, len)) => this.start_rewrite(&error, len),
+                None => return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs),
+            }
+        }
+        this.poll_pending(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_pending(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_pending(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hypers_canned_responses_are_recognised() {
+        let canned = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\ndate: Thu, 26 Nov 2026 07:00:00 GMT\r\n\r\n";
+        assert!(matches!(
+            canned_error(canned),
+            Some(RouterError::BadRequest)
+        ));
+        let canned = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\ndate: Thu, 26 Nov 2026 07:00:00 GMT\r\n\r\n";
+        assert!(matches!(
+            canned_error(canned),
+            Some(RouterError::HeadersTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn real_responses_are_left_alone() {
+        // A Loom 400 passed through always has the router's via header.
+        let real = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nvia: 1.1 loom-router-a\r\ndate: x\r\n\r\n";
+        assert!(canned_error(real).is_none());
+        let with_body = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 3\r\n\r\nabc";
+        assert!(canned_error(with_body).is_none());
+        assert!(canned_error(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_none());
+    }
+}

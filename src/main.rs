@@ -1,0 +1,157 @@
+//! The `loom-router` command: `run`, `check` and `demo` (spec section 6).
+//!
+//! This file parses arguments, sets up logging, maps outcomes to exit codes and waits for
+//! signals. Everything it runs lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use loom_router::app::App;
+use loom_router::config::{Backend, Config, DEFAULT_CONFIG_PATH};
+use loom_router::ownership::Table;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "loom-router",
+    version,
+    about = "Routes Loom API traffic by cluster shard"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve until SIGINT or SIGTERM, then drain.
+    Run {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Validate a config and print one line per shard (like `nginx -t`).
+    Check {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Run { config } => run(&config),
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            return ExitCode::from(1);
+        }
+    };
+    for warning in config.warnings() {
+        eprintln!("warning: {warning}");
+    }
+    let table = Table::from_config(&config);
+    let name = |dc: usize| config.datacenters[dc].name.as_str();
+    for shard in table.shards() {
+        let replicas: Vec<&str> = shard.replicas.iter().map(|&r| name(r)).collect();
+        println!(
+            "shard {}: owner {} home {} replicas [{}] epoch {} {}",
+            shard.key,
+            name(shard.owner),
+            shard.home.map_or("-", name),
+            replicas.join(", "),
+            shard.epoch,
+            shard.state.as_str(),
+        );
+    }
+    println!("{}: ok", path.display());
+    ExitCode::SUCCESS
+}
+
+fn run(path: &std::path::Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            return ExitCode::from(1);
+        }
+    };
+    init_logging(config.access_log);
+    if config.coordination.backend == Backend::Memory {
+        eprintln!(
+            "coordination.backend: \"memory\" exists only for the demo and tests; use \"static\" or \"etcd\""
+        );
+        return ExitCode::from(1);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        let app = match App::bind(config).await {
+            Ok(app) => app,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(1);
+            }
+        };
+        tracing::info!(http = ?app.http_addr().ok(), admin = ?app.admin_addr().ok(), "loom-router serving");
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signal_shutdown(shutdown.clone()));
+        app.run(shutdown).await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// Cancel `shutdown` on SIGINT or SIGTERM.
+async fn signal_shutdown(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    shutdown.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    shutdown.cancel();
+}
+
+/// Logs go to stderr; levels follow `RUST_LOG` (default `info`). Access lines use JSON when
+/// `[log] access = "json"`.
+fn init_logging(access: loom_router::config::AccessLog) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if access == loom_router::config::AccessLog::Json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

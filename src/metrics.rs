@@ -1,0 +1,170 @@
+//! Metric names, descriptions and the Prometheus recorder (spec section 8).
+//!
+//! Every metric name is a constant here, and every label set is small and fixed: routes, status
+//! codes, DC names and error kinds, never cluster IDs. Other files record through the helpers
+//! below instead of naming metrics themselves, so this file is the checklist of what the router
+//! exports. When adding a metric: add the constant, describe it in [`describe`], add a helper.
+//!
+//! This file must not decide what to record; callers do.
+
+use std::time::Duration;
+
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub const REQUESTS_TOTAL: &str = "loom_router_requests_total";
+pub const REQUEST_DURATION_SECONDS: &str = "loom_router_request_duration_seconds";
+pub const UPSTREAM_ERRORS_TOTAL: &str = "loom_router_upstream_errors_total";
+pub const TABLE_EPOCH: &str = "loom_router_table_epoch";
+pub const DATACENTER_UP: &str = "loom_router_datacenter_up";
+pub const FAILOVERS_TOTAL: &str = "loom_router_failovers_total";
+pub const CONFIG_RELOADS_TOTAL: &str = "loom_router_config_reloads_total";
+pub const INFLIGHT_REQUESTS: &str = "loom_router_inflight_requests";
+pub const FENCED_WRITES_TOTAL: &str = "loom_router_fenced_writes_total";
+pub const LEASE_REMAINING_SECONDS: &str = "loom_router_lease_remaining_seconds";
+pub const SHARD_UNPROTECTED: &str = "loom_router_shard_unprotected";
+pub const BUILD_INFO: &str = "loom_router_build_info";
+pub const RETRIES_TOTAL: &str = "loom_router_retries_total";
+
+/// Latency buckets, in seconds: fine-grained below 10 ms where a local proxy hop lives, coarse
+/// up to the 30 s default request timeout.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Install the global Prometheus recorder and describe every metric. Call once per process;
+/// later calls (several routers in one demo process) share the first recorder.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(REQUEST_DURATION_SECONDS.to_owned()),
+                    DURATION_BUCKETS,
+                )
+                .map(PrometheusBuilder::build_recorder);
+            match recorder {
+                Ok(recorder) => {
+                    let handle = recorder.handle();
+                    if metrics::set_global_recorder(recorder).is_err() {
+                        tracing::warn!("a metrics recorder was already installed");
+                    }
+                    describe();
+                    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+                    handle
+                }
+                Err(e) => {
+                    // Only reachable with an empty bucket list, which is a constant above.
+                    tracing::error!(error = %e, "cannot build the metrics recorder");
+                    PrometheusBuilder::new().build_recorder().handle()
+                }
+            }
+        })
+        .clone()
+}
+
+/// Describe every metric, so `/metrics` carries HELP and TYPE lines.
+pub fn describe() {
+    describe_counter!(
+        REQUESTS_TOTAL,
+        "Requests answered, by route and status code."
+    );
+    describe_histogram!(
+        REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time from request head to response head, by route."
+    );
+    describe_counter!(
+        UPSTREAM_ERRORS_TOTAL,
+        "Transport failures talking to a Loom or a peer router, by target DC and kind."
+    );
+    describe_gauge!(
+        TABLE_EPOCH,
+        "Epoch of the ownership table this router serves."
+    );
+    describe_gauge!(DATACENTER_UP, "1 if health checks find the DC up, else 0.");
+    describe_counter!(FAILOVERS_TOTAL, "Shards moved to another DC by failover.");
+    describe_counter!(
+        CONFIG_RELOADS_TOTAL,
+        "Config reloads, by result (ok or error)."
+    );
+    describe_gauge!(INFLIGHT_REQUESTS, "Requests being handled right now.");
+    describe_counter!(
+        FENCED_WRITES_TOTAL,
+        "Writes refused with 503 fenced because this DC may not admit them now."
+    );
+    describe_gauge!(
+        LEASE_REMAINING_SECONDS,
+        "Seconds this router's coordination lease is certain to remain valid."
+    );
+    describe_gauge!(
+        SHARD_UNPROTECTED,
+        "1 when a shard's owner is down and no replica is alive."
+    );
+    describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
+    describe_counter!(
+        RETRIES_TOTAL,
+        "Requests sent again, by reason (misdirected or reset)."
+    );
+}
+
+/// Record one answered request.
+pub fn request(route: &'static str, status: u16, elapsed: Duration) {
+    counter!(REQUESTS_TOTAL, "route" => route, "code" => status_label(status)).increment(1);
+    histogram!(REQUEST_DURATION_SECONDS, "route" => route).record(elapsed.as_secs_f64());
+}
+
+pub fn upstream_error(target: &str, kind: &'static str) {
+    counter!(UPSTREAM_ERRORS_TOTAL, "target" => target.to_owned(), "kind" => kind).increment(1);
+}
+
+pub fn set_table_epoch(epoch: u64) {
+    gauge!(TABLE_EPOCH).set(epoch as f64);
+}
+
+pub fn set_datacenter_up(dc: &str, up: bool) {
+    gauge!(DATACENTER_UP, "datacenter" => dc.to_owned()).set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn inflight(delta: f64) {
+    gauge!(INFLIGHT_REQUESTS).increment(delta);
+}
+
+pub fn fenced_write() {
+    counter!(FENCED_WRITES_TOTAL).increment(1);
+}
+
+pub fn retry(reason: &'static str) {
+    counter!(RETRIES_TOTAL, "reason" => reason).increment(1);
+}
+
+/// Status codes as labels. The common ones are static strings, so recording a request
+/// allocates nothing; any other code is still its own number, as the spec asks.
+fn status_label(status: u16) -> metrics::SharedString {
+    let known = match status {
+        200 => "200",
+        201 => "201",
+        204 => "204",
+        304 => "304",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        409 => "409",
+        413 => "413",
+        417 => "417",
+        421 => "421",
+        431 => "431",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        508 => "508",
+        other => return metrics::SharedString::from(other.to_string()),
+    };
+    metrics::SharedString::const_str(known)
+}

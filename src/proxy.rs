@@ -1,0 +1,817 @@
+//! The request path: classify → resolve → forward, and the edge where errors become responses.
+//!
+//! [`Proxy::handle`] is what every data-listener connection calls for every request. It loads the
+//! snapshot once, asks `classify.rs` what the request is and `ownership.rs` where it goes, then
+//! uses `forward.rs` to send it: to the local Loom, or, for a write this DC does not own, to the
+//! owning DC's router (one hop, never two). A write that arrives from a peer router is checked
+//! against this router's table before its Loom sees it (spec section 4).
+//!
+//! This file owns the order of those steps, the 421 retry loop, route headers, and logging and
+//! metrics for each request, once, at the edge. It must not parse paths (classify.rs), compute
+//! shards (ownership.rs) or build HTTP clients (forward.rs).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::request::Parts;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use tokio::sync::Semaphore;
+
+use crate::body::Body;
+use crate::classify::{self, Class, Key, Route};
+use crate::config::{AccessLog, DcId, ShardKey};
+use crate::control::{Control, Snapshot};
+use crate::error::RouterError;
+use crate::forward::{self, Buffered, Forwarder, ReadBodyError, SendError};
+use crate::headers::{self, Client};
+use crate::health::{HealthBoard, Status};
+use crate::metrics;
+use crate::ownership::{Admission, Target};
+
+/// How many times the origin re-sends a write that a peer answered with 421.
+const MAX_MISDIRECTED_RETRIES: usize = 2;
+
+/// What the router knows about the connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    /// The request came over TLS.
+    pub https: bool,
+    /// The client presented a certificate signed by `[tls] client_ca`.
+    pub peer_verified: bool,
+}
+
+/// Shared state of the request path. One per router; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    control: Control,
+    /// Written by the health probes; read here to fail fast on a dead owner.
+    health: Arc<HealthBoard>,
+    forwarder: Forwarder,
+    /// `max_concurrent_requests` permits; a request that finds none gets 503 `overloaded`.
+    limiter: Semaphore,
+    /// Set once on SIGTERM; `/readyz` answers 503 from then on.
+    draining: AtomicBool,
+}
+
+/// The route label of a request: the `X-Loom-Route` value and the metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Label {
+    Provisioner,
+    Read,
+    Create,
+    CreateForwarded,
+    WriteLocal,
+    WriteForwarded,
+    GlobalWrite,
+    Passthrough,
+    Unrouted,
+}
+
+impl Label {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Provisioner => "provisioner",
+            Self::Read => "read",
+            Self::Create => "create",
+            Self::CreateForwarded => "create-forwarded",
+            Self::WriteLocal => "write-local",
+            Self::WriteForwarded => "write-forwarded",
+            Self::GlobalWrite => "global-write",
+            Self::Passthrough => "passthrough",
+            Self::Unrouted => "unrouted",
+        }
+    }
+
+    fn local(route: Route) -> Self {
+        match route {
+            Route::Provisioner => Self::Provisioner,
+            Route::Read | Route::Readyz => Self::Read,
+            Route::Create => Self::Create,
+            Route::Write => Self::WriteLocal,
+            Route::GlobalWrite => Self::GlobalWrite,
+            Route::Passthrough => Self::Passthrough,
+        }
+    }
+
+    fn forwarded(route: Route) -> Self {
+        match route {
+            Route::Create => Self::CreateForwarded,
+            Route::Write => Self::WriteForwarded,
+            other => Self::local(other),
+        }
+    }
+}
+
+/// What one request came to, for the edge to finish.
+struct Outcome {
+    label: Label,
+    /// The DC whose Loom produced the response (none for router errors).
+    served_by: Option<DcId>,
+    /// Shard and target DC, for the access log.
+    shard: Option<ShardKey>,
+    target: Option<DcId>,
+    upstream_time: Option<Duration>,
+    result: Result<Response<Body>, RouterError>,
+}
+
+impl Outcome {
+    fn error(label: Label, error: RouterError) -> Self {
+        Self {
+            label,
+            served_by: None,
+            shard: None,
+            target: None,
+            upstream_time: None,
+            result: Err(error),
+        }
+    }
+}
+
+impl Proxy {
+    pub fn new(control: Control, health: Arc<HealthBoard>, forwarder: Forwarder) -> Self {
+        let limit = control.snapshot().config.limits.max_concurrent_requests;
+        Self {
+            inner: Arc::new(Inner {
+                control,
+                health,
+                forwarder,
+                limiter: Semaphore::new(limit),
+                draining: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn control(&self) -> &Control {
+        &self.inner.control
+    }
+
+    pub fn health(&self) -> &HealthBoard {
+        &self.inner.health
+    }
+
+    /// Turn `/readyz` to 503: the load balancer stops sending new traffic.
+    pub fn start_draining(&self) {
+        self.inner.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Ready: a table is published (always, after start), the local Loom answers its health
+    /// path, and the router is not draining.
+    pub fn is_ready(&self) -> bool {
+        let local = self.inner.control.snapshot().config.local;
+        !self.inner.draining.load(Ordering::SeqCst) && self.inner.health.get(local) == Status::Up
+    }
+
+    /// Handle one request from a client or a peer router.
+    pub async fn handle(&self, request: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+        let start = Instant::now();
+        let snap = self.inner.control.snapshot();
+        let method = request.method().clone();
+        let path = request.uri().path().to_owned();
+        metrics::inflight(1.0);
+        let outcome = self.route(&snap, request, conn).await;
+        metrics::inflight(-1.0);
+        self.finish(&snap, &method, &path, start, outcome)
+    }
+
+    /// Steps 3 to 5 of the life of a request (see `lib.rs`).
+    async fn route(
+        &self,
+        snap: &Arc<Snapshot>,
+        request: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Outcome {
+        let class = match classify::classify(request.method(), request.uri().path()) {
+            Ok(class) => class,
+            Err(e) => return Outcome::error(Label::Unrouted, e.into()),
+        };
+        if class.route == Route::Readyz {
+            return self.readyz(snap);
+        }
+        let label = Label::local(class.route);
+        let Ok(_permit) = self.inner.limiter.try_acquire() else {
+            return Outcome::error(
+                label,
+                RouterError::Overloaded {
+                    limit: snap.config.limits.max_concurrent_requests,
+                },
+            );
+        };
+        if headers::via_names(request.headers(), &snap.via_token) {
+            return Outcome::error(label, RouterError::LoopDetected);
+        }
+        if headers::has_hop(request.headers()) {
+            if snap
+                .config
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.client_ca.is_some())
+                && !conn.peer_verified
+            {
+                return Outcome::error(label, RouterError::PeerUnauthenticated);
+            }
+            return self.receive_forwarded(snap, class, request, conn).await;
+        }
+        self.route_from_client(snap, class, request, conn).await
+    }
+
+    /// A request from a client (not a peer router).
+    async fn route_from_client(
+        &self,
+        snap: &Arc<Snapshot>,
+        class: Class,
+        request: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Outcome {
+        let local = snap.config.local;
+        let label = Label::local(class.route);
+        let (parts, body) = request.into_parts();
+        let (shard, body) = match self.shard_of_request(snap, class, &parts, body, conn).await {
+            Ok(found) => found,
+            Err(e) => return Outcome::error(label, e),
+        };
+        let Some(shard) = shard else {
+            // Reads, passthrough, provisioner traffic and unkeyed node writes: always local.
+            return self
+                .serve_local(snap, label, None, parts, body, None, conn, false)
+                .await;
+        };
+        let resolved = if class.route == Route::Create {
+            snap.table.resolve_create(local)
+        } else {
+            snap.table.resolve_write(local, shard)
+        };
+        let resolved = match resolved {
+            Ok(r) => r,
+            Err(crate::ownership::ResolveError::Unassigned(key)) => {
+                return Outcome::error(label, RouterError::UnassignedShard(key))
+            }
+            Err(crate::ownership::ResolveError::Fenced(key)) => {
+                metrics::fenced_write();
+                return Outcome::error(label, RouterError::Fenced(key));
+            }
+        };
+        match resolved.target {
+            Target::Local { epoch } => {
+                self.serve_local(
+                    snap,
+                    label,
+                    Some(resolved.shard),
+                    parts,
+                    body,
+                    epoch,
+                    conn,
+                    false,
+                )
+                .await
+            }
+            Target::Peer { dc, epoch } => {
+                let label = Label::forwarded(class.route);
+                self.forward_to_peer(
+                    snap,
+                    label,
+                    class.route,
+                    resolved.shard,
+                    dc,
+                    epoch,
+                    parts,
+                    body,
+                    conn,
+                )
+                .await
+            }
+        }
+    }
+
+    /// The shard a request is keyed by, reading the body or asking the local Loom where the
+    /// routing table says to. Returns the body to send on (read bodies come back buffered).
+    async fn shard_of_request(
+        &self,
+        snap: &Snapshot,
+        class: Class,
+        parts: &Parts,
+        body: Incoming,
+        conn: ConnInfo,
+    ) -> Result<(Option<ShardKey>, Body), RouterError> {
+        let table = &snap.table;
+        match class.key {
+            Key::None => Ok((None, Body::Incoming(body))),
+            Key::Cluster(id) => Ok((Some(table.shard_key_of_cluster(id)), Body::Incoming(body))),
+            Key::Global => Ok((Some(ShardKey::Global), Body::Incoming(body))),
+            Key::Home => {
+                let home = table
+                    .home_shard_of(snap.config.local)
+                    .ok_or(RouterError::UnassignedShard(ShardKey::Global))?;
+                Ok((Some(home), Body::Incoming(body)))
+            }
+            Key::NodeBody => {
+                let limit = snap.config.limits.max_read_body_bytes;
+                let bytes = forward::read_body(body, limit).await.map_err(|e| match e {
+                    ReadBodyError::TooLarge => RouterError::BodyTooLarge { limit },
+                    ReadBodyError::Client(_) => RouterError::BadRequest,
+                })?;
+                let cluster = classify::cluster_from_node_body(&bytes)?;
+                Ok((
+                    cluster.map(|id| table.shard_key_of_cluster(id)),
+                    Body::full(bytes),
+                ))
+            }
+            Key::NodeLookup => {
+                let cluster = self.node_cluster(snap, parts, conn).await;
+                Ok((
+                    cluster.map(|id| table.shard_key_of_cluster(id)),
+                    Body::Incoming(body),
+                ))
+            }
+        }
+    }
+
+    /// `DELETE /v2/nodes/{node}`: learn the node's cluster from the local Loom, with the
+    /// caller's identity headers (Loom answers only to them). Any failure routes locally, where
+    /// Loom gives the authoritative answer (404 for an unknown node).
+    async fn node_cluster(&self, snap: &Snapshot, parts: &Parts, conn: ConnInfo) -> Option<u64> {
+        let mut headers = parts.headers.clone();
+        headers::prepare_upstream(&mut headers, client(conn), &snap.via, false);
+        headers.remove(http::header::CONTENT_LENGTH);
+        let mut request = Request::new(Body::empty());
+        *request.uri_mut() =
+            forward::upstream_uri(&snap.config.loom.upstream, parts.uri.path_and_query());
+        *request.headers_mut() = headers;
+        let response = self
+            .inner
+            .forwarder
+            .send(request, snap.config.loom.request_timeout)
+            .await
+            .ok()?;
+        if response.status() != StatusCode::OK {
+            return None;
+        }
+        let bytes =
+            forward::read_body(response.into_body(), snap.config.limits.max_read_body_bytes)
+                .await
+                .ok()?;
+        classify::cluster_from_node_body(&bytes).ok().flatten()
+    }
+
+    /// A request that carries `X-Loom-Router-Hop`: a peer forwarded it. It is never forwarded
+    /// again; it is served here if this DC owns the shard at the sender's epoch or newer, and
+    /// answered 421 otherwise.
+    async fn receive_forwarded(
+        &self,
+        snap: &Arc<Snapshot>,
+        class: Class,
+        request: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Outcome {
+        let label = Label::local(class.route);
+        let local = snap.config.local;
+        let (parts, body) = request.into_parts();
+        let shard = if class.route == Route::Create {
+            // The origin names its home shard; the path cannot.
+            header_u64(&parts.headers, &headers::SHARD)
+                .map(ShardKey::Residue)
+                .or_else(|| snap.table.home_shard_of(local))
+                .map(|k| (Some(k), Body::Incoming(body)))
+                .ok_or(RouterError::UnassignedShard(ShardKey::Global))
+        } else {
+            self.shard_of_request(snap, class, &parts, body, conn).await
+        };
+        let (shard, body) = match shard {
+            Ok(found) => found,
+            Err(e) => return Outcome::error(label, e),
+        };
+        let Some(shard) = shard else {
+            return self
+                .serve_local(snap, label, None, parts, body, None, conn, true)
+                .await;
+        };
+        let epoch = header_u64(&parts.headers, &headers::EPOCH).unwrap_or(0);
+        let create = class.route == Route::Create;
+        let mut snap = snap.clone();
+        let mut admission = snap.table.admit_forwarded(local, shard, epoch, create);
+        if admission == Admission::Refresh {
+            self.inner.control.refresh().await;
+            snap = self.inner.control.snapshot();
+            admission = snap.table.admit_forwarded(local, shard, epoch, create);
+        }
+        match admission {
+            Admission::Serve { epoch } => {
+                self.serve_local(
+                    &snap,
+                    label,
+                    Some(shard),
+                    parts,
+                    body,
+                    Some(epoch),
+                    conn,
+                    true,
+                )
+                .await
+            }
+            Admission::Fenced => {
+                metrics::fenced_write();
+                Outcome::error(label, RouterError::Fenced(shard))
+            }
+            Admission::Refresh | Admission::Misdirected { .. } => {
+                let (owner, epoch) = match snap.table.shard(shard) {
+                    Some(s) => (s.owner, s.epoch),
+                    None => (local, 0),
+                };
+                let owner = snap.config.datacenters[owner].name.clone();
+                Outcome::error(
+                    label,
+                    RouterError::Misdirected {
+                        shard,
+                        owner,
+                        epoch,
+                    },
+                )
+            }
+        }
+    }
+
+    /// Send a request to this DC's Loom. `epoch` is stamped on writes; `trusted_hop` keeps the
+    /// `X-Loom-Router-*` headers a verified peer sent.
+    #[allow(clippy::too_many_arguments)]
+    async fn serve_local(
+        &self,
+        snap: &Snapshot,
+        label: Label,
+        shard: Option<ShardKey>,
+        mut parts: Parts,
+        body: Body,
+        epoch: Option<u64>,
+        conn: ConnInfo,
+        trusted_hop: bool,
+    ) -> Outcome {
+        let config = &snap.config;
+        let local = config.local;
+        headers::prepare_upstream(&mut parts.headers, client(conn), &snap.via, trusted_hop);
+        if let Some(epoch) = epoch {
+            parts
+                .headers
+                .insert(headers::EPOCH, HeaderValue::from(epoch));
+        }
+        let timeout = if is_write(&parts.method) {
+            config.loom.write_timeout
+        } else {
+            config.loom.request_timeout
+        };
+        parts.uri = forward::upstream_uri(&config.loom.upstream, parts.uri.path_and_query());
+        parts.version = Version::HTTP_11;
+        let sent = Instant::now();
+        let result = self
+            .inner
+            .forwarder
+            .send(Request::from_parts(parts, body), timeout)
+            .await;
+        let upstream_time = Some(sent.elapsed());
+        let result = match result {
+            Ok(response) => {
+                let mut response = response.map(Body::Incoming);
+                headers::prepare_downstream(response.headers_mut(), &snap.via);
+                Ok(response)
+            }
+            Err(e) => {
+                let name = &config.datacenters[local].name;
+                metrics::upstream_error(name, e.kind.as_str());
+                Err(local_error(e, timeout))
+            }
+        };
+        Outcome {
+            label,
+            served_by: result.is_ok().then_some(local),
+            shard,
+            target: Some(local),
+            upstream_time,
+            result,
+        }
+    }
+
+    /// Send a write to the owning DC's router, with hop, origin, epoch and `Via`. Bodies up to
+    /// `max_retry_body_bytes` are kept so that a 421 can be retried (at most twice).
+    #[allow(clippy::too_many_arguments)]
+    async fn forward_to_peer(
+        &self,
+        snap: &Arc<Snapshot>,
+        label: Label,
+        route: Route,
+        shard: ShardKey,
+        mut dc: DcId,
+        mut epoch: u64,
+        mut parts: Parts,
+        body: Body,
+        conn: ConnInfo,
+    ) -> Outcome {
+        let config = &snap.config;
+        let local = config.local;
+        if !self.inner.health.usable(dc) {
+            return Outcome {
+                target: Some(dc),
+                shard: Some(shard),
+                ..Outcome::error(
+                    label,
+                    RouterError::OwnerUnavailable {
+                        dc: config.datacenters[dc].name.clone(),
+                        retry_after: retry_after(config),
+                    },
+                )
+            };
+        }
+        headers::prepare_upstream(&mut parts.headers, client(conn), &snap.via, false);
+        parts
+            .headers
+            .insert(headers::HOP, HeaderValue::from_static("1"));
+        parts
+            .headers
+            .insert(headers::ORIGIN, snap.dc_names[local].clone());
+        if let ShardKey::Residue(r) = shard {
+            parts.headers.insert(headers::SHARD, HeaderValue::from(r));
+        }
+        parts.version = Version::HTTP_11;
+        // The owner bounds the write by write_timeout; wait a second longer so that we do not
+        // time out on a write the owner applied.
+        let timeout = config.loom.write_timeout + Duration::from_secs(1);
+
+        let buffered = match body {
+            Body::Incoming(incoming) => {
+                match forward::buffer_up_to(incoming, config.limits.max_retry_body_bytes).await {
+                    Ok(b) => b,
+                    Err(_) => return Outcome::error(label, RouterError::BadRequest),
+                }
+            }
+            Body::Full(bytes) => Buffered::Complete(bytes.unwrap_or_default()),
+            prefixed @ Body::Prefixed { .. } => Buffered::Partial(prefixed),
+        };
+        let (replayable, mut once) = match buffered {
+            Buffered::Complete(bytes) => (Some(bytes), None),
+            Buffered::Partial(body) => (None, Some(body)),
+        };
+
+        let sent = Instant::now();
+        let mut attempt = 0;
+        loop {
+            parts
+                .headers
+                .insert(headers::EPOCH, HeaderValue::from(epoch));
+            parts.uri =
+                forward::upstream_uri(&config.datacenters[dc].router, parts.uri.path_and_query());
+            let body = match (&replayable, once.take()) {
+                (Some(bytes), _) => Body::full(bytes.clone()),
+                (None, Some(body)) => body,
+                (None, None) => {
+                    return Outcome::error(label, RouterError::OwnershipConflict(shard))
+                }
+            };
+            let request = rebuild(&parts, body);
+            let response = match self.inner.forwarder.send(request, timeout).await {
+                Ok(r) => r,
+                Err(e) => {
+                    let name = config.datacenters[dc].name.clone();
+                    metrics::upstream_error(&name, e.kind.as_str());
+                    return Outcome {
+                        target: Some(dc),
+                        shard: Some(shard),
+                        upstream_time: Some(sent.elapsed()),
+                        ..Outcome::error(label, peer_error(e, name, timeout))
+                    };
+                }
+            };
+            if response.status() != StatusCode::MISDIRECTED_REQUEST {
+                let mut response = response.map(Body::Incoming);
+                headers::prepare_downstream(response.headers_mut(), &snap.via);
+                let router_error = response.headers().contains_key(headers::ROUTER_ERROR);
+                return Outcome {
+                    label,
+                    served_by: (!router_error).then_some(dc),
+                    shard: Some(shard),
+                    target: Some(dc),
+                    upstream_time: Some(sent.elapsed()),
+                    result: Ok(response),
+                };
+            }
+            // 421: the peer's Loom never saw the request, so even a POST may be sent again.
+            let view = misdirected_view(response).await;
+            if attempt == MAX_MISDIRECTED_RETRIES || replayable.is_none() {
+                return Outcome::error(label, RouterError::OwnershipConflict(shard));
+            }
+            attempt += 1;
+            metrics::retry("misdirected");
+            self.inner.control.refresh().await;
+            let fresh = self.inner.control.snapshot();
+            let ours = if route == Route::Create {
+                fresh.table.resolve_create(local)
+            } else {
+                fresh.table.resolve_write(local, shard)
+            };
+            match ours.map(|r| r.target) {
+                Ok(Target::Local { epoch }) => {
+                    // Our refreshed table says we own it now: serve it here.
+                    let body = replayable
+                        .clone()
+                        .map(Body::full)
+                        .unwrap_or_else(Body::empty);
+                    let mut parts = parts;
+                    headers::strip_router_headers(&mut parts.headers);
+                    return self
+                        .serve_local(
+                            &fresh,
+                            Label::local(route),
+                            Some(shard),
+                            parts,
+                            body,
+                            epoch,
+                            conn,
+                            false,
+                        )
+                        .await;
+                }
+                Ok(Target::Peer { dc: d, epoch: e }) => {
+                    (dc, epoch) = (d, e);
+                }
+                Err(_) => return Outcome::error(label, RouterError::OwnershipConflict(shard)),
+            }
+            // Adopt the peer's newer view, but never one that names this DC: only our own table
+            // may tell us to admit a write.
+            if let Some((owner, their_epoch)) = view {
+                if let Some(owner) = config.dc_by_name(&owner) {
+                    if their_epoch > epoch && owner != local {
+                        (dc, epoch) = (owner, their_epoch);
+                    }
+                }
+            }
+            if !self.inner.health.usable(dc) {
+                return Outcome::error(
+                    label,
+                    RouterError::OwnerUnavailable {
+                        dc: config.datacenters[dc].name.clone(),
+                        retry_after: retry_after(config),
+                    },
+                );
+            }
+        }
+    }
+
+    /// `GET /loom-router/readyz` on the data listener: what peers probe.
+    fn readyz(&self, _snap: &Snapshot) -> Outcome {
+        let ready = self.is_ready();
+        let mut response = Response::new(Body::full(if ready { "ready\n" } else { "not ready\n" }));
+        if !ready {
+            *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        }
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(headers::TEXT_PLAIN));
+        Outcome {
+            label: Label::Passthrough,
+            served_by: None,
+            shard: None,
+            target: None,
+            upstream_time: None,
+            result: Ok(response),
+        }
+    }
+
+    /// The edge: turn errors into responses, add route headers, log and count, once.
+    fn finish(
+        &self,
+        snap: &Snapshot,
+        method: &Method,
+        path: &str,
+        start: Instant,
+        outcome: Outcome,
+    ) -> Response<Body> {
+        let config = &snap.config;
+        let (mut response, error) = match outcome.result {
+            Ok(response) => (response, None),
+            Err(error) => (error.to_response(), Some(error)),
+        };
+        if config.route_headers {
+            let h = response.headers_mut();
+            h.insert(
+                headers::ROUTE,
+                HeaderValue::from_static(outcome.label.as_str()),
+            );
+            match outcome.served_by {
+                Some(dc) if error.is_none() => {
+                    // A forwarded response already names the owner's DC; keep the owner's word.
+                    if !h.contains_key(headers::SERVED_BY) || dc == config.local {
+                        h.insert(headers::SERVED_BY, snap.dc_names[dc].clone());
+                    }
+                }
+                _ => {
+                    h.remove(headers::SERVED_BY);
+                }
+            }
+        } else {
+            response.headers_mut().remove(headers::ROUTE);
+            response.headers_mut().remove(headers::SERVED_BY);
+        }
+        if error.is_some() {
+            response
+                .headers_mut()
+                .append(http::header::VIA, snap.via.clone());
+        }
+        let elapsed = start.elapsed();
+        let status = response.status().as_u16();
+        metrics::request(outcome.label.as_str(), status, elapsed);
+        if let Some(error) = &error {
+            if status >= 500 {
+                tracing::warn!(%method, path, code = error.code(), error = %error, source = ?std::error::Error::source(error), "router error");
+            } else {
+                tracing::debug!(%method, path, code = error.code(), error = %error, "client error");
+            }
+        }
+        if config.access_log != AccessLog::Off {
+            tracing::info!(
+                target: "loom_router::access",
+                %method,
+                path,
+                route = outcome.label.as_str(),
+                shard = outcome.shard.map(|s| s.to_string()),
+                target_dc = outcome.target.map(|dc| config.datacenters[dc].name.as_str()),
+                status,
+                duration_us = elapsed.as_micros() as u64,
+                upstream_us = outcome.upstream_time.map(|d| d.as_micros() as u64),
+            );
+        }
+        response
+    }
+}
+
+fn client(conn: ConnInfo) -> Client {
+    Client {
+        ip: conn.remote.ip(),
+        https: conn.https,
+    }
+}
+
+fn is_write(method: &Method) -> bool {
+    !(method == Method::GET || method == Method::HEAD || method == Method::OPTIONS)
+}
+
+fn header_u64(headers: &HeaderMap, name: &http::HeaderName) -> Option<u64> {
+    headers.get(name)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// `Retry-After` for `owner_unavailable`: about as long as health checks need to see the DC come
+/// back.
+fn retry_after(config: &crate::config::Config) -> Duration {
+    config.health.interval * config.health.healthy_after
+}
+
+fn rebuild(parts: &Parts, body: Body) -> Request<Body> {
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    request
+}
+
+fn local_error(e: SendError, timeout: Duration) -> RouterError {
+    match e.kind {
+        crate::error::UpstreamKind::Timeout => RouterError::UpstreamTimeout(timeout),
+        crate::error::UpstreamKind::Connect
+        | crate::error::UpstreamKind::Reset
+        | crate::error::UpstreamKind::Tls => RouterError::UpstreamUnreachable {
+            kind: e.kind,
+            source: e.source,
+        },
+    }
+}
+
+fn peer_error(e: SendError, dc: String, timeout: Duration) -> RouterError {
+    match e.kind {
+        crate::error::UpstreamKind::Timeout => RouterError::PeerTimeout { dc, after: timeout },
+        crate::error::UpstreamKind::Connect
+        | crate::error::UpstreamKind::Reset
+        | crate::error::UpstreamKind::Tls => RouterError::PeerUnreachable {
+            dc,
+            kind: e.kind,
+            source: e.source,
+        },
+    }
+}
+
+/// The `{"shard", "owner", "epoch"}` body of a 421.
+async fn misdirected_view(response: Response<Incoming>) -> Option<(String, u64)> {
+    #[derive(serde::Deserialize)]
+    struct View {
+        owner: String,
+        epoch: u64,
+    }
+    let bytes: Bytes = forward::read_body(response.into_body(), 4096).await.ok()?;
+    let view: View = serde_json::from_slice(&bytes).ok()?;
+    Some((view.owner, view.epoch))
+}
