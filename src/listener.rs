@@ -8,8 +8,8 @@
 //! cannot parse gets a bare 400, and one over the header limit a bare 431. The spec wants every
 //! router error to carry its code and sentence, so [`RewriteErrors`] wraps the socket and swaps
 //! those canned responses for the router's own. It recognises them exactly: hyper's canned
-//! responses are a status line, `content-length: 0` and `date`, with no `via` header, and every
-//! response the router itself sends carries `via`.
+//! responses are a status line, `connection: close`, `content-length: 0` and `date`, with no
+//! `via` header, and every response the router itself sends carries `via`.
 
 use std::convert::Infallible;
 use std::io;
@@ -152,7 +152,8 @@ fn canned_error(buf: &[u8]) -> Option<RouterError> {
     };
     let text = std::str::from_utf8(buf).ok()?;
     let mut lines = text.split("\r\n").skip(1).filter(|l| !l.is_empty());
-    let only_canned = lines.all(|l| l == "content-length: 0" || l.starts_with("date: "));
+    let only_canned = lines
+        .all(|l| l == "content-length: 0" || l == "connection: close" || l.starts_with("date: "));
     only_canned.then_some(error)
 }
 
@@ -254,7 +255,7 @@ mod tests {
 
     #[test]
     fn hypers_canned_responses_are_recognised() {
-        let canned = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\ndate: Thu, 26 Nov 2026 07:00:00 GMT\r\n\r\n";
+        let canned = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: Thu, 26 Nov 2026 07:00:00 GMT\r\n\r\n";
         assert!(matches!(
             canned_error(canned),
             Some(RouterError::BadRequest)

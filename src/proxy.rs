@@ -258,6 +258,12 @@ impl Proxy {
             }
             Err(crate::ownership::ResolveError::Fenced(key)) => {
                 metrics::fenced_write();
+                let owner = snap.table.shard(key).map(|s| s.owner);
+                let label = if owner == Some(local) {
+                    label
+                } else {
+                    Label::forwarded(class.route)
+                };
                 return Outcome::error(label, RouterError::Fenced(key));
             }
         };

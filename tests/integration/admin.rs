@@ -1,0 +1,90 @@
+//! The admin listener (spec section 8): health, readiness, the shard table and metrics.
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_and_readyz() {
+    let c = Cluster::start().await;
+    let r = get(&c.dc(EAST).admin_url("/healthz")).await;
+    assert_eq!(r.status, 200);
+    let r = get(&c.dc(EAST).admin_url("/readyz")).await;
+    assert_eq!(r.status, 200);
+    // Peers probe the same readiness on the data listener; it never reaches Loom.
+    let r = get(&c.dc(EAST).url("/loom-router/readyz")).await;
+    assert_eq!(r.status, 200);
+    assert!(c.dc(EAST).seen().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_table_shows_every_shard_with_owner_epoch_and_state() {
+    let c = Cluster::start_with(Options {
+        extra: "\n[[shards]]\nresidue = 0\nowner = \"us-west\"\nepoch = 3\n".to_owned(),
+        ..Options::default()
+    })
+    .await;
+    let t = get(&c.dc(EU).admin_url("/admin/table")).await.json();
+    assert_eq!(t["datacenter"], "eu-central");
+    assert_eq!(t["table_epoch"], 3);
+    assert_eq!(t["increment"], 10);
+    assert_eq!(t["alerts"], serde_json::json!([]));
+    let shards = t["shards"].as_array().unwrap();
+    let keys: Vec<_> = shards.iter().map(|s| s["shard"].clone()).collect();
+    assert_eq!(
+        keys,
+        serde_json::json!([0, 1, 2, 3, "global"])
+            .as_array()
+            .unwrap()
+            .clone()
+    );
+    assert_eq!(shards[0]["home"], serde_json::Value::Null);
+    assert_eq!(shards[0]["owner"], "us-west");
+    assert_eq!(shards[0]["epoch"], 3);
+    assert_eq!(shards[2]["home"], "us-west");
+    assert_eq!(shards[2]["replicas"], serde_json::json!(["eu-central"]));
+    assert_eq!(shards[2]["state"], "active");
+    assert_eq!(shards[2]["frozen"], false);
+    assert!(shards[2]["changed_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(shards[4]["owner"], "us-east");
+    let dcs = t["datacenters"].as_array().unwrap();
+    assert_eq!(dcs.len(), 3);
+    assert_eq!(
+        dcs[2],
+        serde_json::json!({"name": "eu-central", "healthy": true})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_by_route_and_code() {
+    let c = Cluster::start().await;
+    let before = get(&c.dc(WEST).admin_url("/metrics")).await.text();
+    assert!(
+        before.contains("# TYPE loom_router_requests_total counter"),
+        "{before}"
+    );
+    assert!(
+        before.contains("loom_router_build_info{version=\""),
+        "{before}"
+    );
+    assert!(before.contains("loom_router_table_epoch"), "{before}");
+    for _ in 0..3 {
+        send("DELETE", &c.dc(WEST).url("/v2/clusters/abc"), &COOPR, b"").await;
+    }
+    let after = get(&c.dc(WEST).admin_url("/metrics")).await.text();
+    // The recorder is shared by every router in this process, so count the increase.
+    let count = |text: &str| {
+        text.lines()
+            .find(|l| {
+                l.starts_with("loom_router_requests_total{")
+                    && l.contains("route=\"unrouted\"")
+                    && l.contains("code=\"400\"")
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(count(&after) - count(&before) >= 3.0, "{after}");
+    assert!(
+        after.contains("loom_router_request_duration_seconds_bucket{route=\"unrouted\""),
+        "{after}"
+    );
+}

@@ -1,0 +1,10 @@
+//! The integration tests: one binary, one module per concern of the contract.
+//!
+//! Each test starts three emulated DCs (Loom emulator + real router, on 127.0.0.1 port 0) with
+//! `support::Cluster` and asserts what the client got and what each DC's Loom received.
+
+mod admin;
+mod errors;
+mod peers;
+mod routing;
+mod support;

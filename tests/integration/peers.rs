@@ -1,0 +1,171 @@
+//! Between routers (spec section 4): one hop at most, 421 with the receiver's view, retries after
+//! a 421, and 508 on a loop.
+
+use crate::support::*;
+
+/// Headers of a write forwarded by us-east's router.
+fn hop(epoch: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("x-loom-router-hop", "1".to_owned()),
+        ("x-loom-router-origin", "us-east".to_owned()),
+        ("x-loom-router-epoch", epoch.to_owned()),
+        ("via", "1.1 loom-router-us-east".to_owned()),
+        ("coopr-userid", "admin".to_owned()),
+        ("coopr-tenantid", "tenant1".to_owned()),
+    ]
+}
+
+async fn send_owned(
+    method: &str,
+    url: &str,
+    headers: &[(&'static str, String)],
+    body: &[u8],
+) -> TestResponse {
+    let borrowed: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    send(method, url, &borrowed, body).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_write_for_a_shard_the_receiver_does_not_own_gets_421_and_is_never_forwarded_again(
+) {
+    let c = Cluster::start().await;
+    // eu-central receives a hop for cluster 2, which us-west owns.
+    let r = send_owned(
+        "DELETE",
+        &c.dc(EU).url("/v2/clusters/00000002"),
+        &hop("1"),
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 421);
+    assert_eq!(r.header("x-loom-router-error"), Some("misdirected"));
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"shard": 2, "owner": "us-west", "epoch": 1})
+    );
+    assert!(c.who_saw("DELETE", "/v2/clusters/00000002").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_write_for_an_owned_shard_is_served_with_the_owners_epoch() {
+    let c = Cluster::start().await;
+    let id = create_cluster(c.dc(WEST), "x").await;
+    c.clear();
+    let path = format!("/v2/clusters/{id}/abort");
+    let r = send_owned("POST", &c.dc(WEST).url(&path), &hop("1"), b"").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-loom-route"), Some("write-local"));
+    assert_eq!(c.who_saw("POST", &path), vec!["us-west"]);
+    let seen = &c.dc(WEST).received()[0];
+    assert_eq!(seen.headers["x-loom-router-origin"], "us-east");
+    assert_eq!(seen.headers["x-loom-router-epoch"], "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_with_a_newer_epoch_than_the_owner_gets_421() {
+    let c = Cluster::start().await;
+    let r = send_owned(
+        "DELETE",
+        &c.dc(WEST).url("/v2/clusters/00000002"),
+        &hop("5"),
+        b"",
+    )
+    .await;
+    r.assert_router_error(421, "misdirected", "write-local");
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"shard": 2, "owner": "us-west", "epoch": 1})
+    );
+    assert!(c.who_saw("DELETE", "/v2/clusters/00000002").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_via_names_this_router_is_a_loop() {
+    let c = Cluster::start().await;
+    let r = send(
+        "DELETE",
+        &c.dc(EAST).url("/v2/clusters/00000002"),
+        &[("via", "1.1 proxy, 1.1 loom-router-us-east")],
+        b"",
+    )
+    .await;
+    r.assert_router_error(508, "loop_detected", "write-local");
+    assert!(c.who_saw("DELETE", "/v2/clusters/00000002").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routers_that_disagree_give_up_after_two_retries() {
+    // us-east believes eu-central owns shard 2; eu-central (and us-west) believe us-west does.
+    let mut options = Options::default();
+    options.per_dc[EAST] = "\n[[shards]]\nresidue = 2\nowner = \"eu-central\"\n".to_owned();
+    let c = Cluster::start_with(options).await;
+    let r = send(
+        "DELETE",
+        &c.dc(EAST).url("/v2/clusters/00000002"),
+        &COOPR,
+        b"",
+    )
+    .await;
+    r.assert_router_error(503, "ownership_conflict", "write-forwarded");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    // No Loom applied it anywhere.
+    assert!(c.who_saw("DELETE", "/v2/clusters/00000002").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_origin_adopts_a_newer_view_from_a_421_and_retries_the_post() {
+    // Shard 2 moved from us-west to eu-central at epoch 2; us-east still has the old table.
+    let moved = "\n[[shards]]\nresidue = 2\nowner = \"eu-central\"\nepoch = 2\n";
+    let mut options = Options::default();
+    options.per_dc[WEST] = moved.to_owned();
+    options.per_dc[EU] = moved.to_owned();
+    let c = Cluster::start_with(options).await;
+    let body = br#"{"expireTime": 1}"#;
+    let r = send(
+        "POST",
+        &c.dc(EAST).url("/v2/clusters/00000012"),
+        &COOPR,
+        body,
+    )
+    .await;
+    // us-west answered 421 {owner: eu-central, epoch: 2}; the retry reached eu-central.
+    assert_eq!(r.header("x-loom-route"), Some("write-forwarded"));
+    assert_eq!(
+        r.header("x-loom-served-by"),
+        Some("eu-central"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(
+        c.who_saw("POST", "/v2/clusters/00000012"),
+        vec!["eu-central"]
+    );
+    let seen = &c.dc(EU).received()[0];
+    assert_eq!(&seen.body[..], body);
+    assert_eq!(seen.headers["x-loom-router-epoch"], "2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_shard_refuses_writes_everywhere() {
+    let fenced = "\n[[shards]]\nresidue = 2\nowner = \"us-west\"\nepoch = 2\nstate = \"fenced\"\n";
+    let c = Cluster::start_with(Options {
+        extra: fenced.to_owned(),
+        ..Options::default()
+    })
+    .await;
+    for (dc, route) in [(EAST, "write-forwarded"), (WEST, "write-local")] {
+        let r = send(
+            "DELETE",
+            &c.dc(dc).url("/v2/clusters/00000002"),
+            &COOPR,
+            b"",
+        )
+        .await;
+        r.assert_router_error(503, "fenced", route);
+    }
+    // Reads still work.
+    let r = send("GET", &c.dc(EAST).url("/v2/clusters"), &COOPR, b"").await;
+    assert_eq!(r.status, 200);
+    assert!(c.who_saw("DELETE", "/v2/clusters/00000002").is_empty());
+}

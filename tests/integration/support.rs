@@ -1,0 +1,418 @@
+//! Test support: three emulated DCs, each with a Loom emulator and a real router on 127.0.0.1
+//! port 0, plus a small HTTP client that returns everything a test asserts on.
+//!
+//! Scenarios read as: start a [`Cluster`], send requests through one DC's router, then assert
+//! what the client got *and* what each DC's Loom received.
+
+#![allow(dead_code)] // each test module uses a different part of the support
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use loom_router::app::App;
+use loom_router::config::Config;
+use loom_router::emulator::{Emulator, EmulatorConfig, EmulatorHandle, Received};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const DCS: [(&str, u64); 3] = [("us-east", 1), ("us-west", 2), ("eu-central", 3)];
+pub const EAST: usize = 0;
+pub const WEST: usize = 1;
+pub const EU: usize = 2;
+
+/// Identity headers Coopr requires on /v2.
+pub const COOPR: [(&str, &str); 2] = [("coopr-userid", "admin"), ("coopr-tenantid", "tenant1")];
+/// Identity headers Loom requires on /v1/loom.
+pub const LOOM: [(&str, &str); 2] = [("x-loom-userid", "admin"), ("x-loom-apikey", "key1")];
+
+/// One emulated DC: its Loom and its router.
+#[derive(Debug)]
+pub struct Dc {
+    pub name: &'static str,
+    pub loom: Emulator,
+    pub loom_addr: SocketAddr,
+    loom_handle: Option<EmulatorHandle>,
+    pub router: SocketAddr,
+    pub admin: SocketAddr,
+    router_stop: CancellationToken,
+    router_task: Option<JoinHandle<()>>,
+}
+
+impl Dc {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.router)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// Stop this DC's Loom: connections are refused from now on.
+    pub async fn stop_loom(&mut self) {
+        if let Some(h) = self.loom_handle.take() {
+            h.stop().await;
+        }
+    }
+
+    /// Stop this DC's router (drains, then its port refuses connections).
+    pub async fn stop_router(&mut self) {
+        self.router_stop.cancel();
+        if let Some(task) = self.router_task.take() {
+            let _ = task.await;
+        }
+    }
+
+    /// Requests this DC's Loom received, as (method, path and query).
+    pub fn seen(&self) -> Vec<(String, String)> {
+        self.loom
+            .received()
+            .into_iter()
+            .filter(|r| r.path_and_query != "/status")
+            .map(|r| (r.method.to_string(), r.path_and_query))
+            .collect()
+    }
+
+    /// The non-probe requests this DC's Loom received.
+    pub fn received(&self) -> Vec<Received> {
+        self.loom
+            .received()
+            .into_iter()
+            .filter(|r| r.path_and_query != "/status")
+            .collect()
+    }
+}
+
+/// Three DCs (us-east, us-west, eu-central), increment 10, global shard homed in us-east.
+#[derive(Debug)]
+pub struct Cluster {
+    pub dcs: Vec<Dc>,
+    /// DCs whose Loom is not an emulator (never ready; not waited for).
+    overridden: [bool; 3],
+}
+
+/// Knobs for a cluster.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Extra TOML appended to every router's config (top-level `[[shards]]` or tables).
+    pub extra: String,
+    /// Extra TOML for one DC's router only.
+    pub per_dc: [String; 3],
+    /// Replication delay of the emulated Looms.
+    pub replication_delay: Duration,
+    /// Use this address as a DC's Loom instead of an emulator (a black hole, say).
+    pub loom_override: [Option<SocketAddr>; 3],
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            extra: String::new(),
+            per_dc: [String::new(), String::new(), String::new()],
+            replication_delay: Duration::from_millis(50),
+            loom_override: [None, None, None],
+        }
+    }
+}
+
+impl Cluster {
+    pub async fn start() -> Self {
+        Self::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(options: Options) -> Self {
+        let mut looms = Vec::new();
+        for (name, start) in DCS {
+            let loom = Emulator::new(EmulatorConfig {
+                dc: name.to_owned(),
+                id_start: start,
+                increment: 10,
+                replication_delay: options.replication_delay,
+            });
+            let (addr, handle) = loom.spawn().await.unwrap();
+            looms.push((loom, addr, handle));
+        }
+        for (i, (loom, _, _)) in looms.iter().enumerate() {
+            for (j, (peer, _, _)) in looms.iter().enumerate() {
+                if i != j {
+                    loom.add_peer(peer.clone());
+                }
+            }
+        }
+        let mut listeners = Vec::new();
+        for _ in DCS {
+            let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            listeners.push((http, admin));
+        }
+        let routers: Vec<SocketAddr> = listeners
+            .iter()
+            .map(|(h, _)| h.local_addr().unwrap())
+            .collect();
+        let mut dcs = Vec::new();
+        for (i, ((loom, loom_addr, handle), (http, admin))) in
+            looms.into_iter().zip(listeners).enumerate()
+        {
+            let upstream = options.loom_override[i].unwrap_or(loom_addr);
+            let toml = router_toml(i, upstream, &routers, &options);
+            let config = Config::from_toml(&toml)
+                .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{toml}"));
+            let router = http.local_addr().unwrap();
+            let admin_addr = admin.local_addr().unwrap();
+            let app = App::from_listeners(config, http, admin);
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(app.run(stop.clone()));
+            dcs.push(Dc {
+                name: DCS[i].0,
+                loom,
+                loom_addr,
+                loom_handle: Some(handle),
+                router,
+                admin: admin_addr,
+                router_stop: stop,
+                router_task: Some(task),
+            });
+        }
+        let overridden = options.loom_override.map(|o| o.is_some());
+        let cluster = Self { dcs, overridden };
+        cluster.wait_ready().await;
+        cluster
+    }
+
+    /// Wait until every router with a live Loom says it is ready, and knows its peers.
+    pub async fn wait_ready(&self) {
+        let live = || {
+            self.dcs
+                .iter()
+                .zip(self.overridden)
+                .filter(|(_, o)| !o)
+                .map(|(dc, _)| dc)
+        };
+        for dc in live() {
+            eventually(|| async {
+                let r = get(&dc.admin_url("/readyz")).await;
+                r.status == 200
+            })
+            .await;
+        }
+        // One more probe round so every router has seen every peer up.
+        let live_names: Vec<&str> = live().map(|dc| dc.name).collect();
+        for dc in live() {
+            eventually(|| async {
+                let table = get(&dc.admin_url("/admin/table")).await.json();
+                table["datacenters"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|d| live_names.contains(&d["name"].as_str().unwrap()))
+                    .all(|d| d["healthy"] == true)
+            })
+            .await;
+        }
+        for dc in &self.dcs {
+            dc.loom.clear_received();
+        }
+    }
+
+    pub fn dc(&self, i: usize) -> &Dc {
+        &self.dcs[i]
+    }
+
+    /// Names of the DCs whose Loom saw `path` (ignoring health probes).
+    pub fn who_saw(&self, method: &str, path: &str) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        for dc in &self.dcs {
+            let n = dc
+                .seen()
+                .iter()
+                .filter(|(m, p)| m == method && p == path)
+                .count();
+            for _ in 0..n {
+                out.push(dc.name);
+            }
+        }
+        out
+    }
+
+    pub fn clear(&self) {
+        for dc in &self.dcs {
+            dc.loom.clear_received();
+        }
+    }
+}
+
+fn router_toml(
+    i: usize,
+    upstream: SocketAddr,
+    routers: &[SocketAddr],
+    options: &Options,
+) -> String {
+    let mut toml = format!(
+        r#"
+datacenter = "{name}"
+global_home = "us-east"
+
+[loom]
+upstream = "http://{upstream}"
+connect_timeout = "300ms"
+request_timeout = "2s"
+write_timeout = "2s"
+
+[ids]
+increment = 10
+
+[health]
+interval = "100ms"
+timeout = "300ms"
+unhealthy_after = 2
+healthy_after = 1
+
+[log]
+access = "off"
+{per_dc}
+"#,
+        name = DCS[i].0,
+        per_dc = options.per_dc[i],
+    );
+    let replicas = ["us-west", "eu-central", "us-east"];
+    for (j, (name, start)) in DCS.iter().enumerate() {
+        toml.push_str(&format!(
+            "\n[[datacenters]]\nname = \"{name}\"\nid_start = {start}\nrouter = \"http://{}\"\nreplicas = [\"{}\"]\n",
+            routers[j], replicas[j]
+        ));
+    }
+    toml.push_str(&options.extra);
+    toml
+}
+
+/// Retry `check` every 20 ms for up to 5 s.
+pub async fn eventually<F, Fut>(mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What a test client got back.
+#[derive(Debug)]
+pub struct TestResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl TestResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    /// Assert a router error: status, code, route header, plain-text sentence.
+    pub fn assert_router_error(&self, status: u16, code: &str, route: &str) {
+        assert_eq!(self.status.as_u16(), status, "body: {}", self.text());
+        assert_eq!(self.header("x-loom-router-error"), Some(code));
+        assert_eq!(self.header("x-loom-route"), Some(route));
+        assert_eq!(self.header("x-loom-served-by"), None);
+        if status != 421 {
+            assert_eq!(
+                self.header("content-type"),
+                Some("text/plain; charset=utf-8")
+            );
+            let text = self.text();
+            assert!(
+                text.ends_with(".\n") && text.lines().count() == 1,
+                "one sentence: {text:?}"
+            );
+        }
+    }
+}
+
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// Send a request with headers and body; panics on transport errors.
+pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> TestResponse {
+    let mut request = Request::builder()
+        .method(Method::from_bytes(method.as_bytes()).unwrap())
+        .uri(url);
+    for (k, v) in headers {
+        request = request.header(
+            HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    let request = request
+        .body(Full::new(Bytes::copy_from_slice(body)))
+        .unwrap();
+    let response = client()
+        .request(request)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {url}: {e:?}"));
+    let (parts, body) = response.into_parts();
+    TestResponse {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+pub async fn get(url: &str) -> TestResponse {
+    send("GET", url, &[], b"").await
+}
+
+/// Write raw bytes on a fresh connection and read until the server closes it (or 5 s pass).
+pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A TCP server that accepts connections and never answers: a hung Loom.
+pub async fn black_hole() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    addr
+}
+
+/// Create a cluster through a DC's router; returns its ID.
+pub async fn create_cluster(dc: &Dc, name: &str) -> String {
+    let body = format!(r#"{{"name":"{name}","clusterTemplate":"hadoop","numMachines":3}}"#);
+    let r = send("POST", &dc.url("/v2/clusters"), &COOPR, body.as_bytes()).await;
+    assert_eq!(r.status, 200, "create: {}", r.text());
+    r.json()["id"].as_str().unwrap().to_owned()
+}
