@@ -3,6 +3,9 @@
 //! Each test starts three emulated DCs (Loom emulator + real router, on 127.0.0.1 port 0) with
 //! `support::Cluster` and asserts what the client got and what each DC's Loom received.
 
+// Test support panics on purpose: a failed setup is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod admin;
 mod errors;
 mod peers;
