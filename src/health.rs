@@ -22,7 +22,8 @@ use crate::metrics;
 /// What the probes last concluded about a DC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
-    /// No probe has answered yet. Treated as up for routing, as not ready for `/readyz`.
+    /// No verdict yet (no success, and fewer than `unhealthy_after` failures, since start).
+    /// Treated as up for routing and as not ready for `/readyz`.
     Unknown,
     Up,
     Down,
@@ -61,24 +62,21 @@ impl Counter {
         self.status
     }
 
-    /// Feed one probe result; returns the new status if it changed. The first result decides
-    /// at once, so a router knows where it stands after one interval rather than N.
+    /// Feed one probe result; returns the new status if it changed. From `Unknown`, one
+    /// success is enough to be up (a router knows where it stands after one interval), but
+    /// going down still takes `unhealthy_after` failures: routers that start together probe
+    /// each other before they are ready, and that must not read as an outage.
     pub fn observe(&mut self, ok: bool, t: Thresholds) -> Option<Status> {
         let wanted = if ok { Status::Up } else { Status::Down };
-        if self.status == Status::Unknown {
-            self.status = wanted;
-            self.streak = 0;
-            return Some(wanted);
-        }
         if self.status == wanted {
             self.streak = 0;
             return None;
         }
         self.streak += 1;
-        let needed = if ok {
-            t.healthy_after
-        } else {
-            t.unhealthy_after
+        let needed = match (self.status, ok) {
+            (Status::Unknown, true) => 1,
+            (_, true) => t.healthy_after,
+            (_, false) => t.unhealthy_after,
         };
         if self.streak >= needed {
             self.status = wanted;
@@ -235,11 +233,18 @@ mod tests {
     };
 
     #[test]
-    fn the_first_result_decides_at_once() {
-        let mut c = Counter::new();
-        assert_eq!(c.observe(false, T), Some(Status::Down));
+    fn one_success_is_enough_to_leave_unknown() {
         let mut c = Counter::new();
         assert_eq!(c.observe(true, T), Some(Status::Up));
+    }
+
+    #[test]
+    fn leaving_unknown_for_down_takes_unhealthy_after_failures() {
+        let mut c = Counter::new();
+        assert_eq!(c.observe(false, T), None);
+        assert_eq!(c.observe(false, T), None);
+        assert_eq!(c.status(), Status::Unknown);
+        assert_eq!(c.observe(false, T), Some(Status::Down));
     }
 
     #[test]
@@ -267,7 +272,11 @@ mod tests {
     #[test]
     fn coming_back_takes_healthy_after_consecutive_successes() {
         let mut c = Counter::new();
-        c.observe(false, T);
+        c.observe(true, T);
+        for _ in 0..3 {
+            c.observe(false, T);
+        }
+        assert_eq!(c.status(), Status::Down);
         assert_eq!(c.observe(true, T), None);
         assert_eq!(c.observe(true, T), Some(Status::Up));
     }

@@ -61,6 +61,7 @@ pub mod body;
 pub mod classify;
 pub mod config;
 pub mod control;
+pub mod demo;
 pub mod emulator;
 pub mod error;
 pub mod forward;

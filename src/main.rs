@@ -8,7 +8,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use loom_router::app::App;
-use loom_router::config::{Backend, Config, DEFAULT_CONFIG_PATH};
+use loom_router::config::{AccessLog, Backend, Config, DEFAULT_CONFIG_PATH};
+use loom_router::demo::{Demo, DEFAULT_PORT_BASE};
 use loom_router::ownership::Table;
 use tokio_util::sync::CancellationToken;
 
@@ -35,6 +36,13 @@ enum Command {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// Run three DCs (emulated Looms and real routers) in this process until Ctrl-C.
+    Demo {
+        /// Routers listen on port-base+1..+3, admin on port-base+1821..+1823, Looms on
+        /// port-base+1001..+1003.
+        #[arg(long, default_value_t = DEFAULT_PORT_BASE)]
+        port_base: u16,
+    },
 }
 
 fn main() -> ExitCode {
@@ -42,6 +50,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config } => run(&config),
+        Command::Demo { port_base } => demo(port_base),
     }
 }
 
@@ -116,6 +125,31 @@ fn run(path: &std::path::Path) -> ExitCode {
     })
 }
 
+fn demo(port_base: u16) -> ExitCode {
+    init_logging(AccessLog::Text);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        let demo = match Demo::start(Some(port_base)).await {
+            Ok(demo) => demo,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(1);
+            }
+        };
+        print!("{}", demo.banner());
+        let shutdown = CancellationToken::new();
+        signal_shutdown(shutdown.clone()).await;
+        demo.stop().await;
+        ExitCode::SUCCESS
+    })
+}
+
 /// Cancel `shutdown` on SIGINT or SIGTERM.
 async fn signal_shutdown(shutdown: CancellationToken) {
     let ctrl_c = tokio::signal::ctrl_c();
@@ -143,13 +177,13 @@ async fn signal_shutdown(shutdown: CancellationToken) {
 
 /// Logs go to stderr; levels follow `RUST_LOG` (default `info`). Access lines use JSON when
 /// `[log] access = "json"`.
-fn init_logging(access: loom_router::config::AccessLog) {
+fn init_logging(access: AccessLog) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if access == loom_router::config::AccessLog::Json {
+    if access == AccessLog::Json {
         builder.json().init();
     } else {
         builder.init();

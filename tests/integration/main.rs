@@ -7,6 +7,8 @@
 #![allow(clippy::unwrap_used)]
 
 mod admin;
+mod cli;
+mod demo;
 mod errors;
 mod peers;
 mod routing;

@@ -1,0 +1,113 @@
+//! `loom-router check` and `--version` (spec section 6), run as the real binary.
+
+use std::process::Command;
+
+fn router(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_loom-router"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn check_accepts_every_shipped_example_and_prints_one_line_per_shard() {
+    for file in [
+        "config/loom-router.toml",
+        "config/local/us-east.toml",
+        "config/local/us-west.toml",
+        "config/local/eu-central.toml",
+    ] {
+        let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
+        let out = router(&["check", "--config", &path]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let shard_lines: Vec<_> = stdout.lines().filter(|l| l.starts_with("shard ")).collect();
+        assert_eq!(shard_lines.len(), 4, "{stdout}");
+        assert!(
+            shard_lines[0].starts_with("shard 1: owner us-east"),
+            "{stdout}"
+        );
+        assert!(
+            shard_lines[3].starts_with("shard global: owner us-east"),
+            "{stdout}"
+        );
+    }
+}
+
+#[test]
+fn check_reports_each_error_by_key_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        r#"
+datacenter = "us-east"
+global_home = "us-east"
+[loom]
+upstream = "http://127.0.0.1:55054"
+[ids]
+increment = 10
+[[datacenters]]
+name = "us-east"
+id_start = 1
+router = "http://10.1.0.10:8080"
+replicas = ["eu-north"]
+"#,
+    )
+    .unwrap();
+    let out = router(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "datacenters[0].replicas[0]: unknown datacenter \"eu-north\"\n"
+    );
+}
+
+#[test]
+fn check_gives_line_and_column_for_syntax_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "datacenter = \"a\"\nglobal_home = [\n").unwrap();
+    let out = router(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("TOML syntax error at line 2, column"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2_and_version_prints() {
+    assert_eq!(router(&["check", "--no-such-flag"]).status.code(), Some(2));
+    let out = router(&["--version"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("loom-router {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn run_refuses_the_memory_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mem.toml");
+    let text = std::fs::read_to_string(format!(
+        "{}/config/local/us-east.toml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+    .replace(
+        "[health]",
+        "[coordination]\nbackend = \"memory\"\n\n[health]",
+    );
+    std::fs::write(&path, text).unwrap();
+    let out = router(&["run", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("coordination.backend"));
+}

@@ -1,0 +1,134 @@
+//! `loom-router demo` (spec section 6): the printed walk-through works, in process and as the
+//! real binary.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use loom_router::demo::Demo;
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_printed_scenario_creates_reads_and_deletes_through_three_dcs() {
+    let demo = Demo::start(None).await.unwrap();
+    // Wait until every router knows every peer is up.
+    for dc in &demo.dcs {
+        let url = format!("http://{}/admin/table", dc.admin);
+        eventually(|| async {
+            let t = get(&url).await.json();
+            t["datacenters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|d| d["healthy"] == true)
+        })
+        .await;
+    }
+    let banner = demo.banner();
+    let steps = demo.scenario();
+    for step in &steps {
+        assert!(
+            banner.contains(&step.curl()),
+            "banner lacks {}",
+            step.curl()
+        );
+    }
+    let mut responses = Vec::new();
+    for step in &steps {
+        tokio::time::sleep(step.wait).await;
+        let r = send(
+            step.method,
+            &step.url,
+            &step.headers,
+            step.body.unwrap_or("").as_bytes(),
+        )
+        .await;
+        responses.push(r);
+    }
+    let [create, read, delete, table] = &responses[..] else {
+        panic!()
+    };
+    assert_eq!(create.status, 200);
+    assert_eq!(create.json(), serde_json::json!({"id": "00000001"}));
+    assert_eq!(create.header("x-loom-route"), Some("create"));
+    assert_eq!(create.header("x-loom-served-by"), Some("us-east"));
+
+    assert_eq!(read.status, 200, "{}", read.text());
+    assert_eq!(read.json()["id"], "00000001");
+    assert_eq!(read.header("x-loom-route"), Some("read"));
+    assert_eq!(read.header("x-loom-served-by"), Some("us-west"));
+
+    assert_eq!(delete.status, 200, "{}", delete.text());
+    assert_eq!(delete.header("x-loom-route"), Some("write-forwarded"));
+    assert_eq!(delete.header("x-loom-served-by"), Some("us-east"));
+    // The delete was applied once, at the owner.
+    let east_writes: Vec<_> = demo.dcs[0]
+        .emulator
+        .applied_writes()
+        .into_iter()
+        .filter(|w| w.method == "DELETE")
+        .collect();
+    assert_eq!(east_writes.len(), 1);
+    assert_eq!(east_writes[0].cluster, Some(1));
+    assert_eq!(east_writes[0].epoch, Some(1));
+    assert!(demo.dcs[2].emulator.applied_writes().is_empty());
+
+    assert_eq!(table.status, 200);
+    assert_eq!(table.json()["datacenter"], "eu-central");
+    demo.stop().await;
+}
+
+#[test]
+fn the_demo_binary_prints_its_urls_serves_and_stops_on_sigint() {
+    // A port base unlikely to clash with other tests (which all use port 0).
+    let base = 20000 + (std::process::id() % 20000) as u16;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_loom-router"))
+        .args(["demo", "--port-base", &base.to_string()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        let done = line.starts_with("Press Ctrl-C");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    let dcs: Vec<&String> = lines.iter().filter(|l| l.starts_with("dc=")).collect();
+    assert_eq!(dcs.len(), 3, "{lines:?}");
+    assert_eq!(
+        dcs[0],
+        &format!(
+            "dc=us-east router=http://127.0.0.1:{} admin=http://127.0.0.1:{} loom=http://127.0.0.1:{}",
+            base + 1,
+            base + 1821,
+            base + 1001
+        )
+    );
+    assert!(lines.iter().any(|l| l.starts_with("curl -si -X POST")));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let r = rt.block_on(get(&format!("http://127.0.0.1:{}/status", base + 3)));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-loom-served-by"), Some("eu-central"));
+
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "demo did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+}
