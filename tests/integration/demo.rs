@@ -117,11 +117,8 @@ fn the_demo_binary_prints_its_urls_serves_and_stops_on_sigint() {
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-loom-served-by"), Some("eu-central"));
 
-    let killed = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
