@@ -18,12 +18,13 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 use crate::config::{Limits, MIN_HEADER_BYTES};
 use crate::error::RouterError;
@@ -66,11 +67,18 @@ pub async fn serve(
             https: false,
             peer_verified: false,
         };
+        // Cross-cutting layers, then the proxy. An `X-Request-Id` is generated for requests that
+        // have none; it travels upstream with the request and comes back on the response, so
+        // one ID follows a write across routers and into Loom's logs.
         let proxy = proxy.clone();
-        let service = service_fn(move |request| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(request, conn).await) }
-        });
+        let service = tower::ServiceBuilder::new()
+            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+            .layer(PropagateRequestIdLayer::x_request_id())
+            .service_fn(move |request| {
+                let proxy = proxy.clone();
+                async move { Ok::<_, Infallible>(proxy.handle(request, conn).await) }
+            });
+        let service = TowerToHyperService::new(service);
         let io = TokioIo::new(RewriteErrors::new(
             stream,
             via.clone(),

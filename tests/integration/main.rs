@@ -9,6 +9,7 @@
 mod admin;
 mod cli;
 mod demo;
+mod endpoints;
 mod errors;
 mod peers;
 mod routing;

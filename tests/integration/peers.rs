@@ -169,3 +169,32 @@ async fn a_fenced_shard_refuses_writes_everywhere() {
     assert_eq!(r.status, 200);
     assert!(c.who_saw("DELETE", "/v2/clusters/00000002").is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_origin_sends_a_misdirected_write_three_times_at_most() {
+    // us-west's "router" is a stub that always answers 421 with an old view.
+    let (stub_addr, seen) = stub(
+        421,
+        "application/json",
+        r#"{"shard": 2, "owner": "us-west", "epoch": 1}"#,
+    )
+    .await;
+    let mut options = Options::default();
+    options.router_override[WEST] = Some(stub_addr);
+    let c = Cluster::start_with(options).await;
+    let r = send(
+        "POST",
+        &c.dc(EAST).url("/v2/clusters/00000002/abort"),
+        &COOPR,
+        b"{}",
+    )
+    .await;
+    r.assert_router_error(503, "ownership_conflict", "write-forwarded");
+    // The first try and two retries, no more.
+    let attempt = ("POST".to_owned(), "/v2/clusters/00000002/abort".to_owned());
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![attempt.clone(), attempt.clone(), attempt]
+    );
+    assert!(c.who_saw("POST", "/v2/clusters/00000002/abort").is_empty());
+}

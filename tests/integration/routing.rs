@@ -323,3 +323,38 @@ async fn route_headers_can_be_turned_off() {
     assert_eq!(r.header("x-loom-route"), None);
     assert_eq!(r.header("x-loom-served-by"), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_write_bodies_stream_to_the_owner_intact() {
+    let c = Cluster::start().await;
+    let id = create_cluster(c.dc(WEST), "big").await;
+    c.clear();
+    // Over max_retry_body_bytes (64 KiB): streamed once rather than buffered.
+    let body: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let path = format!("/v2/clusters/{id}/config");
+    let r = send("PUT", &c.dc(EU).url(&path), &COOPR, &body).await;
+    assert_eq!(r.header("x-loom-route"), Some("write-forwarded"));
+    assert_eq!(c.who_saw("PUT", &path), vec!["us-west"]);
+    assert_eq!(c.dc(WEST).received()[0].body.len(), body.len());
+    assert!(c.dc(WEST).received()[0].body[..] == body[..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_is_generated_when_absent_and_passed_upstream() {
+    let c = Cluster::start().await;
+    let r = get(&c.dc(EAST).url("/status")).await;
+    let id = r.header("x-request-id").unwrap().to_owned();
+    assert_eq!(id.len(), 36, "{id}");
+    assert_eq!(
+        c.dc(EAST).loom.received().last().unwrap().headers["x-request-id"],
+        id.as_str()
+    );
+    let r = send(
+        "GET",
+        &c.dc(EAST).url("/status"),
+        &[("x-request-id", "abc-123")],
+        b"",
+    )
+    .await;
+    assert_eq!(r.header("x-request-id"), Some("abc-123"));
+}

@@ -109,6 +109,8 @@ pub struct Options {
     pub replication_delay: Duration,
     /// Use this address as a DC's Loom instead of an emulator (a black hole, say).
     pub loom_override: [Option<SocketAddr>; 3],
+    /// Tell every router that this address is a DC's router (a stub peer, say).
+    pub router_override: [Option<SocketAddr>; 3],
 }
 
 impl Default for Options {
@@ -118,6 +120,7 @@ impl Default for Options {
             per_dc: [String::new(), String::new(), String::new()],
             replication_delay: Duration::from_millis(50),
             loom_override: [None, None, None],
+            router_override: [None, None, None],
         }
     }
 }
@@ -154,7 +157,8 @@ impl Cluster {
         }
         let routers: Vec<SocketAddr> = listeners
             .iter()
-            .map(|(h, _)| h.local_addr().unwrap())
+            .zip(options.router_override)
+            .map(|((h, _), o)| o.unwrap_or_else(|| h.local_addr().unwrap()))
             .collect();
         let mut dcs = Vec::new();
         for (i, ((loom, loom_addr, handle), (http, admin))) in
@@ -415,4 +419,58 @@ pub async fn create_cluster(dc: &Dc, name: &str) -> String {
     let r = send("POST", &dc.url("/v2/clusters"), &COOPR, body.as_bytes()).await;
     assert_eq!(r.status, 200, "create: {}", r.text());
     r.json()["id"].as_str().unwrap().to_owned()
+}
+
+/// Requests a stub received, as (method, path).
+pub type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>;
+
+/// A peer router stand-in: ready on `/loom-router/readyz`, and every other request gets the same
+/// response. Returns its address and what it received (probes excluded).
+pub async fn stub(
+    status: u16,
+    content_type: &'static str,
+    body: &'static str,
+) -> (SocketAddr, Seen) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Seen::default();
+    let recorded = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let recorded = recorded.clone();
+            let service =
+                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let recorded = recorded.clone();
+                    async move {
+                        let probe = request.uri().path() == "/loom-router/readyz";
+                        if !probe {
+                            let entry = (
+                                request.method().to_string(),
+                                request.uri().path().to_owned(),
+                            );
+                            recorded.lock().unwrap().push(entry);
+                        }
+                        // Read the whole body, as a real peer would before answering.
+                        let _ = request.into_body().collect().await;
+                        let (status, body) = if probe {
+                            (200, "ready\n")
+                        } else {
+                            (status, body)
+                        };
+                        let mut response =
+                            http::Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+                        *response.status_mut() = StatusCode::from_u16(status).unwrap();
+                        response
+                            .headers_mut()
+                            .insert("content-type", HeaderValue::from_static(content_type));
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
+                });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    (addr, seen)
 }
