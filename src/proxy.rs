@@ -76,6 +76,9 @@ enum Label {
     GlobalWrite,
     Passthrough,
     Unrouted,
+    /// A peer's readiness probe: answered here, not logged, counted or labelled, so probes
+    /// every `[health] interval` do not drown the access log and the request metrics.
+    Probe,
 }
 
 impl Label {
@@ -90,13 +93,15 @@ impl Label {
             Self::GlobalWrite => "global-write",
             Self::Passthrough => "passthrough",
             Self::Unrouted => "unrouted",
+            Self::Probe => "probe",
         }
     }
 
     fn local(route: Route) -> Self {
         match route {
             Route::Provisioner => Self::Provisioner,
-            Route::Read | Route::Readyz => Self::Read,
+            Route::Read => Self::Read,
+            Route::Readyz => Self::Probe,
             Route::Create => Self::Create,
             Route::Write => Self::WriteLocal,
             Route::GlobalWrite => Self::GlobalWrite,
@@ -679,7 +684,7 @@ impl Proxy {
             .headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static(headers::TEXT_PLAIN));
         Outcome {
-            label: Label::Passthrough,
+            label: Label::Probe,
             served_by: None,
             shard: None,
             target: None,
@@ -702,6 +707,9 @@ impl Proxy {
             Ok(response) => (response, None),
             Err(error) => (error.to_response(), Some(error)),
         };
+        if outcome.label == Label::Probe {
+            return response;
+        }
         if config.route_headers {
             let h = response.headers_mut();
             h.insert(
