@@ -70,6 +70,7 @@ async fn metrics_count_requests_by_route_and_code() {
         send("DELETE", &c.dc(WEST).url("/v2/clusters/abc"), &COOPR, b"").await;
     }
     let after = get(&c.dc(WEST).admin_url("/metrics")).await.text();
+    assert!(after.contains("# TYPE loom_router_requests_total counter"), "{after}");
     // The recorder is shared by every router in this process, so count the increase.
     let count = |text: &str| {
         text.lines()
