@@ -80,6 +80,7 @@ impl App {
     pub async fn run(self, shutdown: CancellationToken) {
         let metrics = metrics::install();
         let config = self.config;
+        metrics::register(&config);
         let limits = config.limits.clone();
         let drain_timeout = config.drain_timeout;
         let forwarder = Forwarder::new(config.loom.connect_timeout, config.limits.idle_timeout);

@@ -77,32 +77,26 @@ const V2: &str = "/v2";
 
 /// Classify a request by method and raw (still percent-encoded) path, without its query.
 pub fn classify(method: &Method, raw_path: &str) -> Result<Class, ClassifyError> {
-    if raw_path == READYZ_PATH && (method == Method::GET || method == Method::HEAD) {
-        return Ok(Class {
-            route: Route::Readyz,
-            key: Key::None,
-        });
-    }
     let path: Cow<'_, str> = if raw_path.contains('%') {
         percent_encoding::percent_decode_str(raw_path).decode_utf8_lossy()
     } else {
         Cow::Borrowed(raw_path)
     };
+    if path == READYZ_PATH {
+        // Never passed on, whatever the method (the proxy answers 405 to anything but GET).
+        return Ok(Class {
+            route: Route::Readyz,
+            key: Key::None,
+        });
+    }
     let Some(generation) = generation(&path) else {
         return Ok(PASSTHROUGH);
     };
     // Under {B} the decoded path names the resource, so every segment of the raw path must decode
     // to exactly one segment: no encoded '/', no dot-segments, no empty segments. Otherwise a write
     // could reach a DC that the plain path would not name.
-    let raw_rest = raw_path
-        .strip_prefix(generation.raw_prefix())
-        .filter(|rest| rest.is_empty() || rest.starts_with('/'));
-    let Some(raw_rest) = raw_rest else {
-        // The prefix itself was encoded, e.g. `/v2%2Fclusters`: decoding merged segments.
-        return Err(ClassifyError::BadPath);
-    };
-    check_segments(raw_rest)?;
-    let rest = &path[generation.raw_prefix().len()..];
+    check_segments(raw_path)?;
+    let rest = &path[generation.prefix().len()..];
     classify_under_base(method, generation, rest)
 }
 
@@ -118,7 +112,7 @@ enum Generation {
 }
 
 impl Generation {
-    fn raw_prefix(self) -> &'static str {
+    fn prefix(self) -> &'static str {
         match self {
             Self::Loom => V1,
             Self::Coopr => V2,
@@ -141,14 +135,10 @@ fn generation(path: &str) -> Option<Generation> {
     }
 }
 
-/// Reject encoded slashes, dot-segments (plain or encoded) and empty segments in the raw path
-/// after `{B}`.
-fn check_segments(raw_rest: &str) -> Result<(), ClassifyError> {
-    if raw_rest.is_empty() {
-        return Ok(());
-    }
-    // raw_rest starts with '/', so the first split item is the empty string before it.
-    for segment in raw_rest.split('/').skip(1) {
+/// Reject encoded slashes, dot-segments (plain or encoded) and empty segments in a raw path.
+fn check_segments(raw_path: &str) -> Result<(), ClassifyError> {
+    // The path starts with '/', so the first split item is the empty string before it.
+    for segment in raw_path.split('/').skip(1) {
         if segment.is_empty() {
             return Err(ClassifyError::BadPath);
         }
@@ -210,7 +200,12 @@ fn classify_under_base(
         || method == Method::PUT
         || method == Method::DELETE
         || method == Method::PATCH;
-    if first == "clusters" && write_method {
+    if !write_method {
+        // TRACE, CONNECT, WebDAV and custom methods: not rows of the table, and not writes Loom
+        // knows. Its own Loom answers them (404 or 405), like anything outside {B}.
+        return Ok(PASSTHROUGH);
+    }
+    if first == "clusters" {
         return match second {
             // Row 4: create.
             None if method == Method::POST => Ok(class(Route::Create, Key::Home)),
@@ -259,19 +254,11 @@ pub fn parse_cluster_id(s: &str) -> Result<u64, ClassifyError> {
 }
 
 /// The cluster that a cluster, job, plan or task ID belongs to: the cluster ID before the first
-/// `-` (`00000079-001` and `00000079-001-004` belong to cluster 79). The parts after it must be
-/// decimal, as Loom's `JobId` and `TaskId` are.
+/// `-` (`00000079-001` and `00000079-001-004` belong to cluster 79). What follows the `-` is
+/// Loom's to judge, at the owner.
 pub fn parse_owning_cluster(s: &str) -> Result<u64, ClassifyError> {
-    let mut parts = s.split('-');
-    let cluster = parse_cluster_id(parts.next().unwrap_or(""))?;
-    let mut suffixes = 0;
-    for part in parts {
-        suffixes += 1;
-        if suffixes > 2 || part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(ClassifyError::BadClusterId);
-        }
-    }
-    Ok(cluster)
+    let cluster = s.split_once('-').map_or(s, |(cluster, _)| cluster);
+    parse_cluster_id(cluster)
 }
 
 /// The cluster ID in a `/v2/nodes` JSON body: `clusterId` as a string or an integer. `None` when
@@ -416,16 +403,13 @@ mod tests {
     fn job_and_task_ids_belong_to_the_cluster_before_the_first_dash() {
         assert_eq!(parse_owning_cluster("00000079-001"), Ok(79));
         assert_eq!(parse_owning_cluster("00000079-001-004"), Ok(79));
+        assert_eq!(parse_owning_cluster("00000079-x"), Ok(79));
         assert_eq!(
-            parse_owning_cluster("00000079-"),
+            parse_owning_cluster("-001"),
             Err(ClassifyError::BadClusterId)
         );
         assert_eq!(
-            parse_owning_cluster("00000079-x"),
-            Err(ClassifyError::BadClusterId)
-        );
-        assert_eq!(
-            parse_owning_cluster("1-2-3-4"),
+            parse_owning_cluster("x-001"),
             Err(ClassifyError::BadClusterId)
         );
         assert_eq!(
@@ -553,8 +537,29 @@ mod tests {
     // === Row 9 and 10: readyz and passthrough ===
 
     #[test]
-    fn readyz_is_answered_by_the_router() {
+    fn readyz_is_answered_by_the_router_whatever_the_method_or_encoding() {
         assert_eq!(route("GET", READYZ_PATH), Route::Readyz);
+        assert_eq!(route("POST", READYZ_PATH), Route::Readyz);
+        assert_eq!(route("GET", "/loom-router/ready%7A"), Route::Readyz);
+    }
+
+    #[test]
+    fn encoded_ordinary_characters_route_by_the_decoded_path() {
+        assert_eq!(
+            c("DELETE", "/%762/clusters/00000012").unwrap(),
+            class(Route::Write, Key::Cluster(12))
+        );
+        assert_eq!(
+            c("DELETE", "/v1/l%6fom/clusters/00000012").unwrap(),
+            class(Route::Write, Key::Cluster(12))
+        );
+    }
+
+    #[test]
+    fn methods_outside_the_table_go_to_the_local_loom() {
+        for m in ["TRACE", "PROPFIND", "BREW"] {
+            assert_eq!(route(m, "/v2/clusters/00000012"), Route::Passthrough, "{m}");
+        }
     }
 
     #[test]

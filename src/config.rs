@@ -410,6 +410,9 @@ pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 10000;
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest `max_concurrent_requests`: far above what one process can serve, and well inside
+/// what a semaphore can count.
+pub const MAX_CONCURRENT_REQUESTS: usize = 1_000_000_000;
 /// The smallest header limit: hyper cannot buffer less than this.
 pub const MIN_HEADER_BYTES: usize = 8192;
 
@@ -936,6 +939,12 @@ impl TryFrom<RawConfig> for Config {
                 DEFAULT_IDLE_TIMEOUT,
             ),
         };
+        if limits.max_concurrent_requests > MAX_CONCURRENT_REQUESTS {
+            p.push(
+                "limits.max_concurrent_requests",
+                format!("must be at most {MAX_CONCURRENT_REQUESTS}"),
+            );
+        }
         if limits.max_header_bytes < MIN_HEADER_BYTES {
             p.push(
                 "limits.max_header_bytes",

@@ -25,6 +25,9 @@ pub enum UpstreamKind {
     Timeout,
     Reset,
     Tls,
+    /// The client's own request body failed while it was being sent on: not the upstream's
+    /// fault, and not counted against it.
+    ClientBody,
 }
 
 impl UpstreamKind {
@@ -34,6 +37,7 @@ impl UpstreamKind {
             Self::Timeout => "timeout",
             Self::Reset => "reset",
             Self::Tls => "tls",
+            Self::ClientBody => "client_body",
         }
     }
 }
@@ -53,10 +57,11 @@ pub enum RouterError {
     UnassignedShard(ShardKey),
     #[error("body over {limit} bytes")]
     BodyTooLarge { limit: usize },
-    #[error("misdirected: shard {shard} is owned by {owner} at epoch {epoch}")]
+    #[error("misdirected: shard {shard} is owned by {owner:?} at epoch {epoch}")]
     Misdirected {
         shard: ShardKey,
-        owner: String,
+        /// `None` when no DC owns the shard in the receiver's view.
+        owner: Option<String>,
         epoch: u64,
     },
     #[error("request headers over {limit} bytes")]
@@ -274,12 +279,17 @@ impl RouterError {
 
     /// The bytes of a complete HTTP/1.1 response for errors found before hyper hands the request
     /// to the router (unparseable heads, oversized heads). The connection is closed after it.
-    pub fn raw_http1(&self, via: &str) -> Vec<u8> {
+    pub fn raw_http1(&self, via: &str, route_headers: bool) -> Vec<u8> {
         let body = self.sentence() + "\n";
         let status = self.status();
+        let route = if route_headers {
+            "x-loom-route: unrouted\r\n"
+        } else {
+            ""
+        };
         format!(
             "HTTP/1.1 {} {}\r\ncontent-type: {TEXT_PLAIN}\r\nx-loom-router-error: {}\r\n\
-             x-loom-route: unrouted\r\nvia: {via}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+             {route}via: {via}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
             status.as_u16(),
             status.canonical_reason().unwrap_or(""),
             self.code(),
@@ -308,7 +318,7 @@ mod tests {
     async fn misdirected_is_json_with_the_receivers_view() {
         let r = RouterError::Misdirected {
             shard: ShardKey::Residue(2),
-            owner: "us-west".to_owned(),
+            owner: Some("us-west".to_owned()),
             epoch: 7,
         }
         .to_response();
@@ -336,8 +346,8 @@ mod tests {
 
     #[test]
     fn raw_responses_are_complete_http() {
-        let raw =
-            String::from_utf8(RouterError::BadRequest.raw_http1("1.1 loom-router-a")).unwrap();
+        let raw = String::from_utf8(RouterError::BadRequest.raw_http1("1.1 loom-router-a", true))
+            .unwrap();
         assert!(raw.starts_with("HTTP/1.1 400 Bad Request\r\n"));
         assert!(raw.contains("x-loom-router-error: bad_request\r\n"));
         let (head, body) = raw.split_once("\r\n\r\n").unwrap();

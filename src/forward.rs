@@ -33,16 +33,6 @@ pub struct SendError {
     pub source: Option<BoxError>,
 }
 
-impl SendError {
-    /// Whether the upstream may have received (and acted on) the request.
-    pub fn maybe_processed(&self) -> bool {
-        match self.kind {
-            UpstreamKind::Connect | UpstreamKind::Tls => false,
-            UpstreamKind::Timeout | UpstreamKind::Reset => true,
-        }
-    }
-}
-
 /// The shared upstream client.
 #[derive(Debug, Clone)]
 pub struct Forwarder {
@@ -75,6 +65,8 @@ impl Forwarder {
             Ok(Err(e)) => {
                 let kind = if e.is_connect() {
                     UpstreamKind::Connect
+                } else if client_body_failed(&e) {
+                    UpstreamKind::ClientBody
                 } else {
                     UpstreamKind::Reset
                 };
@@ -89,6 +81,21 @@ impl Forwarder {
             }),
         }
     }
+}
+
+/// Whether a send failed because the request body we were streaming from the client failed
+/// (hyper reports errors of the body it was given as "user" errors).
+fn client_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(hyper_error) = err.downcast_ref::<hyper::Error>() {
+            if hyper_error.is_user() {
+                return true;
+            }
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// `base` (scheme and authority of an upstream) joined with a request's path and query.

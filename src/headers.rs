@@ -101,7 +101,8 @@ pub struct Client {
 /// - drop hop-by-hop headers and `Host` (the client sets it from the upstream URI);
 /// - drop the response-only headers the router owns, and `X-Loom-Router-*` unless the request is
 ///   a trusted hop (`keep_router_headers`);
-/// - append `Via` and `X-Forwarded-For`, set `X-Forwarded-Proto` and `X-Forwarded-Host`.
+/// - append `Via` and `X-Forwarded-For`; set `X-Forwarded-Proto` and `X-Forwarded-Host` unless
+///   a proxy in front already did.
 pub fn prepare_upstream(
     headers: &mut HeaderMap,
     client: Client,
@@ -121,10 +122,14 @@ pub fn prepare_upstream(
     }
     headers.append(VIA, via.clone());
     append_forwarded_for(headers, client.ip);
-    headers.insert(
-        FORWARDED_PROTO,
-        HeaderValue::from_static(if client.https { "https" } else { "http" }),
-    );
+    // The load balancer in front of the router may terminate TLS and say so; keep its word,
+    // and the origin router's on a hop.
+    if !headers.contains_key(FORWARDED_PROTO) {
+        headers.insert(
+            FORWARDED_PROTO,
+            HeaderValue::from_static(if client.https { "https" } else { "http" }),
+        );
+    }
 }
 
 /// Remove every `X-Loom-Router-*` header.
@@ -147,11 +152,14 @@ pub fn strip_router_headers(headers: &mut HeaderMap) {
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
-    let ip = ip.to_string();
-    let value = match headers.get(FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {ip}"),
-        None => ip,
-    };
+    let mut value = String::new();
+    for prior in headers.get_all(FORWARDED_FOR) {
+        if let Ok(prior) = prior.to_str() {
+            value.push_str(prior);
+            value.push_str(", ");
+        }
+    }
+    value.push_str(&ip.to_string());
     if let Ok(value) = HeaderValue::from_str(&value) {
         headers.insert(FORWARDED_FOR, value);
     }
@@ -213,6 +221,7 @@ mod tests {
             ("x-loom-router-hop", "1"),
             ("x-loom-router-epoch", "99"),
             ("x-forwarded-for", "192.0.2.1"),
+            ("x-forwarded-for", "192.0.2.2"),
         ]);
         let via = HeaderValue::from_static("1.1 loom-router-us-east");
         prepare_upstream(&mut h, CLIENT, &via, false);
@@ -228,7 +237,7 @@ mod tests {
         assert!(!h.contains_key("host"));
         assert_eq!(h["x-forwarded-host"], "router.example");
         assert_eq!(h["via"], "1.1 loom-router-us-east");
-        assert_eq!(h["x-forwarded-for"], "192.0.2.1, 10.0.0.7");
+        assert_eq!(h["x-forwarded-for"], "192.0.2.1, 192.0.2.2, 10.0.0.7");
         assert_eq!(h["x-forwarded-proto"], "http");
     }
 

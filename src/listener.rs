@@ -41,13 +41,10 @@ pub async fn serve(
 ) {
     let builder = builder(&limits);
     let graceful = GracefulShutdown::new();
-    let via = proxy
-        .control()
-        .snapshot()
-        .via
-        .to_str()
-        .unwrap_or("")
-        .to_owned();
+    let snap = proxy.control().snapshot();
+    let via = snap.via.to_str().unwrap_or("").to_owned();
+    let route_headers = snap.config.route_headers;
+    drop(snap);
     loop {
         let (stream, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -83,6 +80,7 @@ pub async fn serve(
             stream,
             via.clone(),
             limits.max_header_bytes,
+            route_headers,
         ));
         let connection = builder.serve_connection(io, service);
         let watched = graceful.watch(connection);
@@ -112,7 +110,8 @@ fn builder(limits: &Limits) -> http1::Builder {
         .timer(TokioTimer::new())
         .keep_alive(true)
         // hyper's idle keep-alive wait and a slow request head share this timer: hyper starts it
-        // when it begins waiting for the next request head.
+        // when it begins waiting for the next request head. hyper also counts more than 100
+        // header fields as too large (431), as HAProxy's default tune.http.maxhdr does.
         .header_read_timeout(limits.header_read_timeout)
         .max_header_size(limits.max_header_bytes)
         .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BYTES) + MIN_HEADER_BYTES);
@@ -127,17 +126,20 @@ pub struct RewriteErrors<T> {
     via: String,
     /// `max_header_bytes`, named in the 431 sentence.
     header_limit: usize,
+    /// `[response] route_headers`.
+    route_headers: bool,
     /// A replacement being written: bytes, how far we got, and the length of the canned
     /// response it stands for (what hyper is told was written).
     pending: Option<(Vec<u8>, usize, usize)>,
 }
 
 impl<T> RewriteErrors<T> {
-    pub fn new(inner: T, via: String, header_limit: usize) -> Self {
+    pub fn new(inner: T, via: String, header_limit: usize, route_headers: bool) -> Self {
         Self {
             inner,
             via,
             header_limit,
+            route_headers,
             pending: None,
         }
     }
@@ -190,7 +192,11 @@ impl<T: AsyncWrite + Unpin> RewriteErrors<T> {
             },
             _ => RouterError::BadRequest,
         };
-        self.pending = Some((error.raw_http1(&self.via), 0, canned_len));
+        self.pending = Some((
+            error.raw_http1(&self.via, self.route_headers),
+            0,
+            canned_len,
+        ));
     }
 }
 

@@ -81,7 +81,7 @@ fn check(path: &std::path::Path) -> ExitCode {
             shard.state.as_str(),
         );
     }
-    println!("{}: ok", path.display());
+    eprintln!("{}: ok", path.display());
     ExitCode::SUCCESS
 }
 

@@ -129,8 +129,21 @@ pub fn set_datacenter_up(dc: &str, up: bool) {
     gauge!(DATACENTER_UP, "datacenter" => dc.to_owned()).set(if up { 1.0 } else { 0.0 });
 }
 
-pub fn inflight(delta: f64) {
-    gauge!(INFLIGHT_REQUESTS).increment(delta);
+/// Counts a request in `loom_router_inflight_requests` until dropped.
+#[derive(Debug)]
+pub struct Inflight(());
+
+impl Inflight {
+    pub fn start() -> Self {
+        gauge!(INFLIGHT_REQUESTS).increment(1.0);
+        Self(())
+    }
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        gauge!(INFLIGHT_REQUESTS).decrement(1.0);
+    }
 }
 
 pub fn fenced_write() {
@@ -167,4 +180,40 @@ fn status_label(status: u16) -> metrics::SharedString {
         other => return metrics::SharedString::from(other.to_string()),
     };
     metrics::SharedString::const_str(known)
+}
+
+pub fn set_lease_remaining(remaining: Duration) {
+    gauge!(LEASE_REMAINING_SECONDS).set(remaining.as_secs_f64());
+}
+
+pub fn failover() {
+    counter!(FAILOVERS_TOTAL).increment(1);
+}
+
+pub fn set_shard_unprotected(shard: &str, unprotected: bool) {
+    gauge!(SHARD_UNPROTECTED, "shard" => shard.to_owned()).set(if unprotected { 1.0 } else { 0.0 });
+}
+
+/// Create every spec metric with its label sets, so `/metrics` lists them from the start (the
+/// exporter only prints series that exist). Adds zero: safe when several routers share the
+/// recorder, as in the demo.
+pub fn register(config: &crate::config::Config) {
+    counter!(FAILOVERS_TOTAL).increment(0);
+    counter!(FENCED_WRITES_TOTAL).increment(0);
+    for result in ["ok", "error"] {
+        counter!(CONFIG_RELOADS_TOTAL, "result" => result).increment(0);
+    }
+    gauge!(INFLIGHT_REQUESTS).increment(0.0);
+    gauge!(LEASE_REMAINING_SECONDS).increment(0.0);
+    gauge!(TABLE_EPOCH).increment(0.0);
+    for dc in &config.datacenters {
+        gauge!(DATACENTER_UP, "datacenter" => dc.name.clone()).increment(0.0);
+        for kind in ["connect", "timeout", "reset", "tls"] {
+            counter!(UPSTREAM_ERRORS_TOTAL, "target" => dc.name.clone(), "kind" => kind)
+                .increment(0);
+        }
+    }
+    for shard in crate::ownership::Table::from_config(config).shards() {
+        gauge!(SHARD_UNPROTECTED, "shard" => shard.key.to_string()).increment(0.0);
+    }
 }

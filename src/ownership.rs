@@ -5,6 +5,9 @@
 //! calls the pure functions here: [`Table::resolve`] for a request this router routes, and
 //! [`Table::admit_forwarded`] for a write another router forwarded to it.
 //!
+//! A table comes from the config ([`Table::from_config`], the `static` backend and the seed of
+//! an empty store) or from a coordination store's view ([`Table::from_view`]).
+//!
 //! This file must not do I/O, spawn tasks or know about health: whether a peer DC is up is
 //! checked by the caller after resolving, because health never moves ownership.
 
@@ -12,6 +15,7 @@ use std::time::SystemTime;
 
 use crate::classify::shard_of;
 use crate::config::{Config, DcId, ShardKey, ShardState};
+use crate::coord::{ShardRecord, View};
 
 /// One shard's entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +46,9 @@ pub struct Table {
     /// Residue shards, sorted by residue. A handful in practice, so a binary search beats a map.
     residues: Vec<Shard>,
     pub global: Shard,
+    /// Shards this DC gained whose become-owner hook has not succeeded yet on this router:
+    /// writes for them are fenced here (spec section 10). Router-local, never stored.
+    pub hook_pending: Vec<ShardKey>,
 }
 
 /// Where a request goes, as decided from the table alone.
@@ -77,8 +84,8 @@ pub enum Admission {
     Serve { epoch: u64 },
     /// The sender knows a newer epoch than this table: refresh from the store, then ask again.
     Refresh,
-    /// Not ours: answer 421 with this view.
-    Misdirected { owner: DcId, epoch: u64 },
+    /// Not ours: answer 421 with this view (`owner: None` when no DC owns the shard here).
+    Misdirected { owner: Option<DcId>, epoch: u64 },
     /// Ours, but fenced: 503 `fenced`.
     Fenced,
 }
@@ -169,7 +176,81 @@ impl Table {
             increment: config.increment,
             residues,
             global,
+            hook_pending: Vec::new(),
         }
+    }
+
+    /// The records that seed an empty coordination store with this table.
+    pub fn to_records(&self, config: &Config) -> Vec<(ShardKey, ShardRecord)> {
+        let name = |dc: DcId| config.datacenters[dc].name.clone();
+        self.shards()
+            .map(|s| {
+                let record = ShardRecord {
+                    owner: name(s.owner),
+                    home: s.home.map(name),
+                    replicas: s.replicas.iter().map(|&r| name(r)).collect(),
+                    state: s.state.as_str().to_owned(),
+                    frozen: s.frozen,
+                    previous_owner: None,
+                    changed_at: humantime::format_rfc3339_seconds(s.changed_at).to_string(),
+                    changed_by: s.changed_by.clone(),
+                    reason: s.reason.clone(),
+                    failed_over_at_ms: None,
+                };
+                (s.key, record)
+            })
+            .collect()
+    }
+
+    /// The table a coordination store describes. A shard's epoch is its record's
+    /// `mod_revision`; the table epoch is the store revision the view reflects. Records that
+    /// name a DC this config does not know are left out (and logged), rather than guessed at.
+    pub fn from_view(config: &Config, view: &View) -> Self {
+        let mut residues = Vec::new();
+        let mut global = None;
+        for (&key, (record, epoch)) in &view.shards {
+            let dc = |name: &str| config.dc_by_name(name);
+            let Some(owner) = dc(&record.owner) else {
+                tracing::warn!(shard = %key, owner = %record.owner, "shard owned by an unknown datacenter ignored");
+                continue;
+            };
+            let shard = Shard {
+                key,
+                home: record.home.as_deref().and_then(dc),
+                owner,
+                replicas: record.replicas.iter().filter_map(|r| dc(r)).collect(),
+                epoch: u64::try_from(*epoch).unwrap_or(0),
+                state: if record.state == "fenced" {
+                    ShardState::Fenced
+                } else {
+                    ShardState::Active
+                },
+                frozen: record.frozen,
+                changed_at: humantime::parse_rfc3339(&record.changed_at)
+                    .unwrap_or(SystemTime::UNIX_EPOCH),
+                changed_by: record.changed_by.clone(),
+                reason: record.reason.clone(),
+            };
+            match key {
+                ShardKey::Global => global = Some(shard),
+                ShardKey::Residue(_) => residues.push(shard),
+            }
+        }
+        // The store is seeded with the global shard before any router reads it; until then
+        // the config's answer stands.
+        let global = global.unwrap_or_else(|| Self::from_config(config).global);
+        Self {
+            table_epoch: u64::try_from(view.revision).unwrap_or(0),
+            increment: config.increment,
+            residues,
+            global,
+            hook_pending: Vec::new(),
+        }
+    }
+
+    /// Whether writes for `key` wait for this router's become-owner hook.
+    fn hook_pending_for(&self, key: ShardKey) -> bool {
+        self.hook_pending.contains(&key)
     }
 
     /// All shards, residues in order, global last (the order of `/admin/table`).
@@ -208,7 +289,8 @@ impl Table {
     /// Where a write for `key` goes, seen from `local`.
     pub fn resolve_write(&self, local: DcId, key: ShardKey) -> Result<Resolved, ResolveError> {
         let shard = self.shard(key).ok_or(ResolveError::Unassigned(key))?;
-        if shard.state == ShardState::Fenced {
+        if shard.state == ShardState::Fenced || (shard.owner == local && self.hook_pending_for(key))
+        {
             return Err(ResolveError::Fenced(key));
         }
         let target = if shard.owner == local {
@@ -246,7 +328,7 @@ impl Table {
         let Some(shard) = self.shard(key) else {
             // Nobody owns it in our view: tell the sender so (it will give up after retries).
             return Admission::Misdirected {
-                owner: local,
+                owner: None,
                 epoch: 0,
             };
         };
@@ -255,21 +337,21 @@ impl Table {
                 return Admission::Refresh;
             }
             return Admission::Misdirected {
-                owner: shard.owner,
+                owner: Some(shard.owner),
                 epoch: shard.epoch,
             };
         }
         if epoch > shard.epoch {
             return Admission::Refresh;
         }
-        if shard.state == ShardState::Fenced {
+        if shard.state == ShardState::Fenced || self.hook_pending_for(key) {
             return Admission::Fenced;
         }
         if create {
             let own_home = self.home_shard_of(local).and_then(|k| self.shard(k));
             if !own_home.is_some_and(|s| s.owner == local && s.state == ShardState::Active) {
                 return Admission::Misdirected {
-                    owner: shard.owner,
+                    owner: Some(shard.owner),
                     epoch: shard.epoch,
                 };
             }
@@ -434,7 +516,7 @@ replicas = ["us-east"]
         assert_eq!(
             t.admit_forwarded(EAST, ShardKey::Residue(2), 1, false),
             Admission::Misdirected {
-                owner: WEST,
+                owner: Some(WEST),
                 epoch: 1
             }
         );
@@ -458,7 +540,7 @@ replicas = ["us-east"]
         assert_eq!(
             t.admit_forwarded(WEST, ShardKey::Residue(1), 2, true),
             Admission::Misdirected {
-                owner: WEST,
+                owner: Some(WEST),
                 epoch: 2
             }
         );

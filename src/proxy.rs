@@ -26,7 +26,7 @@ use crate::body::Body;
 use crate::classify::{self, Class, Key, Route};
 use crate::config::{AccessLog, DcId, ShardKey};
 use crate::control::{Control, Snapshot};
-use crate::error::RouterError;
+use crate::error::{RouterError, UpstreamKind};
 use crate::forward::{self, Buffered, Forwarder, ReadBodyError, SendError};
 use crate::headers::{self, Client};
 use crate::health::{HealthBoard, Status};
@@ -183,9 +183,11 @@ impl Proxy {
         let snap = self.inner.control.snapshot();
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
-        metrics::inflight(1.0);
-        let outcome = self.route(&snap, request, conn).await;
-        metrics::inflight(-1.0);
+        let outcome = {
+            // Decremented on drop too: hyper drops this future when the client goes away.
+            let _inflight = metrics::Inflight::start();
+            self.route(&snap, request, conn).await
+        };
         self.finish(&snap, &method, &path, start, outcome)
     }
 
@@ -201,7 +203,7 @@ impl Proxy {
             Err(e) => return Outcome::error(Label::Unrouted, e.into()),
         };
         if class.route == Route::Readyz {
-            return self.readyz(snap);
+            return self.readyz(request.method());
         }
         let label = Label::local(class.route);
         let Ok(_permit) = self.inner.limiter.try_acquire() else {
@@ -243,7 +245,9 @@ impl Proxy {
         let (parts, body) = request.into_parts();
         let (shard, body) = match self.shard_of_request(snap, class, &parts, body, conn).await {
             Ok(found) => found,
-            Err(e) => return Outcome::error(label, e),
+            // The request could not be keyed (a node body too big or with a bad clusterId):
+            // no route was decided.
+            Err(e) => return Outcome::error(Label::Unrouted, e),
         };
         let Some(shard) = shard else {
             // Reads, passthrough, provisioner traffic and unkeyed node writes: always local.
@@ -327,10 +331,20 @@ impl Proxy {
             }
             Key::NodeBody => {
                 let limit = snap.config.limits.max_read_body_bytes;
-                let bytes = forward::read_body(body, limit).await.map_err(|e| match e {
-                    ReadBodyError::TooLarge => RouterError::BodyTooLarge { limit },
-                    ReadBodyError::Client(_) => RouterError::BadRequest,
-                })?;
+                // A client that sends the body slower than it may send its head is cut off.
+                let read = tokio::time::timeout(
+                    snap.config.limits.header_read_timeout,
+                    forward::read_body(body, limit),
+                );
+                let bytes = match read.await {
+                    Ok(Ok(bytes)) => bytes,
+                    Ok(Err(ReadBodyError::TooLarge)) => {
+                        return Err(RouterError::BodyTooLarge { limit })
+                    }
+                    Ok(Err(ReadBodyError::Client(_))) | Err(_) => {
+                        return Err(RouterError::BadRequest)
+                    }
+                };
                 let cluster = classify::cluster_from_node_body(&bytes)?;
                 Ok((
                     cluster.map(|id| table.shard_key_of_cluster(id)),
@@ -399,7 +413,7 @@ impl Proxy {
         };
         let (shard, body) = match shard {
             Ok(found) => found,
-            Err(e) => return Outcome::error(label, e),
+            Err(e) => return Outcome::error(Label::Unrouted, e),
         };
         let Some(shard) = shard else {
             return self
@@ -435,10 +449,9 @@ impl Proxy {
             }
             Admission::Refresh | Admission::Misdirected { .. } => {
                 let (owner, epoch) = match snap.table.shard(shard) {
-                    Some(s) => (s.owner, s.epoch),
-                    None => (local, 0),
+                    Some(s) => (Some(snap.config.datacenters[s.owner].name.clone()), s.epoch),
+                    None => (None, 0),
                 };
-                let owner = snap.config.datacenters[owner].name.clone();
                 Outcome::error(
                     label,
                     RouterError::Misdirected {
@@ -473,7 +486,12 @@ impl Proxy {
                 .headers
                 .insert(headers::EPOCH, HeaderValue::from(epoch));
         }
-        let timeout = if is_write(&parts.method) {
+        // Routed writes are bounded by write_timeout (the fence arithmetic relies on it); reads,
+        // query POSTs, provisioner and passthrough traffic by request_timeout.
+        let timeout = if matches!(
+            label,
+            Label::WriteLocal | Label::Create | Label::GlobalWrite
+        ) {
             config.loom.write_timeout
         } else {
             config.loom.request_timeout
@@ -493,6 +511,7 @@ impl Proxy {
                 headers::prepare_downstream(response.headers_mut(), &snap.via);
                 Ok(response)
             }
+            Err(e) if e.kind == UpstreamKind::ClientBody => Err(RouterError::BadRequest),
             Err(e) => {
                 let name = &config.datacenters[local].name;
                 metrics::upstream_error(name, e.kind.as_str());
@@ -539,6 +558,8 @@ impl Proxy {
                 )
             };
         }
+        // Kept in case a 421 retry ends here, where the local path rewrites them itself.
+        let original_headers = parts.headers.clone();
         headers::prepare_upstream(&mut parts.headers, client(conn), &snap.via, false);
         parts
             .headers
@@ -556,9 +577,14 @@ impl Proxy {
 
         let buffered = match body {
             Body::Incoming(incoming) => {
-                match forward::buffer_up_to(incoming, config.limits.max_retry_body_bytes).await {
-                    Ok(b) => b,
-                    Err(_) => return Outcome::error(label, RouterError::BadRequest),
+                let buffering = tokio::time::timeout(
+                    config.loom.write_timeout,
+                    forward::buffer_up_to(incoming, config.limits.max_retry_body_bytes),
+                );
+                match buffering.await {
+                    Ok(Ok(b)) => b,
+                    // A broken or stalled client body: nothing was sent anywhere.
+                    Ok(Err(_)) | Err(_) => return Outcome::error(label, RouterError::BadRequest),
                 }
             }
             Body::Full(bytes) => Buffered::Complete(bytes.unwrap_or_default()),
@@ -587,6 +613,9 @@ impl Proxy {
             let request = rebuild(&parts, body);
             let response = match self.inner.forwarder.send(request, timeout).await {
                 Ok(r) => r,
+                Err(e) if e.kind == UpstreamKind::ClientBody => {
+                    return Outcome::error(label, RouterError::BadRequest)
+                }
                 Err(e) => {
                     let name = config.datacenters[dc].name.clone();
                     metrics::upstream_error(&name, e.kind.as_str());
@@ -598,7 +627,13 @@ impl Proxy {
                     };
                 }
             };
-            if response.status() != StatusCode::MISDIRECTED_REQUEST {
+            // Only a router's 421 means "not delivered"; a 421 from the owner's Loom is an answer.
+            let misdirected = response.status() == StatusCode::MISDIRECTED_REQUEST
+                && response
+                    .headers()
+                    .get(headers::ROUTER_ERROR)
+                    .is_some_and(|v| v == "misdirected");
+            if !misdirected {
                 let mut response = response.map(Body::Incoming);
                 headers::prepare_downstream(response.headers_mut(), &snap.via);
                 let router_error = response.headers().contains_key(headers::ROUTER_ERROR);
@@ -633,7 +668,7 @@ impl Proxy {
                         .map(Body::full)
                         .unwrap_or_else(Body::empty);
                     let mut parts = parts;
-                    headers::strip_router_headers(&mut parts.headers);
+                    parts.headers = original_headers;
                     return self
                         .serve_local(
                             &fresh,
@@ -674,12 +709,17 @@ impl Proxy {
     }
 
     /// `GET /loom-router/readyz` on the data listener: what peers probe.
-    fn readyz(&self, _snap: &Snapshot) -> Outcome {
+    fn readyz(&self, method: &Method) -> Outcome {
         let ready = self.is_ready();
-        let mut response = Response::new(Body::full(if ready { "ready\n" } else { "not ready\n" }));
-        if !ready {
-            *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-        }
+        let (status, body) = if method != Method::GET && method != Method::HEAD {
+            (StatusCode::METHOD_NOT_ALLOWED, "use GET\n")
+        } else if ready {
+            (StatusCode::OK, "ready\n")
+        } else {
+            (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        };
+        let mut response = Response::new(Body::full(body));
+        *response.status_mut() = status;
         response
             .headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static(headers::TEXT_PLAIN));
@@ -770,10 +810,6 @@ fn client(conn: ConnInfo) -> Client {
     }
 }
 
-fn is_write(method: &Method) -> bool {
-    !(method == Method::GET || method == Method::HEAD || method == Method::OPTIONS)
-}
-
 fn header_u64(headers: &HeaderMap, name: &http::HeaderName) -> Option<u64> {
     headers.get(name)?.to_str().ok()?.trim().parse().ok()
 }
@@ -795,26 +831,28 @@ fn rebuild(parts: &Parts, body: Body) -> Request<Body> {
 
 fn local_error(e: SendError, timeout: Duration) -> RouterError {
     match e.kind {
-        crate::error::UpstreamKind::Timeout => RouterError::UpstreamTimeout(timeout),
-        crate::error::UpstreamKind::Connect
-        | crate::error::UpstreamKind::Reset
-        | crate::error::UpstreamKind::Tls => RouterError::UpstreamUnreachable {
-            kind: e.kind,
-            source: e.source,
-        },
+        UpstreamKind::Timeout => RouterError::UpstreamTimeout(timeout),
+        UpstreamKind::ClientBody => RouterError::BadRequest,
+        UpstreamKind::Connect | UpstreamKind::Reset | UpstreamKind::Tls => {
+            RouterError::UpstreamUnreachable {
+                kind: e.kind,
+                source: e.source,
+            }
+        }
     }
 }
 
 fn peer_error(e: SendError, dc: String, timeout: Duration) -> RouterError {
     match e.kind {
-        crate::error::UpstreamKind::Timeout => RouterError::PeerTimeout { dc, after: timeout },
-        crate::error::UpstreamKind::Connect
-        | crate::error::UpstreamKind::Reset
-        | crate::error::UpstreamKind::Tls => RouterError::PeerUnreachable {
-            dc,
-            kind: e.kind,
-            source: e.source,
-        },
+        UpstreamKind::Timeout => RouterError::PeerTimeout { dc, after: timeout },
+        UpstreamKind::ClientBody => RouterError::BadRequest,
+        UpstreamKind::Connect | UpstreamKind::Reset | UpstreamKind::Tls => {
+            RouterError::PeerUnreachable {
+                dc,
+                kind: e.kind,
+                source: e.source,
+            }
+        }
     }
 }
 
@@ -822,10 +860,10 @@ fn peer_error(e: SendError, dc: String, timeout: Duration) -> RouterError {
 async fn misdirected_view(response: Response<Incoming>) -> Option<(String, u64)> {
     #[derive(serde::Deserialize)]
     struct View {
-        owner: String,
+        owner: Option<String>,
         epoch: u64,
     }
     let bytes: Bytes = forward::read_body(response.into_body(), 4096).await.ok()?;
     let view: View = serde_json::from_slice(&bytes).ok()?;
-    Some((view.owner, view.epoch))
+    Some((view.owner?, view.epoch))
 }

@@ -85,7 +85,7 @@ async fn an_oversized_node_body_gets_413() {
         body.as_bytes(),
     )
     .await;
-    r.assert_router_error(413, "body_too_large", "write-local");
+    r.assert_router_error(413, "body_too_large", "unrouted");
     assert!(c.who_saw("POST", "/v2/nodes").is_empty());
 }
 

@@ -463,6 +463,13 @@ pub async fn stub(
                         response
                             .headers_mut()
                             .insert("content-type", HeaderValue::from_static(content_type));
+                        if status == 421 && !probe {
+                            // What a router's 421 carries (a Loom's 421 would not).
+                            response.headers_mut().insert(
+                                "x-loom-router-error",
+                                HeaderValue::from_static("misdirected"),
+                            );
+                        }
                         Ok::<_, std::convert::Infallible>(response)
                     }
                 });

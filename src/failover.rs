@@ -1,0 +1,489 @@
+//! Moving shards: automatic failover of a dead DC, planned switchover, and freezing.
+//!
+//! One failover manager is active cluster-wide: the router that holds the election key, created
+//! on its own lease. For each shard owned by a DC that has no registered router, it moves
+//! ownership to the first live DC in the shard's replicas, with one compare-and-swap that checks
+//! the shard is unchanged, the DC is still dead and the manager still leads (spec section 10).
+//! The swap's new revision is the shard's new epoch. Health checks play no part: liveness is
+//! registration under a lease.
+//!
+//! What to move is decided by the pure [`plan`]; [`run_manager`], [`switchover`] and
+//! [`set_frozen`] are the store I/O. Routers learn of every move through their watch
+//! (`control.rs`); this file never touches a router's table.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ShardKey};
+use crate::coord::{
+    now_rfc3339, Compare, CoordError, Keys, Op, Revision, ShardRecord, Store, View,
+};
+use crate::lease::Gate;
+use crate::metrics;
+
+/// One shard to move.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Move {
+    pub shard: ShardKey,
+    /// The record's `mod_revision` the move was planned against.
+    pub seen: Revision,
+    pub from: String,
+    pub to: String,
+}
+
+/// What the manager should do about the current view, and what it cannot fix.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub moves: Vec<Move>,
+    /// Shards whose owner is down with no live replica: they stay put, and operators are told.
+    pub unprotected: Vec<ShardKey>,
+}
+
+/// Decide which shards to move. A shard moves when its owner DC is not alive, it is active, not
+/// frozen, out of its cooldown, and one of its replicas is alive (the first such in order).
+pub fn plan(view: &View, now_ms: u64, cooldown: Duration) -> Plan {
+    let mut out = Plan::default();
+    for (&shard, (record, seen)) in &view.shards {
+        if view.alive(&record.owner) {
+            continue;
+        }
+        let Some(to) = record.replicas.iter().find(|r| view.alive(r)) else {
+            out.unprotected.push(shard);
+            continue;
+        };
+        let cooling = record
+            .failed_over_at_ms
+            .is_some_and(|at| now_ms.saturating_sub(at) < cooldown.as_millis() as u64);
+        if record.state != "active" || record.frozen || cooling {
+            continue;
+        }
+        out.moves.push(Move {
+            shard,
+            seen: *seen,
+            from: record.owner.clone(),
+            to: to.clone(),
+        });
+    }
+    out
+}
+
+/// Alerts for `/admin/table`, from the view: shards whose owner is down with no live replica.
+pub fn alerts(view: &View) -> Vec<String> {
+    let now = unix_ms();
+    plan(view, now, Duration::ZERO)
+        .unprotected
+        .iter()
+        .filter_map(|shard| {
+            let (record, _) = view.shards.get(shard)?;
+            Some(format!(
+                "shard {shard}: owner {} is down and no replica ({}) is alive; not failing over",
+                record.owner,
+                record.replicas.join(", ")
+            ))
+        })
+        .collect()
+}
+
+/// The record after moving to `to`: the old owner becomes the last replica, so that a later
+/// failback is a move to a replica like any other.
+pub fn moved(record: &ShardRecord, to: &str, by: &str, reason: String) -> ShardRecord {
+    let mut replicas: Vec<String> = record
+        .replicas
+        .iter()
+        .filter(|r| *r != to)
+        .cloned()
+        .collect();
+    if record.owner != to && !replicas.contains(&record.owner) {
+        replicas.push(record.owner.clone());
+    }
+    ShardRecord {
+        owner: to.to_owned(),
+        home: record.home.clone(),
+        replicas,
+        state: "active".to_owned(),
+        frozen: record.frozen,
+        previous_owner: Some(record.owner.clone()),
+        changed_at: now_rfc3339(),
+        changed_by: by.to_owned(),
+        reason,
+        failed_over_at_ms: record.failed_over_at_ms,
+    }
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Campaign for the manager role and, while leading, fail over dead DCs. Runs until `cancel`.
+///
+/// A new leader waits one lease TTL before its first failover: every router that is alive
+/// renews its registration within a TTL, so by then "no registration" really means dead, also
+/// right after a cold start of the whole installation.
+pub async fn run_manager(
+    store: Store,
+    keys: Keys,
+    me: String,
+    config: Arc<Config>,
+    gate: Arc<Gate>,
+    mut views: watch::Receiver<Arc<View>>,
+    cancel: CancellationToken,
+) {
+    let ttl = config.coordination.lease;
+    let tick = config.coordination.keepalive;
+    let mut leading: Option<(Revision, Instant)> = None;
+    loop {
+        tokio::select! {
+            _ = views.changed() => {}
+            () = tokio::time::sleep(tick) => {}
+            () = cancel.cancelled() => return,
+        }
+        let view = views.borrow().clone();
+        for shard in view.shards.keys() {
+            let unprotected = plan(&view, unix_ms(), Duration::ZERO)
+                .unprotected
+                .contains(shard);
+            metrics::set_shard_unprotected(&shard.to_string(), unprotected);
+        }
+        match (&leading, &view.manager) {
+            (Some((rev, _)), Some((holder, created))) if *holder == me && created == rev => {}
+            (Some(_), _) => {
+                tracing::warn!(router = %me, "lost the failover manager role");
+                leading = None;
+            }
+            (None, Some(_)) => continue,
+            (None, None) => {
+                let Some(lease) = gate.lease() else { continue };
+                let claim = Op::Put {
+                    key: keys.manager(),
+                    value: me.clone().into_bytes(),
+                    lease,
+                };
+                let absent = vec![Compare::CreateRevision(keys.manager(), 0)];
+                if let Ok(outcome) = store.txn(absent, vec![claim], Vec::new()).await {
+                    if outcome.succeeded {
+                        tracing::info!(router = %me, "became the failover manager");
+                        leading = Some((outcome.revision, Instant::now()));
+                    }
+                }
+                continue;
+            }
+        }
+        let Some((my_rev, since)) = leading else {
+            continue;
+        };
+        if since.elapsed() < ttl {
+            continue;
+        }
+        let plan = plan(&view, unix_ms(), config.coordination.failover_cooldown);
+        for m in plan.moves {
+            match fail_over(&store, &keys, &me, my_rev, &view, &m).await {
+                Ok(true) => {
+                    metrics::failover();
+                    tracing::warn!(shard = %m.shard, from = %m.from, to = %m.to, "failed over");
+                }
+                Ok(false) => {
+                    tracing::info!(shard = %m.shard, "failover compare failed; re-planning")
+                }
+                Err(e) => tracing::warn!(shard = %m.shard, error = %e, "failover failed"),
+            }
+        }
+    }
+}
+
+/// One failover compare-and-swap. `Ok(false)` when a compare failed (the shard changed, the DC
+/// came back or this manager was replaced).
+async fn fail_over(
+    store: &Store,
+    keys: &Keys,
+    me: &str,
+    my_rev: Revision,
+    view: &View,
+    m: &Move,
+) -> Result<bool, CoordError> {
+    let Some((record, _)) = view.shards.get(&m.shard) else {
+        return Ok(false);
+    };
+    let mut next = moved(
+        record,
+        &m.to,
+        &format!("failover-manager {me}"),
+        format!("datacenter {} failed: no router registered", m.from),
+    );
+    next.failed_over_at_ms = Some(unix_ms());
+    let compares = vec![
+        Compare::ModRevision(keys.shard(m.shard), m.seen),
+        Compare::PrefixEmpty(keys.dc_routers(&m.from)),
+        Compare::CreateRevision(keys.manager(), my_rev),
+    ];
+    let put = Op::Put {
+        key: keys.shard(m.shard),
+        value: next.to_bytes(),
+        lease: 0,
+    };
+    Ok(store.txn(compares, vec![put], Vec::new()).await?.succeeded)
+}
+
+/// Why an operator's move or freeze was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no shard {0}")]
+    UnknownShard(String),
+    #[error("{0} is not a replica of shard {1}; move it to one of: {2}")]
+    NotAReplica(String, ShardKey, String),
+    #[error("{0} has no live router; a shard can only move to a live replica")]
+    NotAlive(String),
+    #[error("shard {0} changed while moving it; read the table and try again")]
+    Conflict(ShardKey),
+    #[error(transparent)]
+    Store(#[from] CoordError),
+}
+
+/// The result of a planned switchover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Switchover {
+    pub shard: ShardKey,
+    pub from: String,
+    pub to: String,
+    pub epoch: Revision,
+    /// From the fence committing to the new owner committing: writes for the shard got 503
+    /// `fenced` in between.
+    pub write_pause: Duration,
+}
+
+/// Planned switchover (spec section 8): fence the shard, wait until writes in flight under the
+/// old epoch have finished (each is bounded by `write_timeout`), then move it.
+pub async fn switchover(
+    store: &Store,
+    keys: &Keys,
+    view: &View,
+    shard: ShardKey,
+    to: &str,
+    write_timeout: Duration,
+    by: &str,
+) -> Result<Switchover, ControlError> {
+    let (record, seen) = view
+        .shards
+        .get(&shard)
+        .ok_or_else(|| ControlError::UnknownShard(shard.to_string()))?;
+    if record.owner == to {
+        return Ok(Switchover {
+            shard,
+            from: record.owner.clone(),
+            to: to.to_owned(),
+            epoch: *seen,
+            write_pause: Duration::ZERO,
+        });
+    }
+    if !record.replicas.iter().any(|r| r == to) {
+        return Err(ControlError::NotAReplica(
+            to.to_owned(),
+            shard,
+            record.replicas.join(", "),
+        ));
+    }
+    if !view.alive(to) {
+        return Err(ControlError::NotAlive(to.to_owned()));
+    }
+    let key = keys.shard(shard);
+    let mut fenced = record.clone();
+    fenced.state = "fenced".to_owned();
+    fenced.changed_at = now_rfc3339();
+    fenced.changed_by = by.to_owned();
+    fenced.reason = format!("switchover to {to}: draining writes");
+    let fence = store
+        .txn(
+            vec![Compare::ModRevision(key.clone(), *seen)],
+            vec![Op::Put {
+                key: key.clone(),
+                value: fenced.to_bytes(),
+                lease: 0,
+            }],
+            Vec::new(),
+        )
+        .await?;
+    if !fence.succeeded {
+        return Err(ControlError::Conflict(shard));
+    }
+    let paused = Instant::now();
+    // Every write admitted before the old owner saw the fence ends within write_timeout.
+    tokio::time::sleep(write_timeout + crate::lease::MARGIN).await;
+    let next = moved(
+        record,
+        to,
+        by,
+        format!("planned switchover from {}", record.owner),
+    );
+    let moved_txn = store
+        .txn(
+            vec![Compare::ModRevision(key.clone(), fence.revision)],
+            vec![Op::Put {
+                key,
+                value: next.to_bytes(),
+                lease: 0,
+            }],
+            Vec::new(),
+        )
+        .await?;
+    if !moved_txn.succeeded {
+        return Err(ControlError::Conflict(shard));
+    }
+    Ok(Switchover {
+        shard,
+        from: record.owner.clone(),
+        to: to.to_owned(),
+        epoch: moved_txn.revision,
+        write_pause: paused.elapsed(),
+    })
+}
+
+/// Turn automatic failover off (`frozen = true`) or on for a shard. A frozen owner still admits
+/// writes. Returns the new epoch.
+pub async fn set_frozen(
+    store: &Store,
+    keys: &Keys,
+    view: &View,
+    shard: ShardKey,
+    frozen: bool,
+    by: &str,
+) -> Result<Revision, ControlError> {
+    let (record, seen) = view
+        .shards
+        .get(&shard)
+        .ok_or_else(|| ControlError::UnknownShard(shard.to_string()))?;
+    if record.frozen == frozen {
+        return Ok(*seen);
+    }
+    let mut next = record.clone();
+    next.frozen = frozen;
+    next.changed_at = now_rfc3339();
+    next.changed_by = by.to_owned();
+    next.reason = if frozen {
+        "frozen by operator"
+    } else {
+        "unfrozen by operator"
+    }
+    .to_owned();
+    let key = keys.shard(shard);
+    let outcome = store
+        .txn(
+            vec![Compare::ModRevision(key.clone(), *seen)],
+            vec![Op::Put {
+                key,
+                value: next.to_bytes(),
+                lease: 0,
+            }],
+            Vec::new(),
+        )
+        .await?;
+    if outcome.succeeded {
+        Ok(outcome.revision)
+    } else {
+        Err(ControlError::Conflict(shard))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(owner: &str, replicas: &[&str]) -> ShardRecord {
+        ShardRecord {
+            owner: owner.to_owned(),
+            home: Some(owner.to_owned()),
+            replicas: replicas.iter().map(|r| (*r).to_owned()).collect(),
+            state: "active".to_owned(),
+            frozen: false,
+            previous_owner: None,
+            changed_at: now_rfc3339(),
+            changed_by: "config".to_owned(),
+            reason: "home".to_owned(),
+            failed_over_at_ms: None,
+        }
+    }
+
+    fn view(shards: Vec<(ShardKey, ShardRecord)>, alive: &[&str]) -> View {
+        View {
+            revision: 100,
+            shards: shards
+                .into_iter()
+                .enumerate()
+                .map(|(i, (k, r))| (k, (r, 10 + i as i64)))
+                .collect(),
+            routers: alive
+                .iter()
+                .map(|dc| (format!("/p/dcs/{dc}/routers/r"), (*dc).to_owned()))
+                .collect(),
+            manager: None,
+            fingerprint: None,
+        }
+    }
+
+    const R1: ShardKey = ShardKey::Residue(1);
+    const COOL: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn a_shard_of_a_live_dc_stays() {
+        let v = view(vec![(R1, record("a", &["b"]))], &["a", "b"]);
+        assert_eq!(plan(&v, 0, COOL), Plan::default());
+    }
+
+    #[test]
+    fn a_dead_owners_shard_moves_to_its_first_live_replica() {
+        let v = view(vec![(R1, record("a", &["b", "c"]))], &["c"]);
+        let p = plan(&v, 0, COOL);
+        assert_eq!(
+            p.moves,
+            vec![Move {
+                shard: R1,
+                seen: 10,
+                from: "a".to_owned(),
+                to: "c".to_owned()
+            }]
+        );
+    }
+
+    #[test]
+    fn with_no_live_replica_the_shard_stays_and_is_unprotected() {
+        let v = view(vec![(R1, record("a", &["b"]))], &["c"]);
+        let p = plan(&v, 0, COOL);
+        assert!(p.moves.is_empty());
+        assert_eq!(p.unprotected, vec![R1]);
+        assert_eq!(alerts(&v).len(), 1);
+        assert!(alerts(&v)[0].starts_with("shard 1: owner a is down"));
+    }
+
+    #[test]
+    fn frozen_fenced_and_cooling_shards_do_not_move() {
+        let mut frozen = record("a", &["b"]);
+        frozen.frozen = true;
+        let mut fenced = record("a", &["b"]);
+        fenced.state = "fenced".to_owned();
+        let mut cooling = record("a", &["b"]);
+        cooling.failed_over_at_ms = Some(1_000);
+        for r in [frozen, fenced, cooling] {
+            let v = view(vec![(R1, r)], &["b"]);
+            assert!(plan(&v, 100_000, COOL).moves.is_empty());
+        }
+        // Once the cooldown has passed, it moves.
+        let mut cooled = record("a", &["b"]);
+        cooled.failed_over_at_ms = Some(1_000);
+        let v = view(vec![(R1, cooled)], &["b"]);
+        assert_eq!(plan(&v, 1_000 + 300_000, COOL).moves.len(), 1);
+    }
+
+    #[test]
+    fn a_moved_record_keeps_the_old_owner_as_last_replica() {
+        let r = record("a", &["b", "c"]);
+        let m = moved(&r, "b", "test", "why".to_owned());
+        assert_eq!(m.owner, "b");
+        assert_eq!(m.replicas, vec!["c".to_owned(), "a".to_owned()]);
+        assert_eq!(m.previous_owner, Some("a".to_owned()));
+        assert_eq!(m.home, Some("a".to_owned()));
+    }
+}

@@ -1,0 +1,311 @@
+//! Liveness and self-fencing: this router's lease, its registration, and the write gate.
+//!
+//! Each router holds a lease in the coordination store and, while its local Loom is healthy,
+//! registers itself under its DC on that lease. A DC is alive while any of its routers is
+//! registered (spec section 10). The [`Gate`] is what keeps two DCs from writing one shard: a
+//! router admits a write for a shard it owns only while
+//! - it is registered (a withdrawn router may already have lost its shards), and its table is at
+//!   least as new as its registration (so any failover before it came back is visible), and
+//! - its lease is certain to outlast the write: measured from the *send* time of the last
+//!   acknowledged keepalive, less clock drift and a margin, minus `write_timeout`.
+//!
+//! The store expires a lease no earlier than `ttl` after it acknowledged the keepalive, which is
+//! after it was sent; so a router fences itself before any other DC can take its shards. The
+//! arithmetic is pure ([`fence_deadline`], [`Gate::admits`]) and tested with a clock we control;
+//! [`run`] is the task that feeds it. This file does not decide ownership.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::DcId;
+use crate::coord::{CoordError, Keys, LeaseId, Op, Revision, Store};
+use crate::health::{HealthBoard, Status};
+use crate::metrics;
+
+/// Assumed bound on clock rate difference between this router and the store (1 %).
+pub const DRIFT: f64 = 0.01;
+/// Safety margin for scheduling jitter on top of the drift bound.
+pub const MARGIN: Duration = Duration::from_millis(250);
+
+/// The last moment a write may still be running under a lease whose keepalive was sent at `sent`
+/// and acknowledged with `ttl`: `sent + ttl·(1 − 2ρ) − δ`.
+pub fn fence_deadline(sent: Instant, ttl: Duration) -> Instant {
+    (sent + ttl.mul_f64(1.0 - 2.0 * DRIFT))
+        .checked_sub(MARGIN)
+        .unwrap_or(sent)
+}
+
+/// The write gate. Written by the lease task; read by the request path on every owned write.
+#[derive(Debug)]
+pub struct Gate {
+    /// Reference point for the deadline, so it fits an atomic.
+    base: Instant,
+    /// Fence deadline as nanoseconds after `base`; 0 means closed.
+    deadline_nanos: AtomicU64,
+    /// Store revision of this router's registration; 0 while not registered.
+    registered_at: AtomicI64,
+    /// The current lease, for the failover manager's election; 0 while none.
+    lease: AtomicI64,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Gate {
+    pub fn new() -> Self {
+        Self {
+            base: Instant::now(),
+            deadline_nanos: AtomicU64::new(0),
+            registered_at: AtomicI64::new(0),
+            lease: AtomicI64::new(0),
+        }
+    }
+
+    /// Whether a write that may run for `write_timeout` from `now` can be admitted with a table
+    /// at `table_epoch`.
+    pub fn admits(&self, now: Instant, write_timeout: Duration, table_epoch: u64) -> bool {
+        let registered_at = self.registered_at.load(Ordering::SeqCst);
+        if registered_at <= 0 || (table_epoch as i64) < registered_at {
+            return false;
+        }
+        match self.deadline() {
+            Some(deadline) => now + write_timeout <= deadline,
+            None => false,
+        }
+    }
+
+    /// The current fence deadline, if the gate is open at all.
+    pub fn deadline(&self) -> Option<Instant> {
+        match self.deadline_nanos.load(Ordering::SeqCst) {
+            0 => None,
+            n => Some(self.base + Duration::from_nanos(n)),
+        }
+    }
+
+    /// Seconds of lease certainly left, for `loom_router_lease_remaining_seconds`.
+    pub fn remaining(&self, now: Instant) -> Duration {
+        self.deadline()
+            .map_or(Duration::ZERO, |d| d.saturating_duration_since(now))
+    }
+
+    /// Move the deadline after an acknowledged keepalive. It only ever moves forward for one
+    /// lease, since a later send time gives a later deadline.
+    pub fn extend(&self, deadline: Instant) {
+        let nanos = deadline
+            .saturating_duration_since(self.base)
+            .as_nanos()
+            .max(1);
+        self.deadline_nanos
+            .fetch_max(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::SeqCst);
+    }
+
+    /// Close the gate: the lease is gone or about to be replaced.
+    pub fn close(&self) {
+        self.registered_at.store(0, Ordering::SeqCst);
+        self.deadline_nanos.store(0, Ordering::SeqCst);
+        self.lease.store(0, Ordering::SeqCst);
+    }
+
+    pub fn set_registered(&self, at: Option<Revision>) {
+        self.registered_at.store(at.unwrap_or(0), Ordering::SeqCst);
+    }
+
+    pub fn registered_at(&self) -> Option<Revision> {
+        match self.registered_at.load(Ordering::SeqCst) {
+            0 => None,
+            r => Some(r),
+        }
+    }
+
+    pub fn lease(&self) -> Option<LeaseId> {
+        match self.lease.load(Ordering::SeqCst) {
+            0 => None,
+            l => Some(l),
+        }
+    }
+
+    fn set_lease(&self, lease: LeaseId) {
+        self.lease.store(lease, Ordering::SeqCst);
+    }
+}
+
+/// What the lease task needs to know about this router.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub dc: String,
+    pub local: DcId,
+    /// Unique per router process: `<dc>-<pid>-<n>`.
+    pub router_id: String,
+    pub router_url: String,
+}
+
+/// Keep a lease, and a registration on it while the local Loom is healthy, until `cancel`.
+/// Never revokes the lease on the way out: a restart quicker than the lease keeps the DC's
+/// shards (spec section 8).
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    store: Store,
+    keys: Keys,
+    me: Identity,
+    ttl: Duration,
+    every: Duration,
+    gate: Arc<Gate>,
+    health: Arc<HealthBoard>,
+    cancel: CancellationToken,
+) {
+    let key = keys.router(&me.dc, &me.router_id);
+    let value =
+        serde_json::json!({"url": me.router_url, "started_at": crate::coord::now_rfc3339()})
+            .to_string()
+            .into_bytes();
+    'lease: loop {
+        gate.close();
+        let lease = tokio::select! {
+            granted = store.grant(ttl) => granted,
+            () = cancel.cancelled() => return,
+        };
+        let lease = match lease {
+            Ok(lease) => lease,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot get a lease; writes for owned shards are fenced");
+                if sleep_or_cancel(every, &cancel).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        gate.set_lease(lease);
+        let mut ticker = tokio::time::interval(every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                () = cancel.cancelled() => return,
+            }
+            let sent = Instant::now();
+            match store.keepalive(lease).await {
+                Ok(granted) => gate.extend(fence_deadline(sent, granted)),
+                Err(CoordError::LeaseNotFound(_)) => {
+                    tracing::warn!(
+                        lease,
+                        "lease expired in the store; fencing and re-registering"
+                    );
+                    continue 'lease;
+                }
+                Err(e) => {
+                    // The deadline simply runs out; writes are fenced when it does.
+                    tracing::warn!(error = %e, "keepalive failed");
+                }
+            }
+            metrics::set_lease_remaining(gate.remaining(Instant::now()));
+            let healthy = health.get(me.local) == Status::Up;
+            match (healthy, gate.registered_at()) {
+                (true, None) => {
+                    let put = Op::Put {
+                        key: key.clone(),
+                        value: value.clone(),
+                        lease,
+                    };
+                    match store.txn(Vec::new(), vec![put], Vec::new()).await {
+                        Ok(outcome) => {
+                            tracing::info!(router = %me.router_id, revision = outcome.revision, "registered");
+                            gate.set_registered(Some(outcome.revision));
+                        }
+                        Err(CoordError::LeaseNotFound(_)) => continue 'lease,
+                        Err(e) => tracing::warn!(error = %e, "cannot register"),
+                    }
+                }
+                (false, Some(_)) => {
+                    // Stop admitting first: once the registration is gone the DC may be failed
+                    // over at any moment.
+                    gate.set_registered(None);
+                    tracing::warn!(router = %me.router_id, "local Loom is unhealthy: withdrawing registration");
+                    if let Err(e) = store
+                        .txn(Vec::new(), vec![Op::Delete(key.clone())], Vec::new())
+                        .await
+                    {
+                        tracing::warn!(error = %e, "cannot withdraw registration; it ends with the lease");
+                    }
+                }
+                (true, Some(_)) | (false, None) => {}
+            }
+        }
+    }
+}
+
+/// Sleep, or return `true` if cancelled first.
+async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(d) => false,
+        () = cancel.cancelled() => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WRITE: Duration = Duration::from_secs(2);
+
+    #[test]
+    fn the_deadline_is_the_send_time_plus_the_lease_less_drift_and_margin() {
+        let sent = Instant::now();
+        let d = fence_deadline(sent, Duration::from_secs(5));
+        // 5 s × 0.98 − 250 ms = 4.65 s.
+        assert_eq!(d - sent, Duration::from_millis(4650));
+    }
+
+    #[test]
+    fn a_closed_gate_admits_nothing() {
+        let g = Gate::new();
+        assert!(!g.admits(Instant::now(), WRITE, 100));
+    }
+
+    #[test]
+    fn an_open_gate_admits_while_the_write_fits_before_the_deadline() {
+        let g = Gate::new();
+        let sent = g.base + Duration::from_secs(10);
+        g.extend(fence_deadline(sent, Duration::from_secs(5)));
+        g.set_registered(Some(7));
+        // Deadline at 14.65 s: a 2 s write may start up to 12.65 s.
+        assert!(g.admits(g.base + Duration::from_millis(12_650), WRITE, 7));
+        assert!(!g.admits(g.base + Duration::from_millis(12_651), WRITE, 7));
+        assert_eq!(
+            g.remaining(g.base + Duration::from_secs(14)),
+            Duration::from_millis(650)
+        );
+    }
+
+    #[test]
+    fn an_unregistered_router_or_a_table_older_than_its_registration_is_fenced() {
+        let g = Gate::new();
+        g.extend(fence_deadline(
+            g.base + Duration::from_secs(1),
+            Duration::from_secs(5),
+        ));
+        let now = g.base + Duration::from_secs(1);
+        assert!(!g.admits(now, WRITE, 9), "not registered");
+        g.set_registered(Some(9));
+        assert!(!g.admits(now, WRITE, 8), "table predates registration");
+        assert!(g.admits(now, WRITE, 9));
+    }
+
+    #[test]
+    fn the_deadline_never_moves_back_and_close_resets_it() {
+        let g = Gate::new();
+        let late = g.base + Duration::from_secs(20);
+        g.extend(late);
+        g.extend(g.base + Duration::from_secs(3));
+        assert_eq!(g.deadline(), Some(late));
+        g.close();
+        assert_eq!(g.deadline(), None);
+        assert_eq!(g.registered_at(), None);
+    }
+}
