@@ -111,3 +111,71 @@ fn run_refuses_the_memory_backend() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("coordination.backend"));
 }
+
+#[test]
+fn sigterm_drains_in_flight_requests_turns_readyz_503_and_exits_0() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let loom = rt.block_on(crate::support::slow_loom(std::time::Duration::from_millis(
+        1500,
+    )));
+    let (http, admin) = (crate::support::free_port(), crate::support::free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("router.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+datacenter = "us-east"
+global_home = "us-east"
+[listen]
+http = "127.0.0.1:{http}"
+admin = "127.0.0.1:{admin}"
+[loom]
+upstream = "http://{loom}"
+[ids]
+increment = 10
+[health]
+interval = "100ms"
+[shutdown]
+drain_timeout = "5s"
+[[datacenters]]
+name = "us-east"
+id_start = 1
+router = "http://127.0.0.1:{http}"
+"#
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_loom-router"))
+        .args(["run", "--config", path.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let readyz = format!("http://127.0.0.1:{admin}/readyz");
+    rt.block_on(crate::support::eventually(|| async {
+        crate::support::client()
+            .get(readyz.parse().unwrap())
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    }));
+    let url = format!("http://127.0.0.1:{http}/v2/clusters");
+    let slow = rt
+        .spawn(async move { crate::support::send("GET", &url, &crate::support::COOPR, b"").await });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    // Readiness turns 503 at once, while the slow request is still in flight.
+    rt.block_on(crate::support::eventually(|| async {
+        crate::support::client()
+            .get(readyz.parse().unwrap())
+            .await
+            .is_ok_and(|r| r.status() == 503)
+    }));
+    let response = rt.block_on(slow).unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(&response.body[..], b"slow");
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}

@@ -201,3 +201,109 @@ async fn a_hung_local_loom_gives_upstream_timeout() {
     let r = first.await.unwrap();
     r.assert_router_error(504, "upstream_timeout", "read");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_body_with_a_bad_cluster_id_is_bad_cluster_id() {
+    let c = Cluster::start().await;
+    let r = send(
+        "POST",
+        &c.dc(EAST).url("/v2/nodes"),
+        &COOPR,
+        br#"{"clusterId":"x12"}"#,
+    )
+    .await;
+    r.assert_router_error(400, "bad_cluster_id", "unrouted");
+    assert!(c.who_saw("POST", "/v2/nodes").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_node_body_over_the_limit_is_413() {
+    let c = Cluster::start().await;
+    let chunk = "x".repeat(40_000);
+    let request = format!(
+        "POST /v2/nodes HTTP/1.1\r\nhost: a\r\ncoopr-userid: admin\r\ncoopr-tenantid: t\r\n\
+         transfer-encoding: chunked\r\nconnection: close\r\n\r\n\
+         {len:x}\r\n{chunk}\r\n{len:x}\r\n{chunk}\r\n0\r\n\r\n",
+        len = chunk.len()
+    );
+    let out = raw(c.dc(EAST).router, request.as_bytes()).await;
+    assert!(
+        out.starts_with("HTTP/1.1 413 Payload Too Large\r\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("x-loom-router-error: body_too_large\r\n"),
+        "{out}"
+    );
+    assert!(c.who_saw("POST", "/v2/nodes").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_answers_gives_peer_timeout_after_write_timeout_plus_a_second() {
+    // A peer that passes its readiness probes but never answers a write.
+    let (hung, _) = stub(0, "text/plain", "").await;
+    let mut options = Options::default();
+    options.router_override[WEST] = Some(hung);
+    let c = Cluster::start_with(options).await;
+    let started = std::time::Instant::now();
+    let r = send(
+        "DELETE",
+        &c.dc(EAST).url("/v2/clusters/00000002"),
+        &COOPR,
+        b"",
+    )
+    .await;
+    r.assert_router_error(504, "peer_timeout", "write-forwarded");
+    // write_timeout (2 s) + 1 s.
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(3) && waited < Duration::from_secs(4),
+        "{waited:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_421_on_a_body_too_big_to_keep_is_ownership_conflict_without_a_retry() {
+    let (stub_addr, seen) = stub(
+        421,
+        "application/json",
+        r#"{"shard": 2, "owner": "us-west", "epoch": 1}"#,
+    )
+    .await;
+    let mut options = Options::default();
+    options.router_override[WEST] = Some(stub_addr);
+    let c = Cluster::start_with(options).await;
+    let body = vec![b'x'; 100_000];
+    let r = send(
+        "PUT",
+        &c.dc(EAST).url("/v2/clusters/00000002/config"),
+        &COOPR,
+        &body,
+    )
+    .await;
+    r.assert_router_error(503, "ownership_conflict", "write-forwarded");
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "a streamed body is sent once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_errors_drop_route_headers_when_they_are_off() {
+    let c = Cluster::start_with(Options {
+        extra: "\n[response]\nroute_headers = false\n".to_owned(),
+        ..Options::default()
+    })
+    .await;
+    let r = send("DELETE", &c.dc(EAST).url("/v2/clusters/abc"), &COOPR, b"").await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.header("x-loom-router-error"), Some("bad_cluster_id"));
+    assert_eq!(r.header("x-loom-route"), None);
+    let out = raw(c.dc(EAST).router, b"NOT HTTP\r\n\r\n").await;
+    assert!(
+        out.contains("x-loom-router-error: bad_request\r\n"),
+        "{out}"
+    );
+    assert!(!out.contains("x-loom-route:"), "{out}");
+}

@@ -358,3 +358,97 @@ async fn a_request_id_is_generated_when_absent_and_passed_upstream() {
     .await;
     assert_eq!(r.header("x-request-id"), Some("abc-123"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_for_a_home_shard_owned_elsewhere_is_forwarded_to_its_owner() {
+    // us-east's home shard (1) is owned by us-west at epoch 2, on every router.
+    let c = Cluster::start_with(Options {
+        extra: "\n[[shards]]\nresidue = 1\nowner = \"us-west\"\nepoch = 2\n".to_owned(),
+        ..Options::default()
+    })
+    .await;
+    let body = br#"{"name":"fwd","clusterTemplate":"t","numMachines":1}"#;
+    let r = send("POST", &c.dc(EAST).url("/v2/clusters"), &COOPR, body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-loom-route"), Some("create-forwarded"));
+    assert_eq!(r.header("x-loom-served-by"), Some("us-west"));
+    // us-west's Loom allocates in its own home shard, which it owns.
+    assert_eq!(r.json()["id"], "00000002");
+    assert_eq!(c.who_saw("POST", "/v2/clusters"), vec!["us-west"]);
+    let seen = &c.dc(WEST).received()[0];
+    assert_eq!(seen.headers["x-loom-router-shard"], "1");
+    assert_eq!(seen.headers["x-loom-router-origin"], "us-east");
+    // The owner stamps the epoch it admitted the create under: its own home shard's.
+    assert_eq!(seen.headers["x-loom-router-epoch"], "2");
+    assert_eq!(&seen.body[..], body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_are_dropped_and_router_headers_stripped_on_the_local_path() {
+    let c = Cluster::start().await;
+    let r = send(
+        "GET",
+        &c.dc(EAST).url("/v2/clusters"),
+        &[
+            ("coopr-userid", "admin"),
+            ("coopr-tenantid", "t"),
+            ("connection", "x-secret"),
+            ("x-secret", "1"),
+            ("x-loom-route", "forged"),
+            ("x-loom-served-by", "forged"),
+            ("x-loom-router-epoch", "77"),
+            ("x-forwarded-proto", "https"),
+        ],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("via"), Some("1.1 loom-router-us-east"));
+    let seen = &c.dc(EAST).received()[0];
+    for gone in [
+        "x-secret",
+        "connection",
+        "x-loom-route",
+        "x-loom-served-by",
+        "x-loom-router-epoch",
+    ] {
+        assert!(!seen.headers.contains_key(gone), "{gone} reached Loom");
+    }
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    assert_eq!(seen.headers["via"], "1.1 loom-router-us-east");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patch_writes_job_ids_and_other_read_methods_route_as_the_table_says() {
+    let c = Cluster::start().await;
+    let r = send(
+        "PATCH",
+        &c.dc(EAST).url("/v2/clusters/00000002"),
+        &COOPR,
+        b"{}",
+    )
+    .await;
+    assert_eq!(r.header("x-loom-route"), Some("write-forwarded"));
+    assert_eq!(c.who_saw("PATCH", "/v2/clusters/00000002"), vec!["us-west"]);
+    let r = send(
+        "POST",
+        &c.dc(EU).url("/v2/clusters/00000002-001/abort"),
+        &COOPR,
+        b"",
+    )
+    .await;
+    assert_eq!(r.header("x-loom-route"), Some("write-forwarded"));
+    assert_eq!(
+        c.who_saw("POST", "/v2/clusters/00000002-001/abort"),
+        vec!["us-west"]
+    );
+    for m in ["HEAD", "OPTIONS"] {
+        let r = send(m, &c.dc(EU).url("/v2/clusters/00000002"), &COOPR, b"").await;
+        assert_eq!(r.header("x-loom-route"), Some("read"), "{m}");
+        assert_eq!(
+            c.who_saw(m, "/v2/clusters/00000002"),
+            vec!["eu-central"],
+            "{m}"
+        );
+    }
+}

@@ -425,7 +425,8 @@ pub async fn create_cluster(dc: &Dc, name: &str) -> String {
 pub type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>;
 
 /// A peer router stand-in: ready on `/loom-router/readyz`, and every other request gets the same
-/// response. Returns its address and what it received (probes excluded).
+/// response (status 0: no response ever, a hung peer). Returns its address and what it received
+/// (probes excluded).
 pub async fn stub(
     status: u16,
     content_type: &'static str,
@@ -452,6 +453,9 @@ pub async fn stub(
                         }
                         // Read the whole body, as a real peer would before answering.
                         let _ = request.into_body().collect().await;
+                        if status == 0 && !probe {
+                            std::future::pending::<()>().await;
+                        }
                         let (status, body) = if probe {
                             (200, "ready\n")
                         } else {
@@ -480,4 +484,39 @@ pub async fn stub(
         }
     });
     (addr, seen)
+}
+
+/// A Loom stand-in that answers `/status` at once and everything else with 200 `slow` after
+/// `delay`.
+pub async fn slow_loom(delay: Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = hyper::service::service_fn(
+                move |request: Request<hyper::body::Incoming>| async move {
+                    if request.uri().path() != "/status" {
+                        tokio::time::sleep(delay).await;
+                    }
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                        Bytes::from_static(b"slow"),
+                    )))
+                },
+            );
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    addr
+}
+
+/// A free loopback port (bound and released; fine for tests that start a child process).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
