@@ -1,13 +1,19 @@
-//! The admin listener: health, readiness, metrics and the shard table (spec section 8).
+//! The admin listener: health, readiness, metrics, the shard table and operator controls (spec
+//! section 8).
 //!
 //! It runs on its own port, never behind the proxy's routing, so an operator can still see the
-//! router when the data path is overloaded. It only reads state; it must not route requests.
+//! router when the data path is overloaded. Reads (`/healthz`, `/readyz`, `/metrics`,
+//! `/admin/table`) are open; calls that change state (move, freeze, unfreeze) need
+//! `Authorization: Bearer <token>` when `[admin] token` is set, and act through the coordination
+//! store (`failover.rs`), never on this router's table directly.
 
 use std::convert::Infallible;
 use std::time::Duration;
 
-use http::header::{HeaderValue, CONTENT_TYPE};
+use bytes::Bytes;
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -20,9 +26,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::Body;
 use crate::config::ShardKey;
+use crate::failover::{self, ControlError};
 use crate::headers::TEXT_PLAIN;
 use crate::health::Status;
 use crate::proxy::Proxy;
+
+/// Largest admin request body read (a move's `{"to": ...}`).
+const MAX_ADMIN_BODY: usize = 4096;
 
 /// Serve the admin endpoints until `shutdown` fires.
 pub async fn serve(
@@ -48,8 +58,8 @@ pub async fn serve(
         let proxy = proxy.clone();
         let metrics = metrics.clone();
         let service = service_fn(move |request| {
-            let response = handle(&proxy, &metrics, &request);
-            async move { Ok::<_, Infallible>(response) }
+            let (proxy, metrics) = (proxy.clone(), metrics.clone());
+            async move { Ok::<_, Infallible>(handle(&proxy, &metrics, request).await) }
         });
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
@@ -62,22 +72,27 @@ pub async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(1), graceful.shutdown()).await;
 }
 
-fn handle(
+async fn handle(
     proxy: &Proxy,
     metrics: &PrometheusHandle,
-    request: &Request<Incoming>,
+    request: Request<Incoming>,
 ) -> Response<Body> {
     let get = request.method() == Method::GET || request.method() == Method::HEAD;
-    match (get, request.uri().path()) {
-        (true, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (true, "/readyz") => {
+    let post = request.method() == Method::POST;
+    let path = request.uri().path().to_owned();
+    match (get, post, path.as_str()) {
+        (true, _, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (true, _, "/readyz") => {
             if proxy.is_ready() {
                 text(StatusCode::OK, "ready\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }
         }
-        (true, "/metrics") => {
+        (true, _, "/metrics") => {
+            if let Some(gate) = proxy.gate() {
+                crate::metrics::set_lease_remaining(gate.remaining(tokio::time::Instant::now()));
+            }
             let mut response = Response::new(Body::full(metrics.render()));
             response.headers_mut().insert(
                 CONTENT_TYPE,
@@ -85,18 +100,148 @@ fn handle(
             );
             response
         }
-        (true, "/admin/table") => {
-            let mut response = Response::new(Body::full(table_json(proxy).to_string()));
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            response
+        (true, _, "/admin/table") => json_response(StatusCode::OK, &table_json(proxy)),
+        (false, true, p) if p.starts_with("/admin/shards/") => {
+            if let Some(denied) = authorize(proxy, &request) {
+                return denied;
+            }
+            shard_control(proxy, request).await
         }
-        (false, "/healthz" | "/readyz" | "/metrics" | "/admin/table") => {
+        (false, _, "/healthz" | "/readyz" | "/metrics" | "/admin/table") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n")
         }
         _ => text(StatusCode::NOT_FOUND, "no such admin endpoint\n"),
     }
+}
+
+/// `None` if the call may go ahead; otherwise the 401 to send.
+fn authorize(proxy: &Proxy, request: &Request<Incoming>) -> Option<Response<Body>> {
+    let snap = proxy.control().snapshot();
+    let token = snap.config.admin_token.as_deref()?;
+    let presented = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if presented == Some(token) {
+        None
+    } else {
+        let mut response = text(
+            StatusCode::UNAUTHORIZED,
+            "This admin call changes state; send Authorization: Bearer <[admin] token>.\n",
+        );
+        response
+            .headers_mut()
+            .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+        Some(response)
+    }
+}
+
+/// `POST /admin/shards/{shard}/move|freeze|unfreeze`.
+async fn shard_control(proxy: &Proxy, request: Request<Incoming>) -> Response<Body> {
+    let path = request.uri().path().to_owned();
+    let rest = path.trim_start_matches("/admin/shards/");
+    let Some((shard, action)) = rest.split_once('/') else {
+        return text(StatusCode::NOT_FOUND, "no such admin endpoint\n");
+    };
+    let shard = match shard {
+        "global" => ShardKey::Global,
+        r => match r.parse() {
+            Ok(r) => ShardKey::Residue(r),
+            Err(_) => return text(StatusCode::NOT_FOUND, "no such shard\n"),
+        },
+    };
+    if !matches!(action, "move" | "freeze" | "unfreeze") {
+        return text(StatusCode::NOT_FOUND, "no such admin endpoint\n");
+    }
+    let Some(coord) = proxy.coordination() else {
+        return text(
+            StatusCode::CONFLICT,
+            "Ownership is static here: edit [[shards]] on every router and reload (fence first, \
+             then move, each with a higher epoch).\n",
+        );
+    };
+    let view = coord.views.borrow().clone();
+    if !view.shards.contains_key(&shard) {
+        return text(StatusCode::NOT_FOUND, "no such shard\n");
+    }
+    let by = format!("operator via {}", coord.router_id);
+    match action {
+        "move" => {
+            let body = match read_json(request).await {
+                Ok(body) => body,
+                Err(response) => return response,
+            };
+            let Some(to) = body.get("to").and_then(Value::as_str) else {
+                return text(StatusCode::BAD_REQUEST, "send {\"to\": \"<datacenter>\"}\n");
+            };
+            let write_timeout = proxy.control().snapshot().config.loom.write_timeout;
+            match failover::switchover(
+                &coord.store,
+                &coord.keys,
+                &view,
+                shard,
+                to,
+                write_timeout,
+                &by,
+            )
+            .await
+            {
+                Ok(done) => json_response(
+                    StatusCode::OK,
+                    &json!({
+                        "shard": shard_json(done.shard),
+                        "from": done.from,
+                        "to": done.to,
+                        "epoch": done.epoch,
+                        "write_pause_ms": done.write_pause.as_millis() as u64,
+                    }),
+                ),
+                Err(e) => control_error(&e),
+            }
+        }
+        frozen => {
+            let frozen = frozen == "freeze";
+            match failover::set_frozen(&coord.store, &coord.keys, &view, shard, frozen, &by).await {
+                Ok(epoch) => json_response(
+                    StatusCode::OK,
+                    &json!({"shard": shard_json(shard), "frozen": frozen, "epoch": epoch}),
+                ),
+                Err(e) => control_error(&e),
+            }
+        }
+    }
+}
+
+fn control_error(e: &ControlError) -> Response<Body> {
+    let status = match e {
+        ControlError::UnknownShard(_) => StatusCode::NOT_FOUND,
+        ControlError::NotAReplica(..) | ControlError::NotAlive(_) | ControlError::Conflict(_) => {
+            StatusCode::CONFLICT
+        }
+        ControlError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let mut response = Response::new(Body::full(format!("{e}\n")));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(TEXT_PLAIN));
+    response
+}
+
+async fn read_json(request: Request<Incoming>) -> Result<Value, Response<Body>> {
+    let limited = http_body_util::Limited::new(request.into_body(), MAX_ADMIN_BODY);
+    let bytes: Bytes = match limited.collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(_) => return Err(text(StatusCode::PAYLOAD_TOO_LARGE, "body too large\n")),
+    };
+    serde_json::from_slice(&bytes).map_err(|e| {
+        let mut r = Response::new(Body::full(format!("body is not JSON: {e}\n")));
+        *r.status_mut() = StatusCode::BAD_REQUEST;
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(TEXT_PLAIN));
+        r
+    })
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
@@ -108,7 +253,23 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     response
 }
 
-/// `/admin/table`: the table as this router serves it, with DC health.
+fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
+    let mut response = Response::new(Body::full(value.to_string()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn shard_json(key: ShardKey) -> Value {
+    match key {
+        ShardKey::Residue(r) => json!(r),
+        ShardKey::Global => json!("global"),
+    }
+}
+
+/// `/admin/table`: the table as this router serves it, with DC health and alerts.
 pub fn table_json(proxy: &Proxy) -> Value {
     let snap = proxy.control().snapshot();
     let config = &snap.config;
@@ -118,10 +279,7 @@ pub fn table_json(proxy: &Proxy) -> Value {
         .shards()
         .map(|s| {
             json!({
-                "shard": match s.key {
-                    ShardKey::Residue(r) => json!(r),
-                    ShardKey::Global => json!("global"),
-                },
+                "shard": shard_json(s.key),
                 "home": s.home.map(name),
                 "owner": name(s.owner),
                 "replicas": s.replicas.iter().map(|&r| name(r)).collect::<Vec<_>>(),
@@ -140,12 +298,31 @@ pub fn table_json(proxy: &Proxy) -> Value {
         .enumerate()
         .map(|(dc, d)| json!({"name": d.name, "healthy": proxy.health().get(dc) == Status::Up}))
         .collect();
-    json!({
+    let mut table = json!({
         "datacenter": config.local_dc().name,
         "table_epoch": snap.table.table_epoch,
         "increment": config.increment,
         "shards": shards,
         "datacenters": datacenters,
-        "alerts": Vec::<String>::new(),
-    })
+        "alerts": snap.alerts,
+    });
+    if let (Some(coord), Some(gate)) = (proxy.coordination(), proxy.gate()) {
+        let now = tokio::time::Instant::now();
+        table["lease"] = json!({
+            "registered": gate.registered_at().is_some(),
+            "remaining_ms": gate.remaining(now).as_millis() as u64,
+            // Whether this router may admit writes for the shards it owns right now.
+            "admitting": snap.from_store
+                && gate.admits(now, config.loom.write_timeout, snap.table.table_epoch),
+        });
+        table["fingerprint"] = json!(coord.fingerprint);
+        table["router_id"] = json!(coord.router_id);
+        table["failover_manager"] = json!(coord
+            .views
+            .borrow()
+            .manager
+            .as_ref()
+            .map(|(m, _)| m.clone()));
+    }
+    table
 }

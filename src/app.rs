@@ -12,12 +12,13 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Backend, Config};
 use crate::control::Control;
+use crate::coord::Store;
 use crate::forward::Forwarder;
 use crate::health::{self, HealthBoard};
 use crate::proxy::Proxy;
-use crate::{admin, listener, metrics};
+use crate::{admin, coordinator, listener, metrics};
 
 /// Why a router could not start.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,14 @@ pub enum AppError {
     HttpsUnsupported,
     #[error("listen.http: no client listener is configured")]
     NoDataListener,
+    #[error("coordination.backend: \"memory\" needs an in-process store; it exists only for the demo and tests")]
+    NoMemoryStore,
+    #[error(
+        "coordination.backend: the etcd backend is not available in this build yet; use \"static\""
+    )]
+    EtcdUnavailable,
+    #[error("coordination: {0}")]
+    Join(#[from] crate::coordinator::JoinError),
 }
 
 /// A router with its listeners bound, ready to run.
@@ -41,6 +50,9 @@ pub struct App {
     config: Config,
     http: TcpListener,
     admin: TcpListener,
+    /// The coordination store, for the memory backend (the caller shares one store between the
+    /// routers of a process).
+    store: Option<Store>,
 }
 
 impl App {
@@ -56,6 +68,7 @@ impl App {
             config,
             http,
             admin,
+            store: None,
         })
     }
 
@@ -65,7 +78,15 @@ impl App {
             config,
             http,
             admin,
+            store: None,
         }
+    }
+
+    /// Use this coordination store (the memory backend's shared in-process store).
+    #[must_use]
+    pub fn with_store(mut self, store: Store) -> Self {
+        self.store = Some(store);
+        self
     }
 
     pub fn http_addr(&self) -> std::io::Result<SocketAddr> {
@@ -76,8 +97,9 @@ impl App {
         self.admin.local_addr()
     }
 
-    /// Serve until `shutdown` fires, then drain and return.
-    pub async fn run(self, shutdown: CancellationToken) {
+    /// Serve until `shutdown` fires, then drain and return. Fails only at start-up, when the
+    /// coordination store cannot be joined.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AppError> {
         let metrics = metrics::install();
         let config = self.config;
         metrics::register(&config);
@@ -96,8 +118,41 @@ impl App {
         for warning in config.warnings() {
             tracing::warn!("{warning}");
         }
-        let control = Control::start(config);
-        let proxy = Proxy::new(control, board, forwarder);
+        let joined = match (config.coordination.backend, self.store) {
+            (Backend::Static, _) => None,
+            (Backend::Memory, Some(store)) => {
+                let config = Arc::new(config.clone());
+                let joined = coordinator::join(
+                    config,
+                    store,
+                    board.clone(),
+                    forwarder.clone(),
+                    background.clone(),
+                )
+                .await;
+                match joined {
+                    Ok(joined) => Some(joined),
+                    Err(e) => {
+                        background.cancel();
+                        return Err(e.into());
+                    }
+                }
+            }
+            (Backend::Memory, None) => {
+                background.cancel();
+                return Err(AppError::NoMemoryStore);
+            }
+            (Backend::Etcd, _) => {
+                background.cancel();
+                return Err(AppError::EtcdUnavailable);
+            }
+        };
+        let (coordination, gate) = match joined {
+            Some(j) => (Some(j.coordination), Some((j.gate, j.handle))),
+            None => (None, None),
+        };
+        let control = Control::start(config, coordination);
+        let proxy = Proxy::new(control, board, forwarder, gate);
 
         let data_stop = CancellationToken::new();
         let data = tokio::spawn(listener::serve(
@@ -121,6 +176,7 @@ impl App {
         let _ = data.await;
         background.cancel();
         let _ = admin.await;
+        Ok(())
     }
 }
 

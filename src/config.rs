@@ -869,6 +869,29 @@ impl TryFrom<RawConfig> for Config {
                 .clone()
                 .unwrap_or_else(|| "/loom-router".to_owned()),
         };
+        // With a lease, every owned write must fit inside it (spec section 10, item 3): the gate
+        // admits a write only if write_timeout ends before lease·(1 − 2ρ) − δ after the last
+        // keepalive was sent, and the next keepalive may be up to one interval away.
+        if backend != Backend::Static {
+            let usable = coordination
+                .lease
+                .mul_f64(1.0 - 2.0 * crate::lease::DRIFT)
+                .saturating_sub(crate::lease::MARGIN)
+                .saturating_sub(coordination.keepalive);
+            if loom.write_timeout > usable {
+                p.push(
+                    "loom.write_timeout",
+                    format!(
+                        "{} does not fit inside the coordination lease: with lease {} and \
+                         keepalive {}, at most {} does; every write would be fenced",
+                        humantime::format_duration(loom.write_timeout),
+                        humantime::format_duration(coordination.lease),
+                        humantime::format_duration(coordination.keepalive),
+                        humantime::format_duration(usable),
+                    ),
+                );
+            }
+        }
         if coordination.keepalive >= coordination.lease {
             p.push(
                 "coordination.keepalive",
@@ -1191,6 +1214,19 @@ replicas = ["us-east"]
         assert_eq!(c.shards[0].key, ShardKey::Global);
         assert_eq!(c.shards[0].owner, 1);
         assert_eq!(c.shards[0].epoch, 3);
+    }
+
+    #[test]
+    fn with_a_lease_the_write_timeout_must_fit_inside_it() {
+        assert_error(
+            &format!("{GOOD}\n[coordination]\nbackend = \"memory\"\nlease = \"2s\"\n"),
+            "loom.write_timeout: 2s does not fit inside the coordination lease: with lease 2s and \
+             keepalive 1s, at most 710ms does; every write would be fenced",
+        );
+        // The defaults fit: 2 s + 1 s keepalive inside 5 s × 0.98 − 250 ms.
+        assert!(
+            Config::from_toml(&format!("{GOOD}\n[coordination]\nbackend = \"memory\"\n")).is_ok()
+        );
     }
 
     #[test]

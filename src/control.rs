@@ -1,21 +1,28 @@
 //! The single writer of the routing snapshot.
 //!
 //! A [`Snapshot`] is everything the request path needs that must change together: the validated
-//! config, the ownership table, and values derived from them once (header values). It lives
-//! behind one `ArcSwap`. The request path loads it once per request; only the writer task here
-//! stores into it, so two updates can never interleave. Reload and failover (later) send events
-//! to that task; on any error the old snapshot keeps serving.
+//! config, the ownership table, alerts, and values derived from them once (header values). It
+//! lives behind one `ArcSwap`. The request path loads it once per request; only the writer task
+//! here stores into it, so two updates can never interleave.
+//!
+//! The writer takes its inputs from three places: views of the coordination store (pushed by the
+//! watch in `coordinator.rs`), refresh requests from the request path (a peer knew a newer
+//! epoch), and results of become-owner hooks. It never installs a table older than the one it
+//! serves (spec section 10), and on any error the old snapshot keeps serving.
 //!
 //! This file must not route requests or probe anything; it only builds and publishes snapshots.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::Config;
+use crate::config::{Config, ShardKey};
+use crate::coord::{Keys, Store, View};
 use crate::headers::via_token;
+use crate::hook::HookJob;
 use crate::metrics;
 use crate::ownership::Table;
 
@@ -24,6 +31,11 @@ use crate::ownership::Table;
 pub struct Snapshot {
     pub config: Arc<Config>,
     pub table: Table,
+    /// Problems an operator must know about (shards that cannot fail over), for `/admin/table`.
+    pub alerts: Vec<String>,
+    /// The table came from the coordination store (always false with `static`). Owned writes are
+    /// admitted only from a store table under the memory and etcd backends.
+    pub from_store: bool,
     /// `1.1 loom-router-<dc>`, appended to every request and response this router passes on.
     pub via: HeaderValue,
     /// `loom-router-<dc>`, looked for in incoming `Via` headers to detect loops.
@@ -33,7 +45,7 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn new(config: Arc<Config>, table: Table) -> Self {
+    pub fn new(config: Arc<Config>, table: Table, alerts: Vec<String>, from_store: bool) -> Self {
         let local = &config.local_dc().name;
         let via_token = via_token(local);
         // DC names are validated to be [A-Za-z0-9_-], so they are always valid header values.
@@ -45,11 +57,26 @@ impl Snapshot {
         Self {
             config,
             table,
+            alerts,
+            from_store,
             via,
             via_token,
             dc_names,
         }
     }
+}
+
+/// The coordination side of a router, as the writer sees it.
+#[derive(Debug)]
+pub struct Coordination {
+    pub store: Store,
+    pub keys: Keys,
+    /// The store as the watch last saw it.
+    pub views: watch::Receiver<Arc<View>>,
+    /// Become-owner hook calls to make; `None` when no hook is configured.
+    pub hooks: Option<mpsc::Sender<HookJob>>,
+    /// Hooks that succeeded: (shard, epoch).
+    pub hook_results: mpsc::Receiver<(ShardKey, u64)>,
 }
 
 /// Messages to the writer task.
@@ -69,14 +96,25 @@ pub struct Control {
 }
 
 impl Control {
-    /// Publish the first snapshot for `config` and start the writer task.
-    pub fn start(config: Config) -> Self {
+    /// Publish the first snapshot (from the config) and start the writer task. With a
+    /// coordination store, the writer replaces it as soon as the store has been read.
+    pub fn start(config: Config, coordination: Option<Coordination>) -> Self {
         let config = Arc::new(config);
         let table = Table::from_config(&config);
         metrics::set_table_epoch(table.table_epoch);
-        let current = Arc::new(ArcSwap::from_pointee(Snapshot::new(config, table)));
+        let current = Arc::new(ArcSwap::from_pointee(Snapshot::new(
+            config.clone(),
+            table,
+            Vec::new(),
+            false,
+        )));
         let (events, rx) = mpsc::channel(64);
-        tokio::spawn(writer(current.clone(), rx));
+        let writer = Writer {
+            current: current.clone(),
+            config,
+            pending_hooks: BTreeMap::new(),
+        };
+        tokio::spawn(writer.run(rx, coordination));
         Self { current, events }
     }
 
@@ -95,16 +133,128 @@ impl Control {
     }
 }
 
-/// The writer task: the only code that stores a snapshot after start-up.
-async fn writer(current: Arc<ArcSwap<Snapshot>>, mut events: mpsc::Receiver<Event>) {
-    while let Some(event) = events.recv().await {
-        match event {
-            Event::Refresh(done) => {
-                // With the static backend the config is the store: nothing newer exists until
-                // an operator reloads it, so the current snapshot stands.
-                let _ = &current;
+/// The writer task's state: the only code that stores a snapshot after start-up.
+struct Writer {
+    current: Arc<ArcSwap<Snapshot>>,
+    config: Arc<Config>,
+    /// Shards this DC gained whose hook has not succeeded, with the epoch it was called for.
+    pending_hooks: BTreeMap<ShardKey, u64>,
+}
+
+impl Writer {
+    async fn run(mut self, mut events: mpsc::Receiver<Event>, coordination: Option<Coordination>) {
+        let Some(mut c) = coordination else {
+            // Static: the config is the store. A refresh finds nothing newer until an operator
+            // reloads the config.
+            while let Some(Event::Refresh(done)) = events.recv().await {
                 let _ = done.send(());
             }
+            return;
+        };
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(Event::Refresh(done)) => {
+                        match c.store.range(&c.keys.all()).await {
+                            Ok((kvs, revision)) => {
+                                let view = View::from_range(&c.keys, kvs, revision);
+                                self.install(&view, c.hooks.as_ref());
+                            }
+                            Err(e) => tracing::warn!(error = %e, "refresh from the store failed; keeping the current table"),
+                        }
+                        let _ = done.send(());
+                    }
+                    None => return,
+                },
+                changed = c.views.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let view = c.views.borrow_and_update().clone();
+                    self.install(&view, c.hooks.as_ref());
+                }
+                Some((shard, epoch)) = c.hook_results.recv() => {
+                    if self.pending_hooks.get(&shard) == Some(&epoch) {
+                        self.pending_hooks.remove(&shard);
+                        self.republish();
+                    }
+                }
+            }
         }
+    }
+
+    /// Build the table a store view describes and publish it, unless it is older than the one
+    /// being served. Shards this DC gained get their hook called and stay fenced until it
+    /// succeeds.
+    fn install(&mut self, view: &View, hooks: Option<&mpsc::Sender<HookJob>>) {
+        let current = self.current.load();
+        let mut table = Table::from_view(&self.config, view);
+        if current.from_store && table.table_epoch < current.table.table_epoch {
+            tracing::debug!(
+                offered = table.table_epoch,
+                serving = current.table.table_epoch,
+                "older table ignored"
+            );
+            return;
+        }
+        let local = self.config.local;
+        let local_name = &self.config.local_dc().name;
+        for shard in table.shards() {
+            if shard.owner != local {
+                self.pending_hooks.remove(&shard.key);
+                continue;
+            }
+            let previous = view
+                .shards
+                .get(&shard.key)
+                .and_then(|(record, _)| record.previous_owner.clone());
+            // Gained: we did not own it in the table we serve, or (on a fresh start) the store
+            // says it moved here from elsewhere.
+            let gained = if current.from_store {
+                current.table.shard(shard.key).map(|s| s.owner) != Some(local)
+            } else {
+                previous.as_deref().is_some_and(|p| p != local_name)
+            };
+            if !gained || self.pending_hooks.contains_key(&shard.key) {
+                continue;
+            }
+            tracing::warn!(shard = %shard.key, epoch = shard.epoch, previous = ?previous, "this datacenter gained the shard");
+            if let Some(hooks) = hooks {
+                self.pending_hooks.insert(shard.key, shard.epoch);
+                let job = HookJob {
+                    shard: shard.key,
+                    epoch: shard.epoch,
+                    previous_owner: previous,
+                };
+                if hooks.try_send(job).is_err() {
+                    tracing::error!(shard = %shard.key, "hook queue full; the shard stays fenced until the next change");
+                }
+            }
+        }
+        table.hook_pending = self.pending_hooks.keys().copied().collect();
+        metrics::set_table_epoch(table.table_epoch);
+        let alerts = crate::failover::alerts(view);
+        for alert in &alerts {
+            tracing::warn!("{alert}");
+        }
+        self.current.store(Arc::new(Snapshot::new(
+            self.config.clone(),
+            table,
+            alerts,
+            true,
+        )));
+    }
+
+    /// Publish the current table again with the current hook state.
+    fn republish(&self) {
+        let current = self.current.load();
+        let mut table = current.table.clone();
+        table.hook_pending = self.pending_hooks.keys().copied().collect();
+        self.current.store(Arc::new(Snapshot::new(
+            self.config.clone(),
+            table,
+            current.alerts.clone(),
+            current.from_store,
+        )));
     }
 }

@@ -151,7 +151,12 @@ impl Demo {
             let router = local_addr(&http)?;
             let admin_addr = local_addr(&admin)?;
             let app = App::from_listeners(config, http, admin);
-            tasks.push(tokio::spawn(app.run(stop.clone())));
+            let stop = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = app.run(stop).await {
+                    tracing::error!(error = %e, "router stopped");
+                }
+            }));
             dcs.push(DemoDc {
                 name: DCS[i].0,
                 router,

@@ -9,6 +9,11 @@
 //! hot-hot custom-replication design, it copies a cluster's or node's state to its peers only
 //! once a write has completed, and only after a delay.
 //!
+//! It also answers the router's become-owner hook (spec/router.md section 10 item 4), which is
+//! where a DC takes over a shard it gained: replication from the old owner is cut off for that
+//! shard and the replicated in-progress jobs are restarted, as the seed describes for failover.
+//! A stopped emulator keeps its data and can be served again, as a restored DC.
+//!
 //! What it must not do: take part in the request path. `run` never builds one. It does not model
 //! per-user visibility, tenant lookup, jobs, tasks or plugins beyond what tests need.
 
@@ -26,13 +31,15 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Map, Value};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 
 /// Bodies are buffered whole so that `received()` holds the exact bytes; this bounds the buffer.
 const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 const EPOCH_HEADER: &str = "x-loom-router-epoch";
+/// Where the router's `become_owner_hook` points (spec/router.md section 7).
+const BECOME_OWNER_PATH: &str = "/replication/become-owner";
 const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
 /// Admin and tenant entities, all kept alike in one map keyed by full path.
 const ENTITY_TYPES: &str = "providers hardwaretypes imagetypes services clustertemplates \
@@ -71,10 +78,27 @@ pub struct AppliedWrite {
     pub dc: String,
     /// The cluster the write touched; for a create, the new cluster.
     pub cluster: Option<u64>,
+    /// The touched cluster's shard (cluster ID mod increment), so a history checker can group
+    /// writes by (dc, shard, epoch).
+    pub shard: Option<u64>,
     /// `X-Loom-Router-Epoch` of the request, so tests can check fencing.
     pub epoch: Option<u64>,
     pub method: String,
     pub path: String,
+    /// When the write was applied (tokio's clock, like the memory store's audit trail), so a
+    /// history checker can order it against ownership changes.
+    pub at: tokio::time::Instant,
+}
+
+/// One call of the become-owner hook that this emulator answered with 200.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BecomeOwner {
+    /// The shard's residue; `None` for the global shard.
+    pub shard: Option<u64>,
+    pub epoch: u64,
+    pub previous_owner: Option<String>,
+    /// Clusters whose job this call restarted, in ID order; empty when it was a repeat.
+    pub restarted: Vec<u64>,
 }
 
 /// An emulated Loom. Clones share one server.
@@ -98,10 +122,24 @@ struct State {
     next_id: u64,
     /// Orders this emulator's replicas, so a late copy never overwrites a newer one at a peer.
     seq: u64,
-    /// Set while a served emulator is stopped: a dead DC ships no more replicas.
-    down: bool,
+    /// How many `serve` loops run; with none, this DC is dead and ships no replicas.
+    serving: usize,
+    /// Bumped whenever serving starts or stops. A replica ships only if this has not changed
+    /// since its write, so a write from before a stop is lost even if the DC is restored.
+    incarnation: u64,
     /// Clusters and nodes, owned or replicated: the state that replication copies.
     store: BTreeMap<Key, Map<String, Value>>,
+    /// The records in `store` held as another DC's replica, with that DC. A local write or a
+    /// become-owner call makes a record this DC's own.
+    replicated_from: BTreeMap<Key, String>,
+    /// Per shard, the highest epoch under which this DC wrote it or became its owner. Replicas
+    /// carry it, so that a peer can tell a returning owner from a stale one.
+    epochs: HashMap<u64, u64>,
+    /// Replication cut off by becoming a shard's owner: (origin DC, shard) to the epoch of the
+    /// takeover. Replicas from that origin for that shard are ignored unless they carry a later
+    /// epoch, which only happens once the origin has become the owner again (failback).
+    cut: HashMap<(String, u64), u64>,
+    become_owner: Vec<BecomeOwner>,
     entities: BTreeMap<String, Value>,
     provisioners: BTreeMap<String, Value>,
     received: Vec<Received>,
@@ -113,6 +151,17 @@ struct State {
 enum Key {
     Cluster(u64),
     Node(String),
+}
+
+/// A record's state on its way to the peers.
+#[derive(Debug)]
+struct Replica {
+    seq: u64,
+    key: Key,
+    /// `None` when the record was deleted.
+    snapshot: Option<Map<String, Value>>,
+    /// The sender's epoch for the record's shard, if it knows one.
+    epoch: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -297,6 +346,59 @@ fn start_job(cluster: &mut Map<String, Value>, action: &str) {
     cluster.insert("progress".into(), progress);
 }
 
+/// Pending, or its latest job still running: what the new owner must restart after a failover.
+fn in_progress(cluster: &Map<String, Value>) -> bool {
+    let running = cluster.get("progress").and_then(|p| p.get("actionstatus"));
+    str_field(cluster, "status") == "pending" || running.and_then(Value::as_str) == Some("running")
+}
+
+/// Runs the cluster's latest action again under a new job ID. Only the minimal state to restart
+/// it was replicated, so the job starts over; the note says why.
+fn restart_job(cluster: &mut Map<String, Value>, note: String) {
+    let action = cluster.get("progress").and_then(|p| p.get("action"));
+    let action = action
+        .and_then(Value::as_str)
+        .unwrap_or("solve_layout")
+        .to_owned();
+    start_job(cluster, &action);
+    if let Some(Value::Object(progress)) = cluster.get_mut("progress") {
+        progress.insert("message".into(), json!(note));
+    }
+}
+
+/// The become-owner hook's body:
+/// `{"shard": r | "global", "epoch": E, "previous_owner": dc | null}`.
+fn parse_become_owner(body: &[u8], increment: u64) -> Result<BecomeOwner, Reply> {
+    let Ok(Value::Object(body)) = serde_json::from_slice::<Value>(body) else {
+        return Err(Reply::bad_request("invalid request body."));
+    };
+    let shard = match body.get("shard") {
+        Some(Value::String(s)) if s == "global" => None,
+        Some(Value::Number(n)) if n.as_u64().is_some_and(|r| r < increment) => n.as_u64(),
+        _ => {
+            let text = format!("shard must be \"global\" or an integer below {increment}.");
+            return Err(Reply::bad_request(text));
+        }
+    };
+    let epoch = body.get("epoch").and_then(Value::as_u64);
+    let epoch = epoch.ok_or_else(|| Reply::bad_request("epoch must be a non-negative integer."))?;
+    let previous_owner = match body.get("previous_owner") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(dc)) => Some(dc.clone()),
+        Some(_) => {
+            return Err(Reply::bad_request(
+                "previous_owner must be a DC name or null.",
+            ))
+        }
+    };
+    Ok(BecomeOwner {
+        shard,
+        epoch,
+        previous_owner,
+        restarted: Vec::new(),
+    })
+}
+
 fn cluster_status(cluster: &Map<String, Value>) -> Value {
     let progress = field_or(cluster, "progress", json!({}));
     json!({
@@ -402,6 +504,91 @@ impl State {
             .iter()
             .filter(|(k, _)| matches!(k, Key::Cluster(_)));
         clusters.map(|(_, c)| c)
+    }
+
+    fn shard_of(&self, cluster: u64) -> Option<u64> {
+        cluster.checked_rem(self.increment)
+    }
+
+    /// The shards a record belongs to: a node's, by its cluster, before and after a replica.
+    fn shards_of(&self, key: &Key, snapshot: Option<&Map<String, Value>>) -> Vec<u64> {
+        let clusters = match key {
+            Key::Cluster(id) => vec![*id],
+            Key::Node(_) => [snapshot, self.store.get(key)]
+                .into_iter()
+                .flatten()
+                .filter_map(|node| str_field(node, "clusterId").parse().ok())
+                .collect(),
+        };
+        clusters
+            .into_iter()
+            .filter_map(|c| self.shard_of(c))
+            .collect()
+    }
+
+    /// Whether this DC cut off replication of the replica's shard from `origin` at an epoch the
+    /// replica does not exceed. A replica without an epoch predates any takeover, so it is cut.
+    fn is_cut(&self, origin: &str, replica: &Replica) -> bool {
+        let shards = self.shards_of(&replica.key, replica.snapshot.as_ref());
+        shards.into_iter().any(|shard| {
+            let cut = self.cut.get(&(origin.to_owned(), shard));
+            cut.is_some_and(|&cut| replica.epoch.is_none_or(|epoch| epoch <= cut))
+        })
+    }
+
+    fn note_epoch(&mut self, shard: u64, epoch: u64) {
+        let known = self.epochs.entry(shard).or_insert(epoch);
+        *known = (*known).max(epoch);
+    }
+
+    /// Makes `shard` this DC's own: cuts replication from the previous owner and restarts the
+    /// in-progress jobs it held as replicas (from `previous_owner`, or from anyone if `None`).
+    /// Returns the restarted clusters and their replicas for the peers.
+    fn take_over(&mut self, shard: u64, call: &BecomeOwner) -> (Vec<u64>, Vec<Replica>) {
+        let previous = call.previous_owner.as_deref();
+        if let Some(origin) = previous {
+            let cut = self
+                .cut
+                .entry((origin.to_owned(), shard))
+                .or_insert(call.epoch);
+            *cut = (*cut).max(call.epoch);
+        }
+        self.note_epoch(shard, call.epoch);
+        let taken: Vec<Key> = self
+            .replicated_from
+            .iter()
+            .filter(|(key, origin)| {
+                previous.is_none_or(|p| p == origin.as_str())
+                    && self.shards_of(key, None).contains(&shard)
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        let (mut restarted, mut replicas) = (Vec::new(), Vec::new());
+        let from = previous.unwrap_or("another DC");
+        for key in taken {
+            // Already-restarted records are local, so a repeated call finds nothing to do.
+            self.replicated_from.remove(&key);
+            let Key::Cluster(id) = key else { continue };
+            let Some(cluster) = self.store.get_mut(&key).filter(|c| in_progress(c)) else {
+                continue;
+            };
+            let note = format!(
+                "restarted after failover from {from} at epoch {}",
+                call.epoch
+            );
+            restart_job(cluster, note);
+            let snapshot = Some(cluster.clone());
+            self.seq += 1;
+            let (seq, epoch) = (self.seq, Some(call.epoch));
+            restarted.push(id);
+            replicas.push(Replica {
+                seq,
+                key,
+                snapshot,
+                epoch,
+            });
+        }
+        (restarted, replicas)
     }
 
     fn nodes_of(&self, cluster: u64) -> Vec<Value> {
@@ -748,12 +935,17 @@ impl Emulator {
 
     /// Serves on `listener` until `shutdown` resolves. Then it stops accepting and drops every
     /// open connection, even mid-request, so that a stopped emulator behaves like a dead Loom.
+    /// It keeps its data, and may be served again later, as a restored DC.
     pub async fn serve(
         &self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        self.state().down = false;
+        {
+            let mut state = self.state();
+            state.serving += 1;
+            state.incarnation += 1;
+        }
         let mut shutdown = std::pin::pin!(shutdown);
         let mut connections = JoinSet::new();
         loop {
@@ -770,7 +962,11 @@ impl Emulator {
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
             }
         }
-        self.state().down = true;
+        {
+            let mut state = self.state();
+            state.serving -= 1;
+            state.incarnation += 1;
+        }
         drop(listener);
         connections.shutdown().await;
         Ok(())
@@ -794,7 +990,24 @@ impl Emulator {
     /// Binds 127.0.0.1:0 and serves there until the handle's `stop()`. Dropping the handle
     /// without calling `stop()` leaves the server running until the runtime shuts down.
     pub async fn spawn(&self) -> std::io::Result<(SocketAddr, EmulatorHandle)> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        self.spawn_at(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .await
+    }
+
+    /// Like [`Emulator::spawn`], on `addr`. Binding the address a stopped emulator served on
+    /// restores that DC where its router expects it, with the data it had.
+    pub async fn spawn_at(
+        &self,
+        addr: SocketAddr,
+    ) -> std::io::Result<(SocketAddr, EmulatorHandle)> {
+        let socket = match addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        // The stopped server closed its connections first, so the port may be in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(1024)?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
         let shutdown = async move {
@@ -814,7 +1027,8 @@ impl Emulator {
         }
     }
 
-    /// Every client request so far, in arrival order; replication never shows up here.
+    /// Every request so far, become-owner calls included, in arrival order; replication never
+    /// shows up here.
     pub fn received(&self) -> Vec<Received> {
         self.state().received.clone()
     }
@@ -832,9 +1046,15 @@ impl Emulator {
             .map(Value::Object)
     }
 
-    /// Writes applied for clients here, in order; task and provisioner calls are not listed.
+    /// Writes applied for clients here, in order; task and provisioner calls are not listed,
+    /// nor are the restarts of the become-owner hook.
     pub fn applied_writes(&self) -> Vec<AppliedWrite> {
         self.state().applied.clone()
+    }
+
+    /// Every become-owner call answered with 200, in order, repeats included.
+    pub fn become_owner_calls(&self) -> Vec<BecomeOwner> {
+        self.state().become_owner.clone()
     }
 
     async fn respond(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -871,6 +1091,10 @@ impl Emulator {
         if path == "/status" && method == Method::GET {
             return Reply::text(StatusCode::OK, "OK\n");
         }
+        // Called by the router, not by clients: no identity headers, and not an applied write.
+        if path == BECOME_OWNER_PATH && method == Method::POST {
+            return self.become_owner(body);
+        }
         let Some((v2, rest)) = split_base(path) else {
             return unmatched(uri);
         };
@@ -898,24 +1122,65 @@ impl Emulator {
             .get(EPOCH_HEADER)
             .and_then(|v| v.to_str().ok()?.trim().parse().ok());
         let (dc, method, path) = (self.dc().to_owned(), cx.method.to_owned(), path.to_owned());
+        let shard = cluster.and_then(|c| state.shard_of(c));
+        if let (Some(shard), Some(epoch)) = (shard, epoch) {
+            state.note_epoch(shard, epoch);
+        }
         state.applied.push(AppliedWrite {
             dc,
             cluster,
+            shard,
             epoch,
             method,
             path,
+            at: tokio::time::Instant::now(),
         });
         if let Some(key) = replicate {
+            // Written here, so this DC's own from now on, whoever replicated it before.
+            state.replicated_from.remove(&key);
             state.seq += 1;
             let (seq, snapshot) = (state.seq, state.store.get(&key).cloned());
+            let epoch = shard.and_then(|s| state.epochs.get(&s).copied());
+            let incarnation = state.incarnation;
             drop(state);
-            self.replicate(seq, key, snapshot);
+            let replica = Replica {
+                seq,
+                key,
+                snapshot,
+                epoch,
+            };
+            self.replicate(replica, incarnation);
         }
         reply
     }
 
-    /// Ships a completed write's resulting state to every peer after the replication delay.
-    fn replicate(&self, seq: u64, key: Key, snapshot: Option<Map<String, Value>>) {
+    /// The router's become-owner hook: see [`State::take_over`]. Repeats are harmless.
+    fn become_owner(&self, body: &Bytes) -> Reply {
+        let mut call = match parse_become_owner(body, self.inner.config.increment) {
+            Ok(call) => call,
+            Err(reply) => return reply,
+        };
+        let mut state = self.state();
+        // Entities are not replicated, so for the global shard there is nothing to cut or restart.
+        let (restarted, replicas) = match call.shard {
+            Some(shard) => state.take_over(shard, &call),
+            None => (Vec::new(), Vec::new()),
+        };
+        call.restarted = restarted;
+        let ids: Vec<String> = call.restarted.iter().copied().map(format_id).collect();
+        tracing::info!(dc = self.dc(), ?call, "became owner");
+        state.become_owner.push(call);
+        let incarnation = state.incarnation;
+        drop(state);
+        for replica in replicas {
+            self.replicate(replica, incarnation);
+        }
+        Reply::json(json!({ "restarted": ids }))
+    }
+
+    /// Ships a record's new state to every peer after the replication delay, unless this DC has
+    /// stopped (and perhaps been restored) since: a dead DC's unshipped replicas are lost.
+    fn replicate(&self, replica: Replica, incarnation: u64) {
         let peers = self.peers().clone();
         if peers.is_empty() {
             return;
@@ -923,36 +1188,52 @@ impl Emulator {
         let origin = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(origin.inner.config.replication_delay).await;
-            if origin.state().down {
+            let alive = {
+                let state = origin.state();
+                state.serving > 0 && state.incarnation == incarnation
+            };
+            if !alive {
+                let key = &replica.key;
                 tracing::debug!(dc = origin.dc(), ?key, "emulator stopped; replica lost");
                 return;
             }
             for inner in peers.iter().filter_map(Weak::upgrade) {
-                Emulator { inner }.accept_replica(origin.dc(), seq, &key, snapshot.clone());
+                Emulator { inner }.accept_replica(origin.dc(), &replica);
             }
         });
     }
 
-    fn accept_replica(
-        &self,
-        origin: &str,
-        seq: u64,
-        key: &Key,
-        snapshot: Option<Map<String, Value>>,
-    ) {
+    fn accept_replica(&self, origin: &str, replica: &Replica) {
         let mut state = self.state();
+        if state.is_cut(origin, replica) {
+            let key = &replica.key;
+            tracing::debug!(
+                dc = self.dc(),
+                origin,
+                ?key,
+                "replication cut off; replica ignored"
+            );
+            return;
+        }
+        let key = &replica.key;
         let last = state
             .replica_seq
             .entry((origin.to_owned(), key.clone()))
             .or_insert(0);
-        if *last >= seq {
+        if *last >= replica.seq {
             return;
         }
-        *last = seq;
-        match snapshot {
-            Some(record) => state.store.insert(key.clone(), record),
-            None => state.store.remove(key),
-        };
+        *last = replica.seq;
+        match &replica.snapshot {
+            Some(record) => {
+                state.store.insert(key.clone(), record.clone());
+                state.replicated_from.insert(key.clone(), origin.to_owned());
+            }
+            None => {
+                state.store.remove(key);
+                state.replicated_from.remove(key);
+            }
+        }
     }
 }
 
@@ -1125,9 +1406,11 @@ mod tests {
             AppliedWrite {
                 dc,
                 cluster: Some(2),
+                shard: Some(2),
                 epoch: Some(7),
                 method,
-                path
+                path,
+                at: writes[2].at,
             }
         );
         handle.stop().await;
@@ -1275,5 +1558,244 @@ mod tests {
             TcpStream::connect(addr).await.is_err(),
             "the listener must be gone"
         );
+    }
+
+    const HOOK: &str = "/replication/become-owner";
+
+    /// us-west holds replicas of shard 1 (from us-east) and shard 3 (from us-central).
+    async fn three_dcs() -> ([Emulator; 3], [SocketAddr; 3], Vec<EmulatorHandle>) {
+        let dcs = [
+            emulator("us-east", 1),
+            emulator("us-west", 2),
+            emulator("us-central", 3),
+        ];
+        for dc in &dcs {
+            for peer in &dcs {
+                dc.add_peer(peer.clone());
+            }
+        }
+        let mut addrs = Vec::new();
+        let mut handles = Vec::new();
+        for dc in &dcs {
+            let (addr, handle) = dc.spawn().await.expect("spawn");
+            addrs.push(addr);
+            handles.push(handle);
+        }
+        let addrs: [SocketAddr; 3] = addrs.try_into().expect("three addresses");
+        (dcs, addrs, handles)
+    }
+
+    fn job(emulator: &Emulator, id: u64) -> Value {
+        emulator.cluster(id).expect("cluster")["latestJobId"].clone()
+    }
+
+    #[tokio::test]
+    async fn become_owner_restarts_the_shards_replicated_jobs_once() {
+        let ([east, west, central], [east_addr, west_addr, central_addr], handles) =
+            three_dcs().await;
+        let body = br#"{"name":"c"}"#;
+        send(east_addr, "POST", "/v2/clusters", V2_USER, body).await;
+        send(central_addr, "POST", "/v2/clusters", V2_USER, body).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(
+            (job(&west, 1), job(&west, 3)),
+            (json!("00000001-001"), json!("00000003-001"))
+        );
+
+        let call = br#"{"shard": 1, "epoch": 5, "previous_owner": "us-east"}"#;
+        let first = send(west_addr, "POST", HOOK, &[], call).await;
+        assert_eq!(
+            (first.status, first.json()),
+            (StatusCode::OK, json!({"restarted": ["00000001"]}))
+        );
+        let restarted = west.cluster(1).expect("cluster 1");
+        assert_eq!(restarted["latestJobId"], "00000001-002");
+        let progress = &restarted["progress"];
+        assert_eq!(
+            (&progress["action"], &progress["actionstatus"]),
+            (&json!("solve_layout"), &json!("running"))
+        );
+        let note = progress["message"].as_str().expect("a note");
+        assert!(
+            note.contains("us-east") && note.contains("epoch 5"),
+            "{note}"
+        );
+        // Another shard's replica is untouched.
+        assert_eq!(job(&west, 3), "00000003-001");
+
+        let again = send(west_addr, "POST", HOOK, &[], call).await;
+        assert_eq!(
+            (again.status, again.json()),
+            (StatusCode::OK, json!({"restarted": []}))
+        );
+        assert_eq!(job(&west, 1), "00000001-002");
+        let previous_owner = Some("us-east".to_owned());
+        let calls = west.become_owner_calls();
+        assert_eq!(
+            calls,
+            [
+                BecomeOwner {
+                    shard: Some(1),
+                    epoch: 5,
+                    previous_owner: previous_owner.clone(),
+                    restarted: vec![1],
+                },
+                BecomeOwner {
+                    shard: Some(1),
+                    epoch: 5,
+                    previous_owner,
+                    restarted: vec![],
+                },
+            ]
+        );
+        // Seen as requests, but the restarts are not client writes.
+        assert!(west.applied_writes().is_empty());
+        let hooks = west.received();
+        assert_eq!(hooks.iter().filter(|r| r.path_and_query == HOOK).count(), 2);
+
+        // The restarted cluster is west's own now: it replicates onward, and takes writes.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(job(&east, 1), "00000001-002");
+        assert_eq!(job(&central, 1), "00000001-002");
+        let stamped = [V2_USER[0], V2_USER[1], ("X-Loom-Router-Epoch", "5")];
+        let abort = send(west_addr, "POST", "/v2/clusters/1/abort", &stamped, b"").await;
+        assert_eq!(abort.status, StatusCode::OK);
+        let write = &west.applied_writes()[0];
+        assert_eq!(
+            (write.cluster, write.shard, write.epoch),
+            (Some(1), Some(1), Some(5))
+        );
+        for handle in handles {
+            handle.stop().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn become_owner_cuts_replication_from_the_old_owner_until_it_owns_again() {
+        let ([_, west, _], [east_addr, west_addr, central_addr], handles) = three_dcs().await;
+        let body = br#"{"name":"c"}"#;
+        send(east_addr, "POST", "/v2/clusters", V2_USER, body).await;
+        send(central_addr, "POST", "/v2/clusters", V2_USER, body).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let call = br#"{"shard": 1, "epoch": 5, "previous_owner": "us-east"}"#;
+        assert_eq!(
+            send(west_addr, "POST", HOOK, &[], call).await.status,
+            StatusCode::OK
+        );
+
+        // A late write at the old owner, under an old epoch or none: west must not take it.
+        let old = [V2_USER[0], V2_USER[1], ("X-Loom-Router-Epoch", "4")];
+        let config = br#"{"config": {"stale": true}}"#;
+        send(east_addr, "PUT", "/v2/clusters/1/config", &old, config).await;
+        send(east_addr, "POST", "/v2/clusters/1/abort", V2_USER, b"").await;
+        let node = br#"{"id": "n1", "clusterId": 1}"#;
+        send(east_addr, "POST", "/v2/nodes", V2_USER, node).await;
+        send(east_addr, "POST", "/v2/clusters", V2_USER, body).await;
+        // Replication of other shards keeps flowing.
+        send(central_addr, "POST", "/v2/clusters/3/pause", V2_USER, b"").await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let cluster = west.cluster(1).expect("cluster 1");
+        assert_eq!(cluster["latestJobId"], "00000001-002");
+        assert_eq!(cluster["config"], json!({}));
+        let nodes = send(west_addr, "GET", "/v2/nodes/n1", V2_USER, b"").await;
+        assert_eq!(nodes.status, StatusCode::NOT_FOUND);
+        assert_eq!(job(&west, 3), "00000003-002");
+        // East's new cluster 11 is in shard 1 as well.
+        assert!(west.cluster(11).is_none());
+
+        // Failback: once east is the owner again at a later epoch, its replicas count again.
+        let back = br#"{"shard": 1, "epoch": 6, "previous_owner": "us-west"}"#;
+        let answer = send(east_addr, "POST", HOOK, &[], back).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        let new = [V2_USER[0], V2_USER[1], ("X-Loom-Router-Epoch", "6")];
+        send(
+            east_addr,
+            "PUT",
+            "/v2/clusters/1/config",
+            &new,
+            br#"{"config": {"v": 6}}"#,
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(
+            west.cluster(1).expect("cluster 1")["config"],
+            json!({"v": 6})
+        );
+        for handle in handles {
+            handle.stop().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn become_owner_rejects_bad_bodies_and_takes_the_global_shard() {
+        let emulator = emulator("us-west", 2);
+        let (addr, handle) = emulator.spawn().await.expect("spawn");
+        let bad: [&'static [u8]; 6] = [
+            b"not json",
+            br#"[1]"#,
+            br#"{"shard": "x", "epoch": 1}"#,
+            br#"{"shard": 10, "epoch": 1}"#,
+            br#"{"shard": 1}"#,
+            br#"{"shard": 1, "epoch": 1, "previous_owner": 7}"#,
+        ];
+        for body in bad {
+            let answer = send(addr, "POST", HOOK, &[], body).await;
+            assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{}", answer.text());
+            assert_eq!(answer.content_type, TEXT_PLAIN);
+        }
+        let global = br#"{"shard": "global", "epoch": 2, "previous_owner": null}"#;
+        let answer = send(addr, "POST", HOOK, &[], global).await;
+        assert_eq!(
+            (answer.status, answer.json()),
+            (StatusCode::OK, json!({"restarted": []}))
+        );
+        let expected = BecomeOwner {
+            shard: None,
+            epoch: 2,
+            previous_owner: None,
+            restarted: vec![],
+        };
+        assert_eq!(emulator.become_owner_calls(), [expected]);
+        let get = send(addr, "GET", HOOK, &[], b"").await;
+        assert_eq!(get.status, StatusCode::NOT_FOUND);
+        handle.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_stopped_emulator_serves_again_with_its_data() {
+        let (east, west) = (emulator("us-east", 1), emulator("us-west", 2));
+        east.add_peer(west.clone());
+        let (addr, handle) = east.spawn().await.expect("spawn");
+        send(addr, "POST", "/v2/clusters", V2_USER, br#"{"name":"a"}"#).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let written_at = std::time::Instant::now();
+        send(addr, "POST", "/v2/clusters", V2_USER, br#"{"name":"b"}"#).await;
+        handle.stop().await;
+        let stopped_in_time = written_at.elapsed() < Duration::from_millis(50);
+
+        // Restored on the same port, as its router expects.
+        let (again, handle) = east.spawn_at(addr).await.expect("serve again");
+        assert_eq!(again, addr);
+        let got = send(addr, "GET", "/v2/clusters/11", V2_USER, b"").await;
+        assert_eq!(
+            (got.status, &got.json()["name"]),
+            (StatusCode::OK, &json!("b"))
+        );
+        let next = send(addr, "POST", "/v2/clusters", V2_USER, br#"{"name":"c"}"#).await;
+        assert_eq!(next.text(), r#"{"id":"00000021"}"#);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // A dead DC's unshipped replica stays lost; writes after the restore replicate.
+        assert!(west.cluster(1).is_some());
+        if stopped_in_time {
+            assert!(west.cluster(11).is_none());
+        }
+        assert!(west.cluster(21).is_some());
+        handle.stop().await;
+
+        // And once more on a fresh port.
+        let (addr, handle) = east.spawn().await.expect("serve a third time");
+        let listed = send(addr, "GET", "/v2/clusters", V2_USER, b"").await;
+        assert_eq!(listed.json().as_array().map(Vec::len), Some(3));
+        handle.stop().await;
     }
 }

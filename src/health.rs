@@ -93,13 +93,22 @@ impl Counter {
 pub struct HealthBoard {
     /// Written by the probe tasks only; read by the request path, `/readyz` and `/admin/table`.
     statuses: Vec<AtomicU8>,
+    /// Woken on every change, so the lease task (re)registers or withdraws at once rather than
+    /// at its next keepalive.
+    changed: tokio::sync::Notify,
 }
 
 impl HealthBoard {
     pub fn new(dcs: usize) -> Self {
         Self {
             statuses: (0..dcs).map(|_| AtomicU8::new(0)).collect(),
+            changed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Resolves after the next status change.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
     }
 
     pub fn get(&self, dc: DcId) -> Status {
@@ -122,7 +131,9 @@ impl HealthBoard {
             Status::Down => 2,
         };
         if let Some(s) = self.statuses.get(dc) {
-            s.store(v, Ordering::Relaxed);
+            if s.swap(v, Ordering::Relaxed) != v {
+                self.changed.notify_waiters();
+            }
         }
     }
 }

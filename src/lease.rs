@@ -185,23 +185,27 @@ pub async fn run(
         let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
+            let keepalive = tokio::select! {
+                _ = ticker.tick() => true,
+                // Register or withdraw as soon as the local Loom changes state.
+                () = health.changed() => false,
                 () = cancel.cancelled() => return,
-            }
-            let sent = Instant::now();
-            match store.keepalive(lease).await {
-                Ok(granted) => gate.extend(fence_deadline(sent, granted)),
-                Err(CoordError::LeaseNotFound(_)) => {
-                    tracing::warn!(
-                        lease,
-                        "lease expired in the store; fencing and re-registering"
-                    );
-                    continue 'lease;
-                }
-                Err(e) => {
-                    // The deadline simply runs out; writes are fenced when it does.
-                    tracing::warn!(error = %e, "keepalive failed");
+            };
+            if keepalive {
+                let sent = Instant::now();
+                match store.keepalive(lease).await {
+                    Ok(granted) => gate.extend(fence_deadline(sent, granted)),
+                    Err(CoordError::LeaseNotFound(_)) => {
+                        tracing::warn!(
+                            lease,
+                            "lease expired in the store; fencing and re-registering"
+                        );
+                        continue 'lease;
+                    }
+                    Err(e) => {
+                        // The deadline simply runs out; writes are fenced when it does.
+                        tracing::warn!(error = %e, "keepalive failed");
+                    }
                 }
             }
             metrics::set_lease_remaining(gate.remaining(Instant::now()));

@@ -120,8 +120,13 @@ fn run(path: &std::path::Path) -> ExitCode {
         tracing::info!(http = ?app.http_addr().ok(), admin = ?app.admin_addr().ok(), "loom-router serving");
         let shutdown = CancellationToken::new();
         tokio::spawn(signal_shutdown(shutdown.clone()));
-        app.run(shutdown).await;
-        ExitCode::SUCCESS
+        match app.run(shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(1)
+            }
+        }
     })
 }
 

@@ -43,6 +43,10 @@ struct State {
     leases: HashMap<LeaseId, Lease>,
     next_lease: LeaseId,
     history: VecDeque<Arc<Batch>>,
+    /// Every committed batch with its commit time, unbounded: the audit trail that history
+    /// checkers compare the Looms' write logs against. The memory backend serves tests and the
+    /// demo only, where it stays small.
+    audit: Vec<(Instant, Arc<Batch>)>,
 }
 
 #[derive(Debug)]
@@ -68,6 +72,7 @@ impl MemoryStore {
                 leases: HashMap::new(),
                 next_lease: 1,
                 history: VecDeque::new(),
+                audit: Vec::new(),
             })),
             changes,
         };
@@ -92,6 +97,11 @@ impl MemoryStore {
     /// The current revision.
     pub fn revision(&self) -> Revision {
         self.lock().revision
+    }
+
+    /// Every change since the store was created, with when it committed.
+    pub fn audit(&self) -> Vec<(Instant, Arc<Batch>)> {
+        self.lock().audit.clone()
     }
 }
 
@@ -165,6 +175,7 @@ fn commit(state: &mut State, ops: Vec<Op>, changes: &broadcast::Sender<Arc<Batch
         }
     }
     let batch = Arc::new(Batch { revision, events });
+    state.audit.push((Instant::now(), batch.clone()));
     state.history.push_back(batch.clone());
     if state.history.len() > HISTORY {
         state.history.pop_front();

@@ -26,10 +26,12 @@ use crate::body::Body;
 use crate::classify::{self, Class, Key, Route};
 use crate::config::{AccessLog, DcId, ShardKey};
 use crate::control::{Control, Snapshot};
+use crate::coordinator::Handle;
 use crate::error::{RouterError, UpstreamKind};
 use crate::forward::{self, Buffered, Forwarder, ReadBodyError, SendError};
 use crate::headers::{self, Client};
 use crate::health::{HealthBoard, Status};
+use crate::lease::Gate;
 use crate::metrics;
 use crate::ownership::{Admission, Target};
 
@@ -62,6 +64,9 @@ struct Inner {
     limiter: Semaphore,
     /// Set once on SIGTERM; `/readyz` answers 503 from then on.
     draining: AtomicBool,
+    /// The self-fencing gate and store access, with the memory and etcd backends; `None` with
+    /// `static`, where ownership changes only by hand and no lease exists.
+    coordination: Option<(Arc<Gate>, Handle)>,
 }
 
 /// The route label of a request: the `X-Loom-Route` value and the metrics label.
@@ -144,7 +149,12 @@ impl Outcome {
 }
 
 impl Proxy {
-    pub fn new(control: Control, health: Arc<HealthBoard>, forwarder: Forwarder) -> Self {
+    pub fn new(
+        control: Control,
+        health: Arc<HealthBoard>,
+        forwarder: Forwarder,
+        coordination: Option<(Arc<Gate>, Handle)>,
+    ) -> Self {
         let limit = control.snapshot().config.limits.max_concurrent_requests;
         Self {
             inner: Arc::new(Inner {
@@ -153,7 +163,35 @@ impl Proxy {
                 forwarder,
                 limiter: Semaphore::new(limit),
                 draining: AtomicBool::new(false),
+                coordination,
             }),
+        }
+    }
+
+    /// Store access for admin operations; `None` with the static backend.
+    pub fn coordination(&self) -> Option<&Handle> {
+        self.inner.coordination.as_ref().map(|(_, h)| h)
+    }
+
+    /// The write gate, with the memory and etcd backends.
+    pub fn gate(&self) -> Option<&Gate> {
+        self.inner.coordination.as_ref().map(|(g, _)| g.as_ref())
+    }
+
+    /// May this router admit a write for a shard it owns, right now (spec section 10, item 3)?
+    /// Always under `static`. Otherwise only from a table read from the store, and only while
+    /// the lease is certain to outlast `write_timeout`.
+    fn may_admit(&self, snap: &Snapshot) -> bool {
+        match &self.inner.coordination {
+            None => true,
+            Some((gate, _)) => {
+                snap.from_store
+                    && gate.admits(
+                        tokio::time::Instant::now(),
+                        snap.config.loom.write_timeout,
+                        snap.table.table_epoch,
+                    )
+            }
         }
     }
 
@@ -173,8 +211,11 @@ impl Proxy {
     /// Ready: a table is published (always, after start), the local Loom answers its health
     /// path, and the router is not draining.
     pub fn is_ready(&self) -> bool {
-        let local = self.inner.control.snapshot().config.local;
-        !self.inner.draining.load(Ordering::SeqCst) && self.inner.health.get(local) == Status::Up
+        let snap = self.inner.control.snapshot();
+        let has_table = snap.from_store || self.inner.coordination.is_none();
+        has_table
+            && !self.inner.draining.load(Ordering::SeqCst)
+            && self.inner.health.get(snap.config.local) == Status::Up
     }
 
     /// Handle one request from a client or a peer router.
@@ -278,6 +319,10 @@ impl Proxy {
         };
         match resolved.target {
             Target::Local { epoch } => {
+                if epoch.is_some() && !self.may_admit(snap) {
+                    metrics::fenced_write();
+                    return Outcome::error(label, RouterError::Fenced(resolved.shard));
+                }
                 self.serve_local(
                     snap,
                     label,
@@ -430,6 +475,10 @@ impl Proxy {
             admission = snap.table.admit_forwarded(local, shard, epoch, create);
         }
         match admission {
+            Admission::Serve { .. } if !self.may_admit(&snap) => {
+                metrics::fenced_write();
+                Outcome::error(label, RouterError::Fenced(shard))
+            }
             Admission::Serve { epoch } => {
                 self.serve_local(
                     &snap,
@@ -662,7 +711,11 @@ impl Proxy {
             };
             match ours.map(|r| r.target) {
                 Ok(Target::Local { epoch }) => {
-                    // Our refreshed table says we own it now: serve it here.
+                    // Our refreshed table says we own it now: serve it here, through the gate.
+                    if !self.may_admit(&fresh) {
+                        metrics::fenced_write();
+                        return Outcome::error(Label::local(route), RouterError::Fenced(shard));
+                    }
                     let body = replayable
                         .clone()
                         .map(Body::full)

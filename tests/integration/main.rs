@@ -11,6 +11,8 @@ mod cli;
 mod demo;
 mod endpoints;
 mod errors;
+mod failover;
+mod history;
 mod peers;
 mod routing;
 mod support;

@@ -17,7 +17,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use loom_router::app::App;
 use loom_router::config::Config;
+use loom_router::coord::Store;
 use loom_router::emulator::{Emulator, EmulatorConfig, EmulatorHandle, Received};
+use loom_router::memory_store::{MemoryClient, MemoryStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -44,6 +46,10 @@ pub struct Dc {
     pub admin: SocketAddr,
     router_stop: CancellationToken,
     router_task: Option<JoinHandle<()>>,
+    /// The router's config, to start it again after a stop.
+    toml: String,
+    /// This router's connection to the memory store (memory backend only).
+    pub store: Option<MemoryClient>,
 }
 
 impl Dc {
@@ -70,6 +76,32 @@ impl Dc {
         }
     }
 
+    /// Start this DC's Loom again on its old address, with the data it had.
+    pub async fn restore_loom(&mut self) {
+        let (_, handle) = self.loom.spawn_at(self.loom_addr).await.unwrap();
+        self.loom_handle = Some(handle);
+    }
+
+    /// Start this DC's router again on its old ports, with its old config.
+    pub async fn restore_router(&mut self) {
+        let http = TcpListener::bind(self.router).await.unwrap();
+        let admin = TcpListener::bind(self.admin).await.unwrap();
+        let config = Config::from_toml(&self.toml).unwrap();
+        let mut app = App::from_listeners(config, http, admin);
+        if let Some(client) = &self.store {
+            app = app.with_store(Store::Memory(client.clone()));
+        }
+        self.router_stop = CancellationToken::new();
+        let stopped = self.router_stop.clone();
+        self.router_task = Some(tokio::spawn(async move { app.run(stopped).await.unwrap() }));
+    }
+
+    /// Stop both, as a DC failure would (the router's lease is not revoked: it expires).
+    pub async fn kill(&mut self) {
+        self.stop_router().await;
+        self.stop_loom().await;
+    }
+
     /// Requests this DC's Loom received, as (method, path and query).
     pub fn seen(&self) -> Vec<(String, String)> {
         self.loom
@@ -94,6 +126,8 @@ impl Dc {
 #[derive(Debug)]
 pub struct Cluster {
     pub dcs: Vec<Dc>,
+    /// The shared coordination store (memory backend only).
+    pub store: Option<MemoryStore>,
     /// DCs whose Loom is not an emulator (never ready; not waited for).
     overridden: [bool; 3],
 }
@@ -111,6 +145,9 @@ pub struct Options {
     pub loom_override: [Option<SocketAddr>; 3],
     /// Tell every router that this address is a DC's router (a stub peer, say).
     pub router_override: [Option<SocketAddr>; 3],
+    /// Coordinate through one in-process memory store (leases, automatic failover), with a
+    /// become-owner hook on each DC's emulated Loom.
+    pub memory: bool,
 }
 
 impl Default for Options {
@@ -121,6 +158,7 @@ impl Default for Options {
             replication_delay: Duration::from_millis(50),
             loom_override: [None, None, None],
             router_override: [None, None, None],
+            memory: false,
         }
     }
 }
@@ -160,6 +198,7 @@ impl Cluster {
             .zip(options.router_override)
             .map(|((h, _), o)| o.unwrap_or_else(|| h.local_addr().unwrap()))
             .collect();
+        let store = options.memory.then(MemoryStore::new);
         let mut dcs = Vec::new();
         for (i, ((loom, loom_addr, handle), (http, admin))) in
             looms.into_iter().zip(listeners).enumerate()
@@ -170,9 +209,14 @@ impl Cluster {
                 .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{toml}"));
             let router = http.local_addr().unwrap();
             let admin_addr = admin.local_addr().unwrap();
-            let app = App::from_listeners(config, http, admin);
+            let client = store.as_ref().map(MemoryStore::client);
+            let mut app = App::from_listeners(config, http, admin);
+            if let Some(client) = &client {
+                app = app.with_store(Store::Memory(client.clone()));
+            }
             let stop = CancellationToken::new();
-            let task = tokio::spawn(app.run(stop.clone()));
+            let stopped = stop.clone();
+            let task = tokio::spawn(async move { app.run(stopped).await.unwrap() });
             dcs.push(Dc {
                 name: DCS[i].0,
                 loom,
@@ -182,10 +226,16 @@ impl Cluster {
                 admin: admin_addr,
                 router_stop: stop,
                 router_task: Some(task),
+                toml,
+                store: client,
             });
         }
         let overridden = options.loom_override.map(|o| o.is_some());
-        let cluster = Self { dcs, overridden };
+        let cluster = Self {
+            dcs,
+            store,
+            overridden,
+        };
         cluster.wait_ready().await;
         cluster
     }
@@ -280,11 +330,25 @@ healthy_after = 1
 
 [log]
 access = "off"
+{coordination}
 {per_dc}
 "#,
         name = DCS[i].0,
         per_dc = options.per_dc[i],
+        coordination = if options.memory {
+            // Short leases so failover takes about two seconds; write_timeout must fit inside.
+            format!(
+                "[coordination]\nbackend = \"memory\"\nlease = \"1500ms\"\nkeepalive = \"250ms\"\n\
+                 failover_cooldown = \"1s\"\nhook_timeout = \"1s\"\n\
+                 become_owner_hook = \"http://{upstream}/replication/become-owner\"\n"
+            )
+        } else {
+            String::new()
+        },
     );
+    if options.memory {
+        toml = toml.replace("write_timeout = \"2s\"", "write_timeout = \"500ms\"");
+    }
     let replicas = ["us-west", "eu-central", "us-east"];
     for (j, (name, start)) in DCS.iter().enumerate() {
         toml.push_str(&format!(

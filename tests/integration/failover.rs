@@ -1,0 +1,287 @@
+//! Automatic failover with the memory backend, three DCs in process (issue 3). Every scenario
+//! ends with the history checker.
+
+use std::time::Duration;
+
+use crate::history::{self, Acked};
+use crate::support::*;
+
+fn memory() -> Options {
+    Options {
+        memory: true,
+        ..Options::default()
+    }
+}
+
+/// The owner of `shard` in a router's `/admin/table`, with its epoch.
+async fn owner(dc: &Dc, shard: u64) -> (String, u64) {
+    let t = get(&dc.admin_url("/admin/table")).await.json();
+    let s = t["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["shard"] == shard)
+        .unwrap_or_else(|| panic!("no shard {shard} in {t}"))
+        .clone();
+    (
+        s["owner"].as_str().unwrap().to_owned(),
+        s["epoch"].as_u64().unwrap(),
+    )
+}
+
+/// Wait (up to 10 s) until `dc`'s table says `shard` is owned by `expected`.
+async fn until_owner(dc: &Dc, shard: u64, expected: &str) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (o, epoch) = owner(dc, shard).await;
+        if o == expected {
+            return epoch;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}: shard {shard} still owned by {o}",
+            dc.name
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Wait until every router may admit writes for its own shards (table read, lease registered).
+async fn admitting(c: &Cluster) {
+    for dc in &c.dcs {
+        let url = dc.admin_url("/admin/table");
+        eventually(|| async { get(&url).await.json()["lease"]["admitting"] == true }).await;
+    }
+}
+
+/// Send a write and remember it if it was acknowledged.
+async fn write(
+    acked: &mut Vec<Acked>,
+    method: &str,
+    url: &str,
+    path: &str,
+    body: &[u8],
+) -> TestResponse {
+    let r = send(method, &format!("{url}{path}"), &COOPR, body).await;
+    if r.status.is_success() {
+        acked.push(Acked {
+            served_by: r.header("x-loom-served-by").unwrap().to_owned(),
+            method: method.to_owned(),
+            path: path.to_owned(),
+        });
+    }
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_dcs_shards_move_to_the_first_live_replica_and_never_move_back_on_their_own() {
+    let mut c = Cluster::start_with(memory()).await;
+    let mut acked = Vec::new();
+    // Every router reads ownership from the store.
+    admitting(&c).await;
+    // A cluster in eu-central's shard 3; replicas of eu-central: [us-east].
+    let id = create_cluster(c.dc(EU), "f").await;
+    assert_eq!(id, "00000003");
+    let (_, epoch_before) = owner(c.dc(EAST), 3).await;
+    // Wait for it to replicate to us-east, the future owner.
+    eventually(|| async { c.dc(EAST).loom.cluster(3).is_some() }).await;
+    let r = write(
+        &mut acked,
+        "POST",
+        &c.dc(WEST).url(""),
+        "/v2/clusters/00000003/abort",
+        b"",
+    )
+    .await;
+    assert_eq!(r.header("x-loom-served-by"), Some("eu-central"));
+
+    c.dcs[EU].kill().await;
+    // Its lease expires; the manager moves shard 3 to us-east at a newer epoch.
+    let epoch = until_owner(c.dc(EAST), 3, "us-east").await;
+    assert!(epoch > epoch_before);
+    until_owner(c.dc(WEST), 3, "us-east").await;
+    // The new owner's hook ran before it admitted writes.
+    eventually(|| async {
+        c.dc(EAST).loom.become_owner_calls().iter().any(|call| {
+            call.shard == Some(3) && call.previous_owner.as_deref() == Some("eu-central")
+        })
+    })
+    .await;
+
+    // Writes through every surviving router reach the new owner.
+    for (i, path) in [
+        (EAST, "/v2/clusters/00000003/pause"),
+        (WEST, "/v2/clusters/00000003/resume"),
+    ] {
+        let mut r = write(&mut acked, "POST", &c.dc(i).url(""), path, b"").await;
+        // Right after the swap the hook may still be running: fenced, then fine.
+        for _ in 0..40 {
+            if r.header("x-loom-router-error") != Some("fenced") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            r = write(&mut acked, "POST", &c.dc(i).url(""), path, b"").await;
+        }
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        assert_eq!(r.header("x-loom-served-by"), Some("us-east"));
+    }
+    // Reads stay local throughout.
+    let r = send("GET", &c.dc(WEST).url("/v2/clusters/00000003"), &COOPR, b"").await;
+    assert_eq!(r.header("x-loom-served-by"), Some("us-west"));
+    assert_eq!(r.header("x-loom-route"), Some("read"));
+
+    // eu-central comes back: it does not take shard 3 back, and forwards writes for it.
+    c.dcs[EU].restore_loom().await;
+    c.dcs[EU].restore_router().await;
+    admitting(&c).await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // longer than a lease: nothing moves back
+    assert_eq!(owner(c.dc(EU), 3).await.0, "us-east");
+    let r = write(
+        &mut acked,
+        "DELETE",
+        &c.dc(EU).url(""),
+        "/v2/clusters/00000003",
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-loom-route"), Some("write-forwarded"));
+    assert_eq!(r.header("x-loom-served-by"), Some("us-east"));
+
+    history::check(&c, &acked);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_live_replica_the_shard_stays_and_an_alert_is_raised() {
+    let mut c = Cluster::start_with(memory()).await;
+    admitting(&c).await;
+    // Shard 2 (us-west) has replicas [eu-central]: kill both.
+    c.dcs[WEST].kill().await;
+    c.dcs[EU].kill().await;
+    let admin = c.dc(EAST).admin_url("/admin/table");
+    eventually(|| async {
+        let t = get(&admin).await.json();
+        t["alerts"].as_array().unwrap().iter().any(|a| {
+            a.as_str()
+                .unwrap()
+                .starts_with("shard 2: owner us-west is down")
+        })
+    })
+    .await;
+    assert_eq!(owner(c.dc(EAST), 2).await.0, "us-west");
+    // Shard 3 (eu-central, replicas [us-east]) did fail over.
+    until_owner(c.dc(EAST), 3, "us-east").await;
+    let metrics = get(&c.dc(EAST).admin_url("/metrics")).await.text();
+    assert!(
+        metrics.contains("loom_router_shard_unprotected{shard=\"2\"} 1"),
+        "{metrics}"
+    );
+    history::check(&c, &[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_cut_off_from_the_store_fences_itself_before_others_take_over() {
+    let c = Cluster::start_with(memory()).await;
+    let mut acked = Vec::new();
+    admitting(&c).await;
+    let id = create_cluster(c.dc(WEST), "p").await;
+    assert_eq!(id, "00000002");
+    eventually(|| async { c.dc(EU).loom.cluster(2).is_some() }).await;
+    // us-west loses the store; its Loom and peers are fine.
+    c.dc(WEST).store.as_ref().unwrap().set_cut_off(true);
+    let cut = tokio::time::Instant::now();
+    // Within its lease it must refuse writes for its own shard: fenced, never applied late.
+    let mut fenced_at = None;
+    while cut.elapsed() < Duration::from_secs(3) {
+        let r = write(
+            &mut acked,
+            "POST",
+            &c.dc(WEST).url(""),
+            "/v2/clusters/00000002/abort",
+            b"",
+        )
+        .await;
+        if r.header("x-loom-router-error") == Some("fenced") {
+            fenced_at.get_or_insert(cut.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let fenced_at = fenced_at.expect("us-west never fenced itself");
+    // It fenced itself before its lease could expire in the store (1.5 s).
+    assert!(fenced_at < Duration::from_millis(1500), "{fenced_at:?}");
+    // The others moved shard 2 to its replica, eu-central.
+    until_owner(c.dc(EAST), 2, "eu-central").await;
+    history::check(&c, &acked);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_move_freeze_and_unfreeze_shards() {
+    let mut c = Cluster::start_with(memory()).await;
+    admitting(&c).await;
+    let admin = c.dc(EAST).admin_url("");
+    // Not a replica of shard 1 (replicas: [us-west]).
+    let r = send(
+        "POST",
+        &format!("{admin}/admin/shards/1/move"),
+        &[],
+        br#"{"to":"eu-central"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    let r = send(
+        "POST",
+        &format!("{admin}/admin/shards/9/move"),
+        &[],
+        br#"{"to":"us-west"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    // A planned switchover: fence, drain, move.
+    let r = send(
+        "POST",
+        &format!("{admin}/admin/shards/1/move"),
+        &[],
+        br#"{"to":"us-west"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let moved = r.json();
+    assert_eq!(moved["from"], "us-east");
+    assert_eq!(moved["to"], "us-west");
+    // The pause is write_timeout (500 ms) plus the margin, and no more than a second.
+    let pause = moved["write_pause_ms"].as_u64().unwrap();
+    assert!((750..1500).contains(&pause), "{pause}");
+    until_owner(c.dc(EU), 1, "us-west").await;
+
+    // Freeze shard 3, kill its owner: it stays put.
+    let r = send("POST", &format!("{admin}/admin/shards/3/freeze"), &[], b"").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    c.dcs[EU].kill().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(owner(c.dc(EAST), 3).await.0, "eu-central");
+    // Unfreeze: now it fails over.
+    let r = send(
+        "POST",
+        &format!("{admin}/admin/shards/3/unfreeze"),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    until_owner(c.dc(EAST), 3, "us-east").await;
+    history::check(&c, &[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_static_backend_refuses_moves() {
+    let c = Cluster::start().await;
+    let r = send(
+        "POST",
+        &c.dc(EAST).admin_url("/admin/shards/1/move"),
+        &[],
+        br#"{"to":"us-west"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 409);
+    assert!(r.text().contains("static"), "{}", r.text());
+}

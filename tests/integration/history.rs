@@ -1,0 +1,136 @@
+//! The history checker run over every failover test (issue 3).
+//!
+//! Inputs: the emulated Looms' logs of applied writes (DC, shard, epoch, time), the memory
+//! store's audit trail (which DC owned each shard at each epoch, and when that was committed),
+//! every request each Loom received, and the writes the test's clients saw acknowledged.
+//! It asserts:
+//! 1. at most one DC per (shard, epoch), and that DC is the shard's owner at that epoch;
+//! 2. no write at an old owner after a newer epoch of its shard was committed;
+//! 3. epochs only grow, per DC and shard, in the order writes were applied;
+//! 4. every write acknowledged to a client was applied at the DC that served it;
+//! 5. no request crossed more than one router hop.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use loom_router::config::ShardKey;
+use loom_router::coord::{Event, Keys, ShardRecord};
+
+use crate::support::Cluster;
+
+/// A write a client saw succeed: the DC in `X-Loom-Served-By`, method and path.
+#[derive(Debug, Clone)]
+pub struct Acked {
+    pub served_by: String,
+    pub method: String,
+    pub path: String,
+}
+
+/// Check the whole history of `cluster`. Panics with the first violation.
+pub fn check(cluster: &Cluster, acked: &[Acked]) {
+    let store = cluster
+        .store
+        .as_ref()
+        .expect("history needs the memory backend");
+    let keys = Keys::new("/loom-router");
+    // (shard residue, epoch) -> (owner, commit time), from the audit trail.
+    let mut owners: BTreeMap<(u64, u64), (String, tokio::time::Instant)> = BTreeMap::new();
+    for (at, batch) in store.audit() {
+        for event in &batch.events {
+            if let Event::Put(kv) = event {
+                if let (Some(ShardKey::Residue(r)), Some(record)) = (
+                    keys.parse_shard(&kv.key),
+                    ShardRecord::from_bytes(&kv.value),
+                ) {
+                    owners.insert((r, kv.mod_revision as u64), (record.owner, at));
+                }
+            }
+        }
+    }
+
+    let mut writers: BTreeMap<(u64, u64), BTreeSet<String>> = BTreeMap::new();
+    for dc in &cluster.dcs {
+        let mut last_epoch: BTreeMap<u64, u64> = BTreeMap::new();
+        for w in dc.loom.applied_writes() {
+            let (Some(shard), Some(epoch)) = (w.shard, w.epoch) else {
+                continue;
+            };
+            writers
+                .entry((shard, epoch))
+                .or_default()
+                .insert(w.dc.clone());
+            // 1. The writer owned the shard at that epoch.
+            let (owner, _) = owners
+                .get(&(shard, epoch))
+                .unwrap_or_else(|| panic!("{w:?}: epoch {epoch} of shard {shard} never existed"));
+            assert_eq!(
+                owner, &w.dc,
+                "{w:?} applied at a DC that did not own shard {shard} at epoch {epoch}"
+            );
+            // 2. No newer epoch of the shard was committed before this write was applied.
+            let newer = owners
+                .range((shard, epoch + 1)..(shard + 1, 0))
+                .find(|(_, (o, committed))| o != &w.dc && *committed < w.at);
+            assert!(
+                newer.is_none(),
+                "{w:?} applied at an old owner after {newer:?} was committed"
+            );
+            // 3. Epochs only grow.
+            let last = last_epoch.entry(shard).or_insert(0);
+            assert!(epoch >= *last, "{w:?}: epoch went back from {last}");
+            *last = epoch;
+        }
+    }
+    for ((shard, epoch), dcs) in &writers {
+        assert_eq!(
+            dcs.len(),
+            1,
+            "shard {shard} epoch {epoch} written by {dcs:?}"
+        );
+    }
+
+    // 4. Acknowledged writes were applied where they were served.
+    for a in acked {
+        let dc = cluster
+            .dcs
+            .iter()
+            .find(|d| d.name == a.served_by)
+            .unwrap_or_else(|| panic!("{a:?}: served by an unknown DC"));
+        let applied = dc
+            .loom
+            .applied_writes()
+            .iter()
+            .any(|w| w.method == a.method && w.path == a.path);
+        assert!(
+            applied,
+            "{a:?} was acknowledged but not applied at {}",
+            a.served_by
+        );
+    }
+
+    // 5. At most one hop.
+    for dc in &cluster.dcs {
+        for r in dc.loom.received() {
+            if let Some(hop) = r.headers.get("x-loom-router-hop") {
+                assert_eq!(hop, "1", "{r:?}");
+            }
+            let routers = r
+                .headers
+                .get_all("via")
+                .iter()
+                .flat_map(|v| {
+                    v.to_str()
+                        .unwrap_or("")
+                        .split(',')
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>()
+                })
+                .filter(|entry| entry.contains("loom-router-"))
+                .count();
+            assert!(
+                routers <= 2,
+                "{} crossed {routers} routers: {r:?}",
+                r.path_and_query
+            );
+        }
+    }
+}
