@@ -258,3 +258,121 @@ impl Writer {
         )));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coord::ShardRecord;
+
+    fn config() -> Arc<Config> {
+        Arc::new(
+            Config::from_toml(
+                r#"
+datacenter = "a"
+global_home = "a"
+[loom]
+upstream = "http://127.0.0.1:1"
+[ids]
+increment = 10
+[[datacenters]]
+name = "a"
+id_start = 1
+router = "http://127.0.0.1:2"
+replicas = ["b"]
+[[datacenters]]
+name = "b"
+id_start = 2
+router = "http://127.0.0.1:3"
+replicas = ["a"]
+"#,
+            )
+            .unwrap(),
+        )
+    }
+
+    fn view(revision: i64, shard1_owner: &str, previous: Option<&str>) -> View {
+        let record = |owner: &str, home: &str| ShardRecord {
+            owner: owner.to_owned(),
+            home: Some(home.to_owned()),
+            replicas: vec![],
+            state: "active".to_owned(),
+            frozen: false,
+            previous_owner: None,
+            changed_at: crate::coord::now_rfc3339(),
+            changed_by: "test".to_owned(),
+            reason: String::new(),
+            failed_over_at_ms: None,
+        };
+        let mut moved = record(shard1_owner, "a");
+        moved.previous_owner = previous.map(str::to_owned);
+        View {
+            revision,
+            shards: [
+                (ShardKey::Residue(1), (moved, revision)),
+                (ShardKey::Residue(2), (record("b", "b"), 2)),
+                (ShardKey::Global, (record("a", "a"), 2)),
+            ]
+            .into_iter()
+            .collect(),
+            ..View::default()
+        }
+    }
+
+    fn writer(config: Arc<Config>) -> Writer {
+        let table = Table::from_config(&config);
+        Writer {
+            current: Arc::new(ArcSwap::from_pointee(Snapshot::new(
+                config.clone(),
+                table,
+                Vec::new(),
+                false,
+            ))),
+            config,
+            pending_hooks: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_table_epoch_never_goes_back() {
+        let mut w = writer(config());
+        w.install(&view(10, "a", None), None);
+        assert_eq!(w.current.load().table.table_epoch, 10);
+        w.install(&view(5, "b", Some("a")), None);
+        let current = w.current.load();
+        assert_eq!(current.table.table_epoch, 10, "older view installed");
+        assert_eq!(current.table.shard(ShardKey::Residue(1)).unwrap().owner, 0);
+        w.install(&view(11, "b", Some("a")), None);
+        assert_eq!(w.current.load().table.table_epoch, 11);
+    }
+
+    #[test]
+    fn a_gained_shard_is_fenced_until_its_hook_succeeds() {
+        // This router is "b" (index 1): shard 1 moves to it.
+        let mut cfg = (*config()).clone();
+        cfg.local = 1;
+        let mut w = writer(Arc::new(cfg));
+        let (hooks, mut jobs) = mpsc::channel(4);
+        w.install(&view(10, "a", None), Some(&hooks));
+        assert!(jobs.try_recv().is_err());
+        w.install(&view(12, "b", Some("a")), Some(&hooks));
+        let job = jobs.try_recv().unwrap();
+        assert_eq!(
+            job,
+            HookJob {
+                shard: ShardKey::Residue(1),
+                epoch: 12,
+                previous_owner: Some("a".to_owned())
+            }
+        );
+        assert_eq!(
+            w.current.load().table.hook_pending,
+            vec![ShardKey::Residue(1)]
+        );
+        // The same ownership again does not call the hook twice.
+        w.install(&view(13, "b", Some("a")), Some(&hooks));
+        assert!(jobs.try_recv().is_err());
+        w.pending_hooks.remove(&ShardKey::Residue(1));
+        w.republish();
+        assert!(w.current.load().table.hook_pending.is_empty());
+    }
+}

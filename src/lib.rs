@@ -75,5 +75,6 @@ pub mod lease;
 pub mod listener;
 pub mod memory_store;
 pub mod metrics;
+pub mod operator;
 pub mod ownership;
 pub mod proxy;

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use loom_router::app::App;
 use loom_router::config::{AccessLog, Backend, Config, DEFAULT_CONFIG_PATH};
 use loom_router::demo::{Demo, DEFAULT_PORT_BASE};
+use loom_router::operator::{self, Call};
 use loom_router::ownership::Table;
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +37,36 @@ enum Command {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// Show a router's shard table: owners, epochs, states, last change and reason.
+    Table {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print the raw JSON of /admin/table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Planned switchover: fence the shard, drain writes in flight, move it to a live replica.
+    Move {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// A residue, or "global".
+        shard: String,
+        /// The datacenter to move it to.
+        #[arg(long)]
+        to: String,
+    },
+    /// Turn automatic failover off for a shard (its owner still admits writes).
+    Freeze {
+        #[command(flatten)]
+        admin: AdminArgs,
+        shard: String,
+    },
+    /// Turn automatic failover back on for a shard.
+    Unfreeze {
+        #[command(flatten)]
+        admin: AdminArgs,
+        shard: String,
+    },
     /// Run three DCs (emulated Looms and real routers) in this process until Ctrl-C.
     Demo {
         /// Routers listen on port-base+1..+3, admin on port-base+1821..+1823, Looms on
@@ -45,12 +76,27 @@ enum Command {
     },
 }
 
+/// Where and how to reach a router's admin listener.
+#[derive(Debug, clap::Args)]
+struct AdminArgs {
+    /// The admin listener, e.g. http://127.0.0.1:9901.
+    #[arg(long)]
+    admin: String,
+    /// `[admin] token`, for calls that change state.
+    #[arg(long, env = "LOOM_ROUTER_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config } => run(&config),
         Command::Demo { port_base } => demo(port_base),
+        Command::Table { admin, json } => operate(&admin, &Call::Table, json),
+        Command::Move { admin, shard, to } => operate(&admin, &Call::Move { shard, to }, false),
+        Command::Freeze { admin, shard } => operate(&admin, &Call::Freeze { shard }, false),
+        Command::Unfreeze { admin, shard } => operate(&admin, &Call::Unfreeze { shard }, false),
     }
 }
 
@@ -128,6 +174,50 @@ fn run(path: &std::path::Path) -> ExitCode {
             }
         }
     })
+}
+
+/// One operator call: print the answer; exit 0 on 2xx, 1 otherwise.
+fn operate(admin: &AdminArgs, call: &Call, json: bool) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let answer = match runtime.block_on(operator::call(&admin.admin, admin.token.as_deref(), call))
+    {
+        Ok(answer) => answer,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    if !(200..300).contains(&answer.status) {
+        eprint!("{} ({}): {}", call_name(call), answer.status, answer.body);
+        return ExitCode::from(1);
+    }
+    match (
+        call,
+        json,
+        serde_json::from_str::<serde_json::Value>(&answer.body),
+    ) {
+        (Call::Table, false, Ok(table)) => print!("{}", operator::render_table(&table)),
+        _ => println!("{}", answer.body.trim_end()),
+    }
+    ExitCode::SUCCESS
+}
+
+fn call_name(call: &Call) -> &'static str {
+    match call {
+        Call::Table => "table",
+        Call::Move { .. } => "move",
+        Call::Freeze { .. } => "freeze",
+        Call::Unfreeze { .. } => "unfreeze",
+    }
 }
 
 fn demo(port_base: u16) -> ExitCode {

@@ -46,8 +46,9 @@ async fn the_printed_scenario_creates_reads_and_deletes_through_three_dcs() {
         .await;
         responses.push(r);
     }
-    let [create, read, delete, table] = &responses[..] else {
-        panic!()
+    let [create, read, delete, table, create_eu, kill, moved, write, restore] = &responses[..]
+    else {
+        panic!("{} steps", responses.len())
     };
     assert_eq!(create.status, 200);
     assert_eq!(create.json(), serde_json::json!({"id": "00000001"}));
@@ -71,11 +72,46 @@ async fn the_printed_scenario_creates_reads_and_deletes_through_three_dcs() {
         .collect();
     assert_eq!(east_writes.len(), 1);
     assert_eq!(east_writes[0].cluster, Some(1));
-    assert_eq!(east_writes[0].epoch, Some(1));
-    assert!(demo.dcs[2].emulator.applied_writes().is_empty());
+    assert!(!demo.dcs[2]
+        .emulator
+        .applied_writes()
+        .iter()
+        .any(|w| w.method == "DELETE"));
 
     assert_eq!(table.status, 200);
     assert_eq!(table.json()["datacenter"], "eu-central");
+    // Stamped with shard 1's epoch, as the table shows it.
+    let shard1 = table.json()["shards"][0].clone();
+    assert_eq!(shard1["shard"], 1);
+    assert_eq!(east_writes[0].epoch, shard1["epoch"].as_u64());
+
+    // Failover: eu-central dies, shard 3 moves to us-east, writes follow the new owner.
+    assert_eq!(create_eu.json(), serde_json::json!({"id": "00000003"}));
+    assert_eq!(kill.status, 200, "{}", kill.text());
+    let shard3 = moved.json()["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["shard"] == 3)
+        .unwrap()
+        .clone();
+    assert_eq!(shard3["owner"], "us-east", "{shard3}");
+    assert_eq!(write.status, 200, "{}", write.text());
+    assert_eq!(write.header("x-loom-served-by"), Some("us-east"));
+    assert_eq!(write.header("x-loom-route"), Some("write-forwarded"));
+    assert_eq!(restore.status, 200, "{}", restore.text());
+    // Back, and not the owner of shard 3.
+    let admin = format!("http://{}/admin/table", demo.dcs[2].admin);
+    eventually(|| async { get(&admin).await.status == 200 }).await;
+    let t = get(&admin).await.json();
+    let owner = t["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["shard"] == 3)
+        .unwrap()["owner"]
+        .clone();
+    assert_eq!(owner, "us-east");
     demo.stop().await;
 }
 

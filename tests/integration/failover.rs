@@ -285,3 +285,73 @@ async fn the_static_backend_refuses_moves() {
     assert_eq!(r.status, 409);
     assert!(r.text().contains("static"), "{}", r.text());
 }
+
+/// Run `loom-router <args>`; returns (exit code, stdout, stderr).
+async fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_loom-router"))
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_cli_shows_the_table_and_moves_freezes_and_unfreezes() {
+    let mut options = memory();
+    options.extra = "\n[admin]\ntoken = \"s3cret\"\n".to_owned();
+    let c = Cluster::start_with(options).await;
+    admitting(&c).await;
+    let admin = c.dc(EU).admin_url("");
+    let (code, out, _) = cli(&["table", "--admin", &admin]).await;
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with("datacenter eu-central  table_epoch "),
+        "{out}"
+    );
+    assert!(lines[1].starts_with("shard 1      owner us-east "), "{out}");
+    assert!(lines[4].starts_with("shard global owner us-east "), "{out}");
+
+    // Changing state needs the token.
+    let (code, _, err) = cli(&["freeze", "--admin", &admin, "3"]).await;
+    assert_eq!(code, 1);
+    assert!(err.starts_with("freeze (401): "), "{err}");
+    let (code, out, _) = cli(&["freeze", "--admin", &admin, "--token", "s3cret", "3"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("\"frozen\":true"), "{out}");
+    let (_, out, _) = cli(&["table", "--admin", &admin]).await;
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("shard 3 ") && l.contains(" frozen")),
+        "{out}"
+    );
+    let (code, _, _) = cli(&["unfreeze", "--admin", &admin, "--token", "s3cret", "3"]).await;
+    assert_eq!(code, 0);
+
+    let (code, out, err) = cli(&[
+        "move",
+        "--admin",
+        &admin,
+        "--token",
+        "s3cret",
+        "2",
+        "--to",
+        "eu-central",
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"to\":\"eu-central\""), "{out}");
+    until_owner(c.dc(EAST), 2, "eu-central").await;
+    let (code, _, err) = cli(&[
+        "move", "--admin", &admin, "--token", "s3cret", "2", "--to", "nowhere",
+    ])
+    .await;
+    assert_eq!(code, 1);
+    assert!(err.starts_with("move (409): "), "{err}");
+    history::check(&c, &[]);
+}
