@@ -1,10 +1,14 @@
 # loom-router: multi-stage build. Config and certificates are mounted, never baked in:
 #   docker run -v /etc/loom-router:/etc/loom-router:ro -p 8080:8080 loom-router
 FROM rust:1.95-slim-bookworm AS build
+# etcd-client (the etcd backend) runs protoc at build time.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends protobuf-compiler \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
-RUN cargo build --release --locked --bin loom-router
+RUN cargo build --release --locked --features etcd --bin loom-router
 
 FROM debian:bookworm-slim
 # curl for the HEALTHCHECK only.

@@ -142,9 +142,30 @@ impl App {
                 background.cancel();
                 return Err(AppError::NoMemoryStore);
             }
-            (Backend::Etcd, _) => {
-                background.cancel();
-                return Err(AppError::EtcdUnavailable);
+            (Backend::Etcd, store) => {
+                let store = match store {
+                    Some(store) => Ok(store),
+                    None => connect_etcd(&config.coordination.endpoints).await,
+                };
+                let joined = match store {
+                    Ok(store) => coordinator::join(
+                        Arc::new(config.clone()),
+                        store,
+                        board.clone(),
+                        forwarder.clone(),
+                        background.clone(),
+                    )
+                    .await
+                    .map_err(AppError::from),
+                    Err(e) => Err(e),
+                };
+                match joined {
+                    Ok(joined) => Some(joined),
+                    Err(e) => {
+                        background.cancel();
+                        return Err(e);
+                    }
+                }
             }
         };
         let (coordination, gate) = match joined {
@@ -178,6 +199,19 @@ impl App {
         let _ = admin.await;
         Ok(())
     }
+}
+
+#[cfg(feature = "etcd")]
+async fn connect_etcd(endpoints: &[String]) -> Result<Store, AppError> {
+    crate::etcd_store::EtcdClient::connect(endpoints)
+        .await
+        .map(Store::Etcd)
+        .map_err(|e| AppError::Join(e.into()))
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn connect_etcd(_endpoints: &[String]) -> Result<Store, AppError> {
+    Err(AppError::EtcdUnavailable)
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {

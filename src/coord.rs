@@ -100,6 +100,8 @@ pub type WatchStream = tokio::sync::mpsc::Receiver<Result<Batch, CoordError>>;
 #[derive(Debug, Clone)]
 pub enum Store {
     Memory(MemoryClient),
+    #[cfg(feature = "etcd")]
+    Etcd(crate::etcd_store::EtcdClient),
 }
 
 impl Store {
@@ -107,6 +109,8 @@ impl Store {
     pub async fn grant(&self, ttl: Duration) -> Result<LeaseId, CoordError> {
         match self {
             Self::Memory(m) => m.grant(ttl),
+            #[cfg(feature = "etcd")]
+            Self::Etcd(e) => e.grant(ttl).await,
         }
     }
 
@@ -114,6 +118,8 @@ impl Store {
     pub async fn keepalive(&self, lease: LeaseId) -> Result<Duration, CoordError> {
         match self {
             Self::Memory(m) => m.keepalive(lease),
+            #[cfg(feature = "etcd")]
+            Self::Etcd(e) => e.keepalive(lease).await,
         }
     }
 
@@ -121,6 +127,8 @@ impl Store {
     pub async fn range(&self, prefix: &str) -> Result<(Vec<Kv>, Revision), CoordError> {
         match self {
             Self::Memory(m) => m.range(prefix),
+            #[cfg(feature = "etcd")]
+            Self::Etcd(e) => e.range(prefix).await,
         }
     }
 
@@ -133,6 +141,8 @@ impl Store {
     ) -> Result<TxnOutcome, CoordError> {
         match self {
             Self::Memory(m) => m.txn(&compares, then, otherwise),
+            #[cfg(feature = "etcd")]
+            Self::Etcd(e) => e.txn(&compares, then, otherwise).await,
         }
     }
 
@@ -140,6 +150,8 @@ impl Store {
     pub async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, CoordError> {
         match self {
             Self::Memory(m) => m.watch(prefix, from),
+            #[cfg(feature = "etcd")]
+            Self::Etcd(e) => e.watch(prefix, from).await,
         }
     }
 }

@@ -24,6 +24,13 @@
 //! - `listener`: the data listener's accept loop, connection limits and drain.
 //! - `admin`: `/healthz`, `/readyz`, `/metrics`, `/admin/table`.
 //! - `metrics`: metric names and the Prometheus recorder.
+//! - `coord`: the coordination store interface (etcd semantics) and its data model;
+//!   `memory_store` and `etcd_store` implement it.
+//! - `coordinator`: joining the store, following it with a watch, starting the tasks below.
+//! - `lease`: this router's lease, its registration, and the self-fencing write gate.
+//! - `failover`: the failover manager, planned switchover, freeze.
+//! - `hook`: the become-owner hook calls.
+//! - `operator`: the CLI side of the admin API.
 //! - `app`: wiring; bind, run, drain.
 //! - `emulator`, `demo`: an emulated Loom and the three-DC sandbox of `loom-router demo`.
 //! - `body`: the body type requests and responses travel in.
@@ -44,8 +51,9 @@
 //!    code (`error`), and logs and counts the request once.
 //!
 //! Off the request path, `health` probes peers and the local Loom, feeding fail-fast
-//! `owner_unavailable` answers and `/readyz`; `control` is the only code that replaces the
-//! snapshot.
+//! `owner_unavailable` answers, `/readyz` and the router's registration; with a coordination
+//! store, `coordinator` follows ownership and `failover` moves shards of dead DCs; `control` is
+//! the only code that replaces the snapshot.
 //!
 //! # Glossary
 //!
@@ -66,6 +74,8 @@ pub mod coordinator;
 pub mod demo;
 pub mod emulator;
 pub mod error;
+#[cfg(feature = "etcd")]
+pub mod etcd_store;
 pub mod failover;
 pub mod forward;
 pub mod headers;

@@ -13,7 +13,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use loom_router::config::ShardKey;
-use loom_router::coord::{Event, Keys, ShardRecord};
+use std::sync::Arc;
+
+use loom_router::coord::{Batch, Event, Keys, ShardRecord};
 
 use crate::support::Cluster;
 
@@ -25,16 +27,30 @@ pub struct Acked {
     pub path: String,
 }
 
-/// Check the whole history of `cluster`. Panics with the first violation.
+/// Check the whole history of `cluster`, with the memory store's audit trail. Panics with the
+/// first violation.
 pub fn check(cluster: &Cluster, acked: &[Acked]) {
     let store = cluster
         .store
         .as_ref()
         .expect("history needs the memory backend");
-    let keys = Keys::new("/loom-router");
+    check_against(cluster, "/loom-router", &store.audit(), acked);
+}
+
+/// Check `cluster`'s history against a trail of store changes under `prefix`, each with the time
+/// it committed (or, for etcd, was first seen: a little later, which only makes check 2 more
+/// lenient by the watch delay).
+pub fn check_against(
+    cluster: &Cluster,
+    prefix: &str,
+    trail: &[(tokio::time::Instant, Arc<Batch>)],
+    acked: &[Acked],
+) {
+    let keys = Keys::new(prefix);
     // (shard residue, epoch) -> (owner, commit time), from the audit trail.
     let mut owners: BTreeMap<(u64, u64), (String, tokio::time::Instant)> = BTreeMap::new();
-    for (at, batch) in store.audit() {
+    for (at, batch) in trail {
+        let at = *at;
         for event in &batch.events {
             if let Event::Put(kv) = event {
                 if let (Some(ShardKey::Residue(r)), Some(record)) = (

@@ -11,6 +11,8 @@ mod cli;
 mod demo;
 mod endpoints;
 mod errors;
+#[cfg(feature = "etcd")]
+mod etcd;
 mod failover;
 mod history;
 mod peers;

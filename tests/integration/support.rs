@@ -82,6 +82,11 @@ impl Dc {
         self.loom_handle = Some(handle);
     }
 
+    /// The router's config text (to run it as a child process).
+    pub fn config_toml(&self) -> &str {
+        &self.toml
+    }
+
     /// Start this DC's router again on its old ports, with its old config.
     pub async fn restore_router(&mut self) {
         let http = TcpListener::bind(self.router).await.unwrap();
@@ -148,6 +153,11 @@ pub struct Options {
     /// Coordinate through one in-process memory store (leases, automatic failover), with a
     /// become-owner hook on each DC's emulated Loom.
     pub memory: bool,
+    /// Coordinate through etcd instead: each DC's endpoint (a real etcd, or a fault proxy in
+    /// front of it), and the key prefix for this test.
+    pub etcd: Option<([String; 3], String)>,
+    /// Do not start this DC's router in process (a test runs it as a child process).
+    pub external_router: [bool; 3],
 }
 
 impl Default for Options {
@@ -159,6 +169,8 @@ impl Default for Options {
             loom_override: [None, None, None],
             router_override: [None, None, None],
             memory: false,
+            etcd: None,
+            external_router: [false, false, false],
         }
     }
 }
@@ -210,6 +222,23 @@ impl Cluster {
             let router = http.local_addr().unwrap();
             let admin_addr = admin.local_addr().unwrap();
             let client = store.as_ref().map(MemoryStore::client);
+            if options.external_router[i] {
+                // The test starts this router itself, on these ports.
+                drop((http, admin));
+                dcs.push(Dc {
+                    name: DCS[i].0,
+                    loom,
+                    loom_addr,
+                    loom_handle: Some(handle),
+                    router,
+                    admin: admin_addr,
+                    router_stop: CancellationToken::new(),
+                    router_task: None,
+                    toml,
+                    store: client,
+                });
+                continue;
+            }
             let mut app = App::from_listeners(config, http, admin);
             if let Some(client) = &client {
                 app = app.with_store(Store::Memory(client.clone()));
@@ -230,7 +259,10 @@ impl Cluster {
                 store: client,
             });
         }
-        let overridden = options.loom_override.map(|o| o.is_some());
+        let mut overridden = options.loom_override.map(|o| o.is_some());
+        for (o, external) in overridden.iter_mut().zip(options.external_router) {
+            *o |= external;
+        }
         let cluster = Self {
             dcs,
             store,
@@ -342,11 +374,20 @@ access = "off"
                  failover_cooldown = \"1s\"\nhook_timeout = \"1s\"\n\
                  become_owner_hook = \"http://{upstream}/replication/become-owner\"\n"
             )
+        } else if let Some((endpoints, prefix)) = &options.etcd {
+            // etcd leases are whole seconds: 2 s is the shortest that leaves room for writes.
+            format!(
+                "[coordination]\nbackend = \"etcd\"\nendpoints = [\"{}\"]\nprefix = \"{prefix}\"\n\
+                 lease = \"2s\"\nkeepalive = \"250ms\"\nfailover_cooldown = \"1s\"\n\
+                 hook_timeout = \"1s\"\n\
+                 become_owner_hook = \"http://{upstream}/replication/become-owner\"\n",
+                endpoints[i]
+            )
         } else {
             String::new()
         },
     );
-    if options.memory {
+    if options.memory || options.etcd.is_some() {
         toml = toml.replace("write_timeout = \"2s\"", "write_timeout = \"500ms\"");
     }
     let replicas = ["us-west", "eu-central", "us-east"];

@@ -1,0 +1,460 @@
+//! Failover with the etcd backend, against a real `etcd` (Debian's `etcd-server`), started and
+//! stopped by the tests on free loopback ports (issue 3). Built with `--features etcd`.
+//!
+//! Faults: a DC killed outright; a router cut off from etcd by a user-space TCP proxy that drops
+//! its traffic; a router process paused with SIGSTOP until its shards have moved; the failover
+//! manager's DC dying before it has failed anything over. Every scenario ends with the history
+//! checker, against the ownership trail recorded from etcd's watch.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use loom_router::coord::{Batch, Store};
+use loom_router::etcd_store::EtcdClient;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::history::{self, Acked};
+use crate::support::*;
+
+/// A real etcd, on free loopback ports, in a temporary data dir; killed on drop.
+struct Etcd {
+    child: Child,
+    pub endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (client, peer) = (free_port(), free_port());
+        let client_url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .args([
+                "--name",
+                "t",
+                "--data-dir",
+                dir.path().to_str().unwrap(),
+                "--listen-client-urls",
+                &client_url,
+                "--advertise-client-urls",
+                &client_url,
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+                "--initial-cluster",
+                &format!("t={peer_url}"),
+                "--heartbeat-interval",
+                "50",
+                "--election-timeout",
+                "500",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd must be installed (Debian: apt-get install etcd-server)");
+        let etcd = Self {
+            child,
+            endpoint: client_url,
+            _dir: dir,
+        };
+        let endpoint = etcd.endpoint.clone();
+        eventually(|| async {
+            match EtcdClient::connect(std::slice::from_ref(&endpoint)).await {
+                Ok(c) => c.range("/").await.is_ok(),
+                Err(_) => false,
+            }
+        })
+        .await;
+        etcd
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A user-space TCP proxy in front of etcd for one router. While `dropping`, bytes in both
+/// directions are thrown away, as a network partition would.
+struct FaultProxy {
+    addr: SocketAddr,
+    dropping: Arc<AtomicBool>,
+}
+
+impl FaultProxy {
+    async fn start(upstream: &str) -> Self {
+        let upstream: SocketAddr = upstream.trim_start_matches("http://").parse().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let dropping = Arc::new(AtomicBool::new(false));
+        let flag = dropping.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(pump(cr, sw, flag.clone()));
+                tokio::spawn(pump(sr, cw, flag.clone()));
+            }
+        });
+        Self { addr, dropping }
+    }
+
+    fn set_dropping(&self, drop: bool) {
+        self.dropping.store(drop, Ordering::SeqCst);
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    dropping: Arc<AtomicBool>,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if dropping.load(Ordering::SeqCst) {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Everything committed under `prefix`, with when the watch saw it.
+type Trail = Arc<Mutex<Vec<(tokio::time::Instant, Arc<Batch>)>>>;
+
+async fn record(endpoint: &str, prefix: &str) -> Trail {
+    let client = EtcdClient::connect(&[endpoint.to_owned()]).await.unwrap();
+    let trail = Trail::default();
+    let out = trail.clone();
+    let mut watch = Store::Etcd(client).watch(prefix, 1).await.unwrap();
+    tokio::spawn(async move {
+        while let Some(Ok(batch)) = watch.recv().await {
+            out.lock()
+                .unwrap()
+                .push((tokio::time::Instant::now(), Arc::new(batch)));
+        }
+    });
+    trail
+}
+
+fn check(c: &Cluster, prefix: &str, trail: &Trail, acked: &[Acked]) {
+    let trail = trail.lock().unwrap().clone();
+    history::check_against(c, prefix, &trail, acked);
+}
+
+fn etcd_options(endpoints: [String; 3], prefix: &str) -> Options {
+    Options {
+        etcd: Some((endpoints, prefix.to_owned())),
+        ..Options::default()
+    }
+}
+
+/// Wait until `dc`'s router may admit writes for its shards (it may still be starting up).
+async fn admitting(dc: &Dc) {
+    use http_body_util::BodyExt;
+    let url = dc.admin_url("/admin/table");
+    eventually(|| async {
+        let Ok(response) = client().get(url.parse().unwrap()).await else {
+            return false;
+        };
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let table: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        table["lease"]["admitting"] == true
+    })
+    .await;
+}
+
+async fn owner(dc: &Dc, shard: u64) -> String {
+    let t = get(&dc.admin_url("/admin/table")).await.json();
+    t["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["shard"] == shard)
+        .map(|s| s["owner"].as_str().unwrap().to_owned())
+        .unwrap()
+}
+
+async fn until_owner(dc: &Dc, shard: u64, expected: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while owner(dc, shard).await != expected {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}: shard {shard} never moved to {expected}",
+            dc.name
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn write(acked: &mut Vec<Acked>, dc: &Dc, method: &str, path: &str) -> TestResponse {
+    let r = send(method, &dc.url(path), &COOPR, b"").await;
+    if r.status.is_success() {
+        acked.push(Acked {
+            served_by: r.header("x-loom-served-by").unwrap().to_owned(),
+            method: method.to_owned(),
+            path: path.to_owned(),
+        });
+    }
+    r
+}
+
+/// Retry while the new owner's hook is still running (503 fenced), up to 2 s.
+async fn write_until_admitted(
+    acked: &mut Vec<Acked>,
+    dc: &Dc,
+    method: &str,
+    path: &str,
+) -> TestResponse {
+    let mut r = write(acked, dc, method, path).await;
+    for _ in 0..40 {
+        if r.header("x-loom-router-error") != Some("fenced") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        r = write(acked, dc, method, path).await;
+    }
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_a_dead_dcs_shards_move_and_the_restored_dc_forwards_to_the_new_owner() {
+    let etcd = Etcd::start().await;
+    let prefix = "/loom-router/t1";
+    let trail = record(&etcd.endpoint, prefix).await;
+    let e = etcd.endpoint.clone();
+    let mut c = Cluster::start_with(etcd_options([e.clone(), e.clone(), e], prefix)).await;
+    for dc in &c.dcs {
+        admitting(dc).await;
+    }
+    let mut acked = Vec::new();
+    assert_eq!(create_cluster(c.dc(EU), "e").await, "00000003");
+    eventually(|| async { c.dc(EAST).loom.cluster(3).is_some() }).await;
+    let r = write(
+        &mut acked,
+        c.dc(WEST),
+        "POST",
+        "/v2/clusters/00000003/abort",
+    )
+    .await;
+    assert_eq!(r.header("x-loom-served-by"), Some("eu-central"));
+
+    c.dcs[EU].kill().await;
+    until_owner(c.dc(EAST), 3, "us-east").await;
+    until_owner(c.dc(WEST), 3, "us-east").await;
+    for i in [EAST, WEST] {
+        let r =
+            write_until_admitted(&mut acked, c.dc(i), "POST", "/v2/clusters/00000003/pause").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-loom-served-by"), Some("us-east"));
+    }
+    let r = send("GET", &c.dc(WEST).url("/v2/clusters/00000003"), &COOPR, b"").await;
+    assert_eq!(r.header("x-loom-served-by"), Some("us-west"));
+
+    c.dcs[EU].restore_loom().await;
+    c.dcs[EU].restore_router().await;
+    admitting(c.dc(EU)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(owner(c.dc(EU), 3).await, "us-east");
+    let r = write(&mut acked, c.dc(EU), "DELETE", "/v2/clusters/00000003").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-loom-route"), Some("write-forwarded"));
+    assert_eq!(r.header("x-loom-served-by"), Some("us-east"));
+    check(&c, prefix, &trail, &acked);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_a_router_cut_off_from_etcd_fences_itself_before_the_others_take_over() {
+    let etcd = Etcd::start().await;
+    let prefix = "/loom-router/t2";
+    let trail = record(&etcd.endpoint, prefix).await;
+    let proxy = FaultProxy::start(&etcd.endpoint).await;
+    let e = etcd.endpoint.clone();
+    let endpoints = [e.clone(), format!("http://{}", proxy.addr), e];
+    let c = Cluster::start_with(etcd_options(endpoints, prefix)).await;
+    for dc in &c.dcs {
+        admitting(dc).await;
+    }
+    let mut acked = Vec::new();
+    assert_eq!(create_cluster(c.dc(WEST), "p").await, "00000002");
+    eventually(|| async { c.dc(EU).loom.cluster(2).is_some() }).await;
+
+    proxy.set_dropping(true);
+    let cut = std::time::Instant::now();
+    let mut fenced_at = None;
+    while cut.elapsed() < Duration::from_secs(4) {
+        let r = write(
+            &mut acked,
+            c.dc(WEST),
+            "POST",
+            "/v2/clusters/00000002/abort",
+        )
+        .await;
+        if r.header("x-loom-router-error") == Some("fenced") {
+            fenced_at.get_or_insert(cut.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let fenced_at = fenced_at.expect("us-west never fenced itself");
+    // Fenced before etcd could expire its 2 s lease.
+    assert!(fenced_at < Duration::from_secs(2), "{fenced_at:?}");
+    until_owner(c.dc(EAST), 2, "eu-central").await;
+    let r = write_until_admitted(
+        &mut acked,
+        c.dc(EAST),
+        "POST",
+        "/v2/clusters/00000002/resume",
+    )
+    .await;
+    assert_eq!(
+        r.header("x-loom-served-by"),
+        Some("eu-central"),
+        "{}",
+        r.text()
+    );
+    check(&c, prefix, &trail, &acked);
+}
+
+/// Run a DC's router as a child process (so it can be paused with SIGSTOP).
+fn spawn_router(dc: &Dc) -> (Child, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("router.toml");
+    let toml = format!(
+        "{}\n[listen]\nhttp = \"{}\"\nadmin = \"{}\"\n",
+        dc.config_toml(),
+        dc.router,
+        dc.admin
+    );
+    std::fs::write(&path, toml).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_loom-router"))
+        .args(["run", "--config", path.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (child, dir)
+}
+
+fn signal(child: &Child, signal: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, signal).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_a_paused_router_that_wakes_after_its_shards_moved_does_not_write() {
+    let etcd = Etcd::start().await;
+    let prefix = "/loom-router/t3";
+    let trail = record(&etcd.endpoint, prefix).await;
+    let e = etcd.endpoint.clone();
+    let mut options = etcd_options([e.clone(), e.clone(), e], prefix);
+    options.external_router[WEST] = true;
+    let c = Cluster::start_with(options).await;
+    let (mut child, _dir) = spawn_router(c.dc(WEST));
+    for dc in &c.dcs {
+        admitting(dc).await;
+    }
+    let mut acked = Vec::new();
+    assert_eq!(create_cluster(c.dc(WEST), "z").await, "00000002");
+    eventually(|| async { c.dc(EU).loom.cluster(2).is_some() }).await;
+
+    // us-west's router stops dead (its Loom is fine): its lease runs out in etcd.
+    signal(&child, nix::sys::signal::Signal::SIGSTOP);
+    until_owner(c.dc(EAST), 2, "eu-central").await;
+    let r = write_until_admitted(
+        &mut acked,
+        c.dc(EAST),
+        "POST",
+        "/v2/clusters/00000002/pause",
+    )
+    .await;
+    assert_eq!(
+        r.header("x-loom-served-by"),
+        Some("eu-central"),
+        "{}",
+        r.text()
+    );
+
+    // It wakes with an old table and a dead lease. Whatever it does, it must not write shard 2
+    // at its Loom: it fences itself or forwards to the new owner.
+    signal(&child, nix::sys::signal::Signal::SIGCONT);
+    for _ in 0..40 {
+        let r = write(
+            &mut acked,
+            c.dc(WEST),
+            "POST",
+            "/v2/clusters/00000002/resume",
+        )
+        .await;
+        if r.status.is_success() {
+            assert_eq!(r.header("x-loom-served-by"), Some("eu-central"));
+        } else {
+            assert_eq!(
+                r.header("x-loom-router-error"),
+                Some("fenced"),
+                "{}",
+                r.text()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !c.dc(WEST)
+            .loom
+            .applied_writes()
+            .iter()
+            .any(|w| w.path.ends_with("/resume")),
+        "the woken router wrote at its own Loom"
+    );
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    let _ = child.wait();
+    check(&c, prefix, &trail, &acked);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_when_the_failover_manager_dies_another_router_takes_over_and_fails_it_over() {
+    let etcd = Etcd::start().await;
+    let prefix = "/loom-router/t4";
+    let trail = record(&etcd.endpoint, prefix).await;
+    let e = etcd.endpoint.clone();
+    let mut c = Cluster::start_with(etcd_options([e.clone(), e.clone(), e], prefix)).await;
+    for dc in &c.dcs {
+        admitting(dc).await;
+    }
+    // Find the manager, and kill its whole DC: the failover of that DC's shards is pending on a
+    // manager that no longer exists.
+    let manager = get(&c.dc(EAST).admin_url("/admin/table")).await.json()["failover_manager"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let victim = c
+        .dcs
+        .iter()
+        .position(|d| manager.starts_with(&format!("{}-", d.name)))
+        .unwrap();
+    let survivor = (victim + 1) % 3;
+    let victim_shard = victim as u64 + 1;
+    let replica = ["us-west", "eu-central", "us-east"][victim];
+    c.dcs[victim].kill().await;
+    until_owner(c.dc(survivor), victim_shard, replica).await;
+    let t = get(&c.dc(survivor).admin_url("/admin/table")).await.json();
+    assert_ne!(t["failover_manager"].as_str().unwrap(), manager);
+    check(&c, prefix, &trail, &[]);
+}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Run every test, including the etcd backend's, which start a real etcd.
+#
+# Those need two Debian packages: protobuf-compiler (etcd-client runs protoc when it builds) and
+# etcd-server (the tests start etcd on free loopback ports). This script installs whichever is
+# missing with apt-get, then runs `cargo test --features etcd`. Extra arguments go to cargo test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v protoc > /dev/null || need+=(protobuf-compiler)
+command -v etcd > /dev/null || need+=(etcd-server)
+if [ ${#need[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "tests/run.sh: installing ${need[*]}" >&2
+    $sudo apt-get update
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y "${need[@]}"
+fi
+exec cargo test --features etcd "$@"
