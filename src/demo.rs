@@ -48,8 +48,38 @@ const ADMIN_OFFSET: u16 = 1820;
 const LOOM_OFFSET: u16 = 1000;
 /// How long a completed write takes to reach the other DCs' Looms.
 const REPLICATION_DELAY: Duration = Duration::from_millis(500);
-/// The demo's lease: the fast profile, so a killed DC fails over in a few seconds.
-const LEASE: &str = "3s";
+/// Lease, keepalive and write timeout of a sandbox: how fast a dead DC fails over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Profile {
+    pub lease: Duration,
+    pub keepalive: Duration,
+    pub write_timeout: Duration,
+}
+
+impl Profile {
+    /// The config's defaults: a 5 s lease renewed every second, 2 s writes.
+    pub const DEFAULT: Self = Self {
+        lease: Duration::from_secs(5),
+        keepalive: Duration::from_secs(1),
+        write_timeout: Duration::from_secs(2),
+    };
+    /// Same-metro DCs: a 3 s lease renewed every 500 ms, 1 s writes. The demo uses it.
+    pub const FAST: Self = Self {
+        lease: Duration::from_secs(3),
+        keepalive: Duration::from_millis(500),
+        write_timeout: Duration::from_secs(1),
+    };
+}
+
+/// How to build a sandbox.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// `None` binds every listener on an ephemeral port (tests and benchmarks).
+    pub port_base: Option<u16>,
+    pub profile: Profile,
+    /// Coordinate through this etcd (`endpoint`, key `prefix`) instead of an in-process store.
+    pub etcd: Option<(String, String)>,
+}
 
 /// Why the demo could not start.
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +109,8 @@ pub struct DemoDc {
     running: Arc<Mutex<Option<Running>>>,
     /// The router's config, to start it again on restore.
     config: Arc<str>,
-    store: MemoryStore,
+    /// The in-process store, unless the sandbox uses etcd.
+    store: Option<MemoryStore>,
 }
 
 #[derive(Debug)]
@@ -136,8 +167,20 @@ impl Step {
 const IDENTITY: [(&str, &str); 2] = [("Coopr-UserID", "admin"), ("Coopr-TenantID", "demo")];
 
 impl Demo {
-    /// Start the sandbox. `port_base: None` binds every listener on an ephemeral port (tests).
+    /// Start the sandbox with the fast profile and an in-process store. `port_base: None` binds
+    /// every listener on an ephemeral port (tests).
     pub async fn start(port_base: Option<u16>) -> Result<Self, DemoError> {
+        Self::start_with(DemoOptions {
+            port_base,
+            profile: Profile::FAST,
+            etcd: None,
+        })
+        .await
+    }
+
+    /// Start a sandbox as `options` say.
+    pub async fn start_with(options: DemoOptions) -> Result<Self, DemoError> {
+        let port_base = options.port_base;
         if port_base.is_some_and(|b| b > u16::MAX - ADMIN_OFFSET - 3) {
             return Err(DemoError::PortBase(port_base.unwrap_or_default()));
         }
@@ -169,7 +212,7 @@ impl Demo {
             let loom = local_addr(&loom_listener)?;
             // Hand the port back to the emulator's own binding, which supports restoring.
             drop(loom_listener);
-            let config: Arc<str> = router_config(i, loom, &routers).into();
+            let config: Arc<str> = router_config(i, loom, &routers, &options).into();
             Config::from_toml(&config)?;
             let dc = DemoDc {
                 name,
@@ -179,7 +222,7 @@ impl Demo {
                 emulator,
                 running: Arc::new(Mutex::new(None)),
                 config,
-                store: store.clone(),
+                store: options.etcd.is_none().then(|| store.clone()),
             };
             dc.bring_up(Some(http)).await?;
             dcs.push((dc, admin));
@@ -272,7 +315,7 @@ impl Demo {
             Step {
                 wait: REPLICATION_DELAY * 2,
                 ..step(
-                    "Fail eu-central (its Loom and router stop; its lease expires in 3 s)",
+                    "Fail eu-central (its Loom and router stop; its 3 s lease then expires)",
                     "POST",
                     admin(2, "/demo/kill"),
                     &[],
@@ -342,7 +385,7 @@ struct DcHandle {
     emulator: Emulator,
     running: Arc<Mutex<Option<Running>>>,
     config: Arc<str>,
-    store: MemoryStore,
+    store: Option<MemoryStore>,
 }
 
 impl DemoDc {
@@ -385,8 +428,10 @@ impl DcHandle {
         let inner_admin = bind(0).await?;
         let inner_addr = local_addr(&inner_admin)?;
         let config = Config::from_toml(&self.config)?;
-        let app = App::from_listeners(config, http, inner_admin)
-            .with_store(Store::Memory(self.store.client()));
+        let mut app = App::from_listeners(config, http, inner_admin);
+        if let Some(store) = &self.store {
+            app = app.with_store(Store::Memory(store.client()));
+        }
         let stop = CancellationToken::new();
         let stopped = stop.clone();
         let name = self.name;
@@ -454,7 +499,7 @@ async fn front_request(
                     StatusCode::OK,
                     format!(
                         "{} is down: its Loom and router stopped. Its shards fail over once its \
-                         lease expires ({LEASE}).\n",
+                         lease expires.\n",
                         dc.name
                     ),
                 )
@@ -515,7 +560,20 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     response
 }
 
-fn router_config(i: usize, loom: SocketAddr, routers: &[SocketAddr]) -> String {
+fn router_config(
+    i: usize,
+    loom: SocketAddr,
+    routers: &[SocketAddr],
+    options: &DemoOptions,
+) -> String {
+    let p = options.profile;
+    let ms = |d: Duration| format!("{}ms", d.as_millis());
+    let backend = match &options.etcd {
+        Some((endpoint, prefix)) => {
+            format!("backend = \"etcd\"\nendpoints = [\"{endpoint}\"]\nprefix = \"{prefix}\"")
+        }
+        None => "backend = \"memory\"".to_owned(),
+    };
     let mut toml = format!(
         r#"
 datacenter = "{name}"
@@ -523,21 +581,24 @@ global_home = "us-east"
 
 [loom]
 upstream = "http://{loom}"
-write_timeout = "1s"
+write_timeout = "{write}"
 
 [ids]
 increment = {INCREMENT}
 
 [coordination]
-backend = "memory"
-lease = "{LEASE}"
-keepalive = "500ms"
+{backend}
+lease = "{lease}"
+keepalive = "{keepalive}"
 become_owner_hook = "http://{loom}/replication/become-owner"
 
 [shutdown]
 drain_timeout = "2s"
 "#,
         name = DCS[i].0,
+        write = ms(p.write_timeout),
+        lease = ms(p.lease),
+        keepalive = ms(p.keepalive),
     );
     // Each DC's shards fail over to the next DC in the ring.
     for (j, (name, start)) in DCS.iter().enumerate() {

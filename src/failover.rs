@@ -11,6 +11,7 @@
 //! [`set_frozen`] are the store I/O. Routers learn of every move through their watch
 //! (`control.rs`); this file never touches a router's table.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -43,12 +44,13 @@ pub struct Plan {
     pub unprotected: Vec<ShardKey>,
 }
 
-/// Decide which shards to move. A shard moves when its owner DC is not alive, it is active, not
-/// frozen, out of its cooldown, and one of its replicas is alive (the first such in order).
-pub fn plan(view: &View, now_ms: u64, cooldown: Duration) -> Plan {
+/// Decide which shards to move. A shard moves when its owner DC is not alive (and `may_fail`
+/// says its death is believable), it is active, not frozen, out of its cooldown, and one of its
+/// replicas is alive (the first such in order).
+pub fn plan(view: &View, now_ms: u64, cooldown: Duration, may_fail: &dyn Fn(&str) -> bool) -> Plan {
     let mut out = Plan::default();
     for (&shard, (record, seen)) in &view.shards {
-        if view.alive(&record.owner) {
+        if view.alive(&record.owner) || !may_fail(&record.owner) {
             continue;
         }
         let Some(to) = record.replicas.iter().find(|r| view.alive(r)) else {
@@ -74,7 +76,7 @@ pub fn plan(view: &View, now_ms: u64, cooldown: Duration) -> Plan {
 /// Alerts for `/admin/table`, from the view: shards whose owner is down with no live replica.
 pub fn alerts(view: &View) -> Vec<String> {
     let now = unix_ms();
-    plan(view, now, Duration::ZERO)
+    plan(view, now, Duration::ZERO, &|_| true)
         .unprotected
         .iter()
         .filter_map(|shard| {
@@ -122,9 +124,10 @@ pub fn unix_ms() -> u64 {
 
 /// Campaign for the manager role and, while leading, fail over dead DCs. Runs until `cancel`.
 ///
-/// A new leader waits one lease TTL before its first failover: every router that is alive
-/// renews its registration within a TTL, so by then "no registration" really means dead, also
-/// right after a cold start of the whole installation.
+/// "No registration" is believed at once for a DC this router has seen registered (it was alive
+/// and is gone), and for any DC once this router has led for a lease TTL: every live router
+/// renews its registration within a TTL, so that also covers a cold start of the whole
+/// installation without failing over DCs that are merely still starting.
 pub async fn run_manager(
     store: Store,
     keys: Keys,
@@ -137,6 +140,7 @@ pub async fn run_manager(
     let ttl = config.coordination.lease;
     let tick = config.coordination.keepalive;
     let mut leading: Option<(Revision, Instant)> = None;
+    let mut seen_alive: BTreeSet<String> = BTreeSet::new();
     loop {
         tokio::select! {
             _ = views.changed() => {}
@@ -144,11 +148,10 @@ pub async fn run_manager(
             () = cancel.cancelled() => return,
         }
         let view = views.borrow().clone();
+        seen_alive.extend(view.routers.values().cloned());
+        let unprotected = plan(&view, unix_ms(), Duration::ZERO, &|_| true).unprotected;
         for shard in view.shards.keys() {
-            let unprotected = plan(&view, unix_ms(), Duration::ZERO)
-                .unprotected
-                .contains(shard);
-            metrics::set_shard_unprotected(&shard.to_string(), unprotected);
+            metrics::set_shard_unprotected(&shard.to_string(), unprotected.contains(shard));
         }
         match (&leading, &view.manager) {
             (Some((rev, _)), Some((holder, created))) if *holder == me && created == rev => {}
@@ -177,10 +180,14 @@ pub async fn run_manager(
         let Some((my_rev, since)) = leading else {
             continue;
         };
-        if since.elapsed() < ttl {
-            continue;
-        }
-        let plan = plan(&view, unix_ms(), config.coordination.failover_cooldown);
+        let settled = since.elapsed() >= ttl;
+        let may_fail = |dc: &str| settled || seen_alive.contains(dc);
+        let plan = plan(
+            &view,
+            unix_ms(),
+            config.coordination.failover_cooldown,
+            &may_fail,
+        );
         for m in plan.moves {
             match fail_over(&store, &keys, &me, my_rev, &view, &m).await {
                 Ok(true) => {
@@ -430,13 +437,13 @@ mod tests {
     #[test]
     fn a_shard_of_a_live_dc_stays() {
         let v = view(vec![(R1, record("a", &["b"]))], &["a", "b"]);
-        assert_eq!(plan(&v, 0, COOL), Plan::default());
+        assert_eq!(plan(&v, 0, COOL, &|_| true), Plan::default());
     }
 
     #[test]
     fn a_dead_owners_shard_moves_to_its_first_live_replica() {
         let v = view(vec![(R1, record("a", &["b", "c"]))], &["c"]);
-        let p = plan(&v, 0, COOL);
+        let p = plan(&v, 0, COOL, &|_| true);
         assert_eq!(
             p.moves,
             vec![Move {
@@ -451,7 +458,7 @@ mod tests {
     #[test]
     fn with_no_live_replica_the_shard_stays_and_is_unprotected() {
         let v = view(vec![(R1, record("a", &["b"]))], &["c"]);
-        let p = plan(&v, 0, COOL);
+        let p = plan(&v, 0, COOL, &|_| true);
         assert!(p.moves.is_empty());
         assert_eq!(p.unprotected, vec![R1]);
         assert_eq!(alerts(&v).len(), 1);
@@ -468,13 +475,20 @@ mod tests {
         cooling.failed_over_at_ms = Some(1_000);
         for r in [frozen, fenced, cooling] {
             let v = view(vec![(R1, r)], &["b"]);
-            assert!(plan(&v, 100_000, COOL).moves.is_empty());
+            assert!(plan(&v, 100_000, COOL, &|_| true).moves.is_empty());
         }
         // Once the cooldown has passed, it moves.
         let mut cooled = record("a", &["b"]);
         cooled.failed_over_at_ms = Some(1_000);
         let v = view(vec![(R1, cooled)], &["b"]);
-        assert_eq!(plan(&v, 1_000 + 300_000, COOL).moves.len(), 1);
+        assert_eq!(plan(&v, 1_000 + 300_000, COOL, &|_| true).moves.len(), 1);
+    }
+
+    #[test]
+    fn a_dc_not_yet_believed_dead_keeps_its_shards() {
+        let v = view(vec![(R1, record("a", &["b"]))], &["b"]);
+        assert!(plan(&v, 0, COOL, &|dc| dc != "a").moves.is_empty());
+        assert_eq!(plan(&v, 0, COOL, &|_| true).moves.len(), 1);
     }
 
     #[test]
