@@ -234,10 +234,11 @@ async fn main() {
             eprintln!("skipping etcd: build with --features etcd");
             continue;
         }
-        for (name, profile) in [
+        let profiles = [
             ("default (lease 5 s)", Profile::DEFAULT),
             ("fast (lease 3 s)", Profile::FAST),
-        ] {
+        ];
+        for (p, (name, profile)) in profiles.into_iter().enumerate() {
             let mut results = Vec::new();
             for i in 0..rounds {
                 let options = DemoOptions {
@@ -245,7 +246,7 @@ async fn main() {
                     profile,
                     etcd: endpoint
                         .clone()
-                        .map(|e| (e, format!("/loom-bench/{}/{i}", std::process::id()))),
+                        .map(|e| (e, format!("/loom-bench/{}/{p}/{i}", std::process::id()))),
                 };
                 let r = round(&client, options).await;
                 eprintln!(

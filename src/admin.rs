@@ -179,6 +179,7 @@ async fn shard_control(proxy: &Proxy, request: Request<Incoming>) -> Response<Bo
             match failover::switchover(
                 &coord.store,
                 &coord.keys,
+                proxy.forwarder(),
                 &view,
                 shard,
                 to,

@@ -18,6 +18,9 @@ pub const MAX_CLUSTER_ID: u64 = i64::MAX as u64;
 
 /// The router's own probe path on the data listeners (spec section 8).
 pub const READYZ_PATH: &str = "/loom-router/readyz";
+/// Asked by a planned switchover of this router's DC's shard: has this router seen the fence,
+/// and finished every write it admitted before it? Answered by the router, never passed on.
+pub const DRAINED_PATH: &str = "/loom-router/drained";
 
 /// What the request is, as the routing table in spec section 3 names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +39,8 @@ pub enum Route {
     Passthrough,
     /// `GET /loom-router/readyz`: answered by the router itself.
     Readyz,
+    /// `GET /loom-router/drained`: answered by the router itself.
+    Drained,
 }
 
 /// Where the shard key of a request comes from.
@@ -82,10 +87,15 @@ pub fn classify(method: &Method, raw_path: &str) -> Result<Class, ClassifyError>
     } else {
         Cow::Borrowed(raw_path)
     };
-    if path == READYZ_PATH {
+    if path == READYZ_PATH || path == DRAINED_PATH {
         // Never passed on, whatever the method (the proxy answers 405 to anything but GET).
+        let route = if path == READYZ_PATH {
+            Route::Readyz
+        } else {
+            Route::Drained
+        };
         return Ok(Class {
-            route: Route::Readyz,
+            route,
             key: Key::None,
         });
     }

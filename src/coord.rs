@@ -266,6 +266,8 @@ pub struct View {
     pub shards: BTreeMap<ShardKey, (ShardRecord, Revision)>,
     /// Registration key → DC name, for every registered router.
     pub routers: BTreeMap<String, String>,
+    /// Registration key → that router's URL, as it registered it.
+    pub router_urls: BTreeMap<String, String>,
     /// The failover manager's election key: (holder, `create_revision`).
     pub manager: Option<(String, Revision)>,
     pub fingerprint: Option<String>,
@@ -305,6 +307,12 @@ impl View {
             }
         } else if let Some(dc) = keys.parse_router_dc(&kv.key) {
             self.routers.insert(kv.key.clone(), dc.to_owned());
+            let url = serde_json::from_slice::<serde_json::Value>(&kv.value)
+                .ok()
+                .and_then(|v| v["url"].as_str().map(str::to_owned));
+            if let Some(url) = url {
+                self.router_urls.insert(kv.key.clone(), url);
+            }
         } else if kv.key == keys.manager() {
             let holder = String::from_utf8_lossy(&kv.value).into_owned();
             self.manager = Some((holder, kv.create_revision));
@@ -320,7 +328,17 @@ impl View {
             self.manager = None;
         } else {
             self.routers.remove(key);
+            self.router_urls.remove(key);
         }
+    }
+
+    /// The URLs of a DC's registered routers.
+    pub fn router_urls_of(&self, dc: &str) -> Vec<&str> {
+        self.routers
+            .iter()
+            .filter(|(_, d)| *d == dc)
+            .filter_map(|(key, _)| self.router_urls.get(key).map(String::as_str))
+            .collect()
     }
 
     /// A DC is alive while any of its routers is registered.

@@ -23,6 +23,7 @@ use crate::config::{Config, ShardKey};
 use crate::coord::{
     now_rfc3339, Compare, CoordError, Keys, Op, Revision, ShardRecord, Store, View,
 };
+use crate::forward::Forwarder;
 use crate::lease::Gate;
 use crate::metrics;
 
@@ -264,10 +265,12 @@ pub struct Switchover {
 }
 
 /// Planned switchover (spec section 8): fence the shard, wait until writes in flight under the
-/// old epoch have finished (each is bounded by `write_timeout`), then move it.
+/// old epoch have finished ([`drain`]), then move it.
+#[allow(clippy::too_many_arguments)]
 pub async fn switchover(
     store: &Store,
     keys: &Keys,
+    forwarder: &Forwarder,
     view: &View,
     shard: ShardKey,
     to: &str,
@@ -318,8 +321,14 @@ pub async fn switchover(
         return Err(ControlError::Conflict(shard));
     }
     let paused = Instant::now();
-    // Every write admitted before the old owner saw the fence ends within write_timeout.
-    tokio::time::sleep(write_timeout + crate::lease::MARGIN).await;
+    drain(
+        forwarder,
+        &view.router_urls_of(&record.owner),
+        shard,
+        fence.revision,
+        write_timeout,
+    )
+    .await;
     let next = moved(
         record,
         to,
@@ -347,6 +356,58 @@ pub async fn switchover(
         epoch: moved_txn.revision,
         write_pause: paused.elapsed(),
     })
+}
+
+/// Wait until writes admitted under the old epoch are over: every registered router of the old
+/// owner says (at `/loom-router/drained`) that it has seen the fence at `epoch` and has no write
+/// for the shard at its Loom. Each such write is bounded by `write_timeout`, so waiting that long
+/// (plus the margin) is always enough; it is the fallback when a router does not answer, or when
+/// the old owner has no registered router to ask.
+async fn drain(
+    forwarder: &Forwarder,
+    routers: &[&str],
+    shard: ShardKey,
+    epoch: Revision,
+    write_timeout: Duration,
+) {
+    let deadline = Instant::now() + write_timeout + crate::lease::MARGIN;
+    if routers.is_empty() {
+        tokio::time::sleep_until(deadline).await;
+        return;
+    }
+    let query = format!(
+        "{}?shard={shard}&epoch={epoch}",
+        crate::classify::DRAINED_PATH
+    );
+    let mut pending: Vec<&str> = routers.to_vec();
+    while !pending.is_empty() && Instant::now() < deadline {
+        let mut still = Vec::new();
+        for url in pending {
+            let uri = format!("{}{query}", url.trim_end_matches('/'));
+            let drained = match uri.parse::<http::Uri>() {
+                Ok(uri) => {
+                    let mut request = http::Request::new(crate::body::Body::empty());
+                    *request.uri_mut() = uri;
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    matches!(
+                        forwarder.send(request, left).await,
+                        Ok(response) if response.status().is_success()
+                    )
+                }
+                Err(_) => false,
+            };
+            if !drained {
+                still.push(url);
+            }
+        }
+        pending = still;
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    if !pending.is_empty() {
+        tokio::time::sleep_until(deadline).await;
+    }
 }
 
 /// Turn automatic failover off (`frozen = true`) or on for a shard. A frozen owner still admits
@@ -426,8 +487,7 @@ mod tests {
                 .iter()
                 .map(|dc| (format!("/p/dcs/{dc}/routers/r"), (*dc).to_owned()))
                 .collect(),
-            manager: None,
-            fingerprint: None,
+            ..View::default()
         }
     }
 
@@ -489,6 +549,89 @@ mod tests {
         let v = view(vec![(R1, record("a", &["b"]))], &["b"]);
         assert!(plan(&v, 0, COOL, &|dc| dc != "a").moves.is_empty());
         assert_eq!(plan(&v, 0, COOL, &|_| true).moves.len(), 1);
+    }
+
+    /// The failover compare-and-swap refuses to act on a stale picture: a shard that changed, a
+    /// DC that came back, a manager that was replaced (it died mid-failover and another took
+    /// over).
+    #[tokio::test]
+    async fn the_failover_swap_checks_shard_liveness_and_leadership() {
+        use crate::memory_store::MemoryStore;
+        let store = Store::Memory(MemoryStore::new().client());
+        let keys = Keys::new("/p");
+        let put = |key: String, value: Vec<u8>| Op::Put {
+            key,
+            value,
+            lease: 0,
+        };
+        let shard = store
+            .txn(
+                vec![],
+                vec![put(keys.shard(R1), record("a", &["b"]).to_bytes())],
+                vec![],
+            )
+            .await
+            .unwrap()
+            .revision;
+        let manager = store
+            .txn(vec![], vec![put(keys.manager(), b"m1".to_vec())], vec![])
+            .await
+            .unwrap()
+            .revision;
+        let view = || async {
+            let (kvs, rev) = store.range(&keys.all()).await.unwrap();
+            View::from_range(&keys, kvs, rev)
+        };
+        let m = Move {
+            shard: R1,
+            seen: shard,
+            from: "a".to_owned(),
+            to: "b".to_owned(),
+        };
+        // The DC is back: no move.
+        let back = store
+            .txn(
+                vec![],
+                vec![put(keys.router("a", "r1"), b"{}".to_vec())],
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert!(back.succeeded);
+        assert!(!fail_over(&store, &keys, "m1", manager, &view().await, &m)
+            .await
+            .unwrap());
+        store
+            .txn(vec![], vec![Op::Delete(keys.router("a", "r1"))], vec![])
+            .await
+            .unwrap();
+        // A new manager was elected meanwhile: the old one's swap fails.
+        store
+            .txn(vec![], vec![Op::Delete(keys.manager())], vec![])
+            .await
+            .unwrap();
+        let new_manager = store
+            .txn(vec![], vec![put(keys.manager(), b"m2".to_vec())], vec![])
+            .await
+            .unwrap()
+            .revision;
+        assert!(!fail_over(&store, &keys, "m1", manager, &view().await, &m)
+            .await
+            .unwrap());
+        // The current manager's swap succeeds once, and bumps the epoch.
+        assert!(
+            fail_over(&store, &keys, "m2", new_manager, &view().await, &m)
+                .await
+                .unwrap()
+        );
+        let after = view().await;
+        let (record, epoch) = &after.shards[&R1];
+        assert_eq!(record.owner, "b");
+        assert!(*epoch > shard);
+        // Replaying the same move (planned against the old revision) does nothing.
+        assert!(!fail_over(&store, &keys, "m2", new_manager, &after, &m)
+            .await
+            .unwrap());
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use dashmap::DashMap;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::request::Parts;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
@@ -24,7 +25,7 @@ use tokio::sync::Semaphore;
 
 use crate::body::Body;
 use crate::classify::{self, Class, Key, Route};
-use crate::config::{AccessLog, DcId, ShardKey};
+use crate::config::{AccessLog, DcId, ShardKey, ShardState};
 use crate::control::{Control, Snapshot};
 use crate::coordinator::Handle;
 use crate::error::{RouterError, UpstreamKind};
@@ -67,6 +68,30 @@ struct Inner {
     /// The self-fencing gate and store access, with the memory and etcd backends; `None` with
     /// `static`, where ownership changes only by hand and no lease exists.
     coordination: Option<(Arc<Gate>, Handle)>,
+    /// Owned writes at the local Loom right now, by shard. Incremented and decremented by the
+    /// requests themselves (many at once, hence a concurrent map); read by `/loom-router/drained`.
+    in_flight_writes: DashMap<ShardKey, usize>,
+}
+
+/// Counts one owned write in [`Inner::in_flight_writes`] until dropped.
+struct InFlight<'a> {
+    map: &'a DashMap<ShardKey, usize>,
+    shard: ShardKey,
+}
+
+impl<'a> InFlight<'a> {
+    fn start(map: &'a DashMap<ShardKey, usize>, shard: ShardKey) -> Self {
+        *map.entry(shard).or_insert(0) += 1;
+        Self { map, shard }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(mut n) = self.map.get_mut(&self.shard) {
+            *n = n.saturating_sub(1);
+        }
+    }
 }
 
 /// The route label of a request: the `X-Loom-Route` value and the metrics label.
@@ -106,7 +131,7 @@ impl Label {
         match route {
             Route::Provisioner => Self::Provisioner,
             Route::Read => Self::Read,
-            Route::Readyz => Self::Probe,
+            Route::Readyz | Route::Drained => Self::Probe,
             Route::Create => Self::Create,
             Route::Write => Self::WriteLocal,
             Route::GlobalWrite => Self::GlobalWrite,
@@ -164,8 +189,14 @@ impl Proxy {
                 limiter: Semaphore::new(limit),
                 draining: AtomicBool::new(false),
                 coordination,
+                in_flight_writes: DashMap::new(),
             }),
         }
+    }
+
+    /// The shared upstream client, for admin calls to peers.
+    pub fn forwarder(&self) -> &Forwarder {
+        &self.inner.forwarder
     }
 
     /// Store access for admin operations; `None` with the static backend.
@@ -245,6 +276,9 @@ impl Proxy {
         };
         if class.route == Route::Readyz {
             return self.readyz(request.method());
+        }
+        if class.route == Route::Drained {
+            return self.drained(snap, request.method(), request.uri().query());
         }
         let label = Label::local(class.route);
         let Ok(_permit) = self.inner.limiter.try_acquire() else {
@@ -548,6 +582,24 @@ impl Proxy {
         parts.uri = forward::upstream_uri(&config.loom.upstream, parts.uri.path_and_query());
         parts.version = Version::HTTP_11;
         let sent = Instant::now();
+        // An owned write is counted until Loom has answered, so a switchover can wait for it.
+        // Counted first, then checked against the current table: either this write sees a
+        // fence that landed since the request began, or `/loom-router/drained` sees this write.
+        let _in_flight = match (shard, epoch) {
+            (Some(shard), Some(admitted)) => {
+                let guard = InFlight::start(&self.inner.in_flight_writes, shard);
+                let now = self.inner.control.snapshot();
+                let still = now.table.shard(shard).is_some_and(|s| {
+                    s.epoch == admitted && s.owner == local && s.state == ShardState::Active
+                });
+                if !still {
+                    metrics::fenced_write();
+                    return Outcome::error(label, RouterError::Fenced(shard));
+                }
+                Some(guard)
+            }
+            _ => None,
+        };
         let result = self
             .inner
             .forwarder
@@ -758,6 +810,56 @@ impl Proxy {
                     },
                 );
             }
+        }
+    }
+
+    /// `GET /loom-router/drained?shard=S&epoch=E`: 200 once this router serves a table at epoch E
+    /// or newer for the shard (it has seen the fence) and no write it admitted for the shard is
+    /// still at its Loom; 503 until then. A planned switchover polls it on the old owner's
+    /// routers instead of waiting out `write_timeout`.
+    fn drained(&self, snap: &Snapshot, method: &Method, query: Option<&str>) -> Outcome {
+        let mut shard = None;
+        let mut epoch = None;
+        for pair in query.unwrap_or("").split('&') {
+            match pair.split_once('=') {
+                Some(("shard", "global")) => shard = Some(ShardKey::Global),
+                Some(("shard", r)) => shard = r.parse().ok().map(ShardKey::Residue),
+                Some(("epoch", e)) => epoch = e.parse::<u64>().ok(),
+                _ => {}
+            }
+        }
+        let (status, body) = match (method == Method::GET, shard, epoch) {
+            (false, _, _) => (StatusCode::METHOD_NOT_ALLOWED, "use GET\n"),
+            (true, Some(shard), Some(epoch)) => {
+                let seen = snap.table.shard(shard).is_some_and(|s| s.epoch >= epoch);
+                let busy = self
+                    .inner
+                    .in_flight_writes
+                    .get(&shard)
+                    .is_some_and(|n| *n > 0);
+                if seen && !busy {
+                    (StatusCode::OK, "drained\n")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                }
+            }
+            (true, _, _) => (
+                StatusCode::BAD_REQUEST,
+                "send ?shard=<residue|global>&epoch=<n>\n",
+            ),
+        };
+        let mut response = Response::new(Body::full(body));
+        *response.status_mut() = status;
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(headers::TEXT_PLAIN));
+        Outcome {
+            label: Label::Probe,
+            served_by: None,
+            shard: None,
+            target: None,
+            upstream_time: None,
+            result: Ok(response),
         }
     }
 

@@ -248,9 +248,10 @@ async fn operators_move_freeze_and_unfreeze_shards() {
     let moved = r.json();
     assert_eq!(moved["from"], "us-east");
     assert_eq!(moved["to"], "us-west");
-    // The pause is write_timeout (500 ms) plus the margin, and no more than a second.
+    // The pause ends as soon as us-east's router has seen the fence with no write in flight:
+    // well before the fallback of write_timeout (500 ms) plus the margin.
     let pause = moved["write_pause_ms"].as_u64().unwrap();
-    assert!((750..1500).contains(&pause), "{pause}");
+    assert!(pause < 700, "{pause}");
     until_owner(c.dc(EU), 1, "us-west").await;
 
     // Freeze shard 3, kill its owner: it stays put.
@@ -270,6 +271,22 @@ async fn operators_move_freeze_and_unfreeze_shards() {
     assert_eq!(r.status, 200, "{}", r.text());
     until_owner(c.dc(EAST), 3, "us-east").await;
     history::check(&c, &[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_says_when_it_has_seen_a_fence_and_drained_its_writes() {
+    let c = Cluster::start_with(memory()).await;
+    admitting(&c).await;
+    let (_, epoch) = owner(c.dc(EAST), 1).await;
+    let url = |q: &str| c.dc(EAST).url(&format!("/loom-router/drained{q}"));
+    let r = get(&url(&format!("?shard=1&epoch={epoch}"))).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "drained\n");
+    let r = get(&url(&format!("?shard=1&epoch={}", epoch + 100))).await;
+    assert_eq!(r.status, 503, "an epoch it has not seen yet");
+    assert_eq!(get(&url("")).await.status, 400);
+    // Answered by the router, never by Loom.
+    assert!(c.dc(EAST).seen().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
