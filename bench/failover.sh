@@ -18,7 +18,7 @@ etcd --name bench --data-dir "$dir" \
     --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
     --initial-cluster "bench=http://127.0.0.1:$peer" > "$dir/etcd.log" 2>&1 &
 etcd_pid=$!
-trap 'kill $etcd_pid 2> /dev/null; wait $etcd_pid 2> /dev/null; rm -rf "$dir"' EXIT
+trap 'kill $etcd_pid 2> /dev/null; wait $etcd_pid 2> /dev/null || true; rm -rf "$dir"' EXIT
 
 mkdir -p bench/results
 out="bench/results/failover-$(date +%Y-%m-%d).md"

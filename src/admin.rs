@@ -110,6 +110,9 @@ async fn handle(
         (false, _, "/healthz" | "/readyz" | "/metrics" | "/admin/table") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n")
         }
+        (_, false, p) if p.starts_with("/admin/shards/") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n")
+        }
         _ => text(StatusCode::NOT_FOUND, "no such admin endpoint\n"),
     }
 }
@@ -220,7 +223,7 @@ fn control_error(e: &ControlError) -> Response<Body> {
         ControlError::NotAReplica(..) | ControlError::NotAlive(_) | ControlError::Conflict(_) => {
             StatusCode::CONFLICT
         }
-        ControlError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        ControlError::Store(_) | ControlError::NotDrained(..) => StatusCode::SERVICE_UNAVAILABLE,
     };
     let mut response = Response::new(Body::full(format!("{e}\n")));
     *response.status_mut() = status;

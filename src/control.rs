@@ -18,6 +18,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use http::HeaderValue;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ShardKey};
 use crate::coord::{Keys, Store, View};
@@ -73,8 +74,9 @@ pub struct Coordination {
     pub keys: Keys,
     /// The store as the watch last saw it.
     pub views: watch::Receiver<Arc<View>>,
-    /// Become-owner hook calls to make; `None` when no hook is configured.
-    pub hooks: Option<mpsc::Sender<HookJob>>,
+    /// Become-owner hook calls to make, each with a token that cancels its retries (the shard
+    /// moved away again); `None` when no hook is configured.
+    pub hooks: Option<mpsc::Sender<(HookJob, CancellationToken)>>,
     /// Hooks that succeeded: (shard, epoch).
     pub hook_results: mpsc::Receiver<(ShardKey, u64)>,
 }
@@ -113,6 +115,7 @@ impl Control {
             current: current.clone(),
             config,
             pending_hooks: BTreeMap::new(),
+            handled: BTreeMap::new(),
         };
         tokio::spawn(writer.run(rx, coordination));
         Self { current, events }
@@ -137,8 +140,12 @@ impl Control {
 struct Writer {
     current: Arc<ArcSwap<Snapshot>>,
     config: Arc<Config>,
-    /// Shards this DC gained whose hook has not succeeded, with the epoch it was called for.
-    pending_hooks: BTreeMap<ShardKey, u64>,
+    /// Shards this DC gained whose hook has not succeeded: the epoch it was called for, and the
+    /// token that stops its retries.
+    pending_hooks: BTreeMap<ShardKey, (u64, CancellationToken)>,
+    /// For each shard this router has seen itself own: the record's `owner_changes` then. A
+    /// larger count later means the shard left and came back, whatever views were skipped.
+    handled: BTreeMap<ShardKey, u64>,
 }
 
 impl Writer {
@@ -174,7 +181,7 @@ impl Writer {
                     self.install(&view, c.hooks.as_ref());
                 }
                 Some((shard, epoch)) = c.hook_results.recv() => {
-                    if self.pending_hooks.get(&shard) == Some(&epoch) {
+                    if self.pending_hooks.get(&shard).is_some_and(|(e, _)| *e == epoch) {
                         self.pending_hooks.remove(&shard);
                         self.republish();
                     }
@@ -186,7 +193,7 @@ impl Writer {
     /// Build the table a store view describes and publish it, unless it is older than the one
     /// being served. Shards this DC gained get their hook called and stay fenced until it
     /// succeeds.
-    fn install(&mut self, view: &View, hooks: Option<&mpsc::Sender<HookJob>>) {
+    fn install(&mut self, view: &View, hooks: Option<&mpsc::Sender<(HookJob, CancellationToken)>>) {
         let current = self.current.load();
         let mut table = Table::from_view(&self.config, view);
         if current.from_store && table.table_epoch < current.table.table_epoch {
@@ -201,33 +208,51 @@ impl Writer {
         let local_name = &self.config.local_dc().name;
         for shard in table.shards() {
             if shard.owner != local {
-                self.pending_hooks.remove(&shard.key);
+                if let Some((_, cancel)) = self.pending_hooks.remove(&shard.key) {
+                    // It moved away before its hook succeeded: stop calling it.
+                    cancel.cancel();
+                }
                 continue;
             }
-            let previous = view
-                .shards
-                .get(&shard.key)
-                .and_then(|(record, _)| record.previous_owner.clone());
-            // Gained: we did not own it in the table we serve, or (on a fresh start) the store
-            // says it moved here from elsewhere.
-            let gained = if current.from_store {
-                current.table.shard(shard.key).map(|s| s.owner) != Some(local)
-            } else {
-                previous.as_deref().is_some_and(|p| p != local_name)
+            let (previous, changes) = view.shards.get(&shard.key).map_or((None, 0), |(r, _)| {
+                (r.previous_owner.clone(), r.owner_changes)
+            });
+            // Gained: the owner changed since this router last saw itself own the shard, or (the
+            // first time it sees it) the store says it moved here from elsewhere.
+            let gained = match self.handled.get(&shard.key) {
+                Some(&seen) => changes > seen,
+                None => previous.as_deref().is_some_and(|p| p != local_name),
             };
-            if !gained || self.pending_hooks.contains_key(&shard.key) {
+            if !gained {
+                self.handled.insert(shard.key, changes);
                 continue;
             }
             tracing::warn!(shard = %shard.key, epoch = shard.epoch, previous = ?previous, "this datacenter gained the shard");
-            if let Some(hooks) = hooks {
-                self.pending_hooks.insert(shard.key, shard.epoch);
-                let job = HookJob {
-                    shard: shard.key,
-                    epoch: shard.epoch,
-                    previous_owner: previous,
-                };
-                if hooks.try_send(job).is_err() {
-                    tracing::error!(shard = %shard.key, "hook queue full; the shard stays fenced until the next change");
+            let Some(hooks) = hooks else {
+                self.handled.insert(shard.key, changes);
+                continue;
+            };
+            let cancel = CancellationToken::new();
+            let job = HookJob {
+                shard: shard.key,
+                epoch: shard.epoch,
+                previous_owner: previous,
+            };
+            match hooks.try_send((job, cancel.clone())) {
+                Ok(()) => {
+                    if let Some((_, old)) =
+                        self.pending_hooks.insert(shard.key, (shard.epoch, cancel))
+                    {
+                        old.cancel();
+                    }
+                    self.handled.insert(shard.key, changes);
+                }
+                Err(_) => {
+                    // Not marked handled: the next table tries again. Fenced until then.
+                    tracing::error!(shard = %shard.key, "hook queue full; will retry with the next table");
+                    self.pending_hooks
+                        .entry(shard.key)
+                        .or_insert((shard.epoch, cancel));
                 }
             }
         }
@@ -302,6 +327,7 @@ replicas = ["a"]
             changed_by: "test".to_owned(),
             reason: String::new(),
             failed_over_at_ms: None,
+            owner_changes: 0,
         };
         let mut moved = record(shard1_owner, "a");
         moved.previous_owner = previous.map(str::to_owned);
@@ -329,6 +355,7 @@ replicas = ["a"]
             ))),
             config,
             pending_hooks: BTreeMap::new(),
+            handled: BTreeMap::new(),
         }
     }
 
@@ -355,7 +382,7 @@ replicas = ["a"]
         w.install(&view(10, "a", None), Some(&hooks));
         assert!(jobs.try_recv().is_err());
         w.install(&view(12, "b", Some("a")), Some(&hooks));
-        let job = jobs.try_recv().unwrap();
+        let (job, _cancel) = jobs.try_recv().unwrap();
         assert_eq!(
             job,
             HookJob {

@@ -2,9 +2,10 @@
 //!
 //! Ownership lives in a linearizable store that decides by compare-and-swap (spec sections 9 and
 //! 10). This file defines what the router needs from such a store (leases with keepalive, a
-//! transaction with compares, range reads and watch-from-revision) as one [`Store`] type with a
-//! variant per backend, plus the store's data model: key layout and the JSON of a shard record.
-//! Election is built on top, as a key created on the candidate's lease (`failover.rs`).
+//! transaction with compares, range reads, watch-from-revision, and election) as one [`Store`]
+//! type with a variant per backend, plus the store's data model: key layout, the JSON of a shard
+//! record, and a [`View`] of everything a router follows. Election is written once, for every
+//! backend, as a key created on the candidate's lease.
 //!
 //! It must not decide anything: `lease.rs`, `failover.rs` and `control.rs` do, through this
 //! interface, so their logic does not depend on which backend is configured.
@@ -42,6 +43,9 @@ pub enum Compare {
     CreateRevision(String, Revision),
     /// No key starts with this prefix (etcd: `version == 0` over the prefix range).
     PrefixEmpty(String),
+    /// Some key starts with this prefix (etcd: `version > 0` over the prefix range, which an
+    /// empty range fails).
+    PrefixNonEmpty(String),
 }
 
 /// A write in a transaction.
@@ -146,6 +150,25 @@ impl Store {
         }
     }
 
+    /// Election: become the holder of `key` unless someone holds it, on `lease` (so the role
+    /// ends with the holder's lease). Returns the key's `create_revision` when elected; the
+    /// holder proves it still leads by comparing that revision in its transactions.
+    pub async fn campaign(
+        &self,
+        key: &str,
+        candidate: &str,
+        lease: LeaseId,
+    ) -> Result<Option<Revision>, CoordError> {
+        let claim = Op::Put {
+            key: key.to_owned(),
+            value: candidate.as_bytes().to_vec(),
+            lease,
+        };
+        let absent = vec![Compare::CreateRevision(key.to_owned(), 0)];
+        let outcome = self.txn(absent, vec![claim], Vec::new()).await?;
+        Ok(outcome.succeeded.then_some(outcome.revision))
+    }
+
     /// Changes under `prefix` from revision `from` on.
     pub async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, CoordError> {
         match self {
@@ -244,6 +267,11 @@ pub struct ShardRecord {
     /// Unix milliseconds of the last automatic failover, for the per-shard cooldown.
     #[serde(default)]
     pub failed_over_at_ms: Option<u64>,
+    /// How many times the owner has changed. A router that sees it grow while it owns the shard
+    /// knows the shard left and came back (its become-owner hook must run again), even if it
+    /// never saw the table in between.
+    #[serde(default)]
+    pub owner_changes: u64,
 }
 
 impl ShardRecord {
@@ -401,6 +429,7 @@ mod tests {
             changed_by: "config".to_owned(),
             reason: "home".to_owned(),
             failed_over_at_ms: None,
+            owner_changes: 0,
         };
         let mut v = View::from_range(
             &k,

@@ -136,6 +136,9 @@ impl EtcdClient {
                 Compare::PrefixEmpty(prefix) => {
                     EtcdCompare::version(prefix.as_str(), CompareOp::Equal, 0).with_prefix()
                 }
+                Compare::PrefixNonEmpty(prefix) => {
+                    EtcdCompare::version(prefix.as_str(), CompareOp::Greater, 0).with_prefix()
+                }
             })
             .collect();
         let txn = Txn::new()
@@ -189,7 +192,15 @@ impl EtcdClient {
                 if message.events().is_empty() {
                     continue;
                 }
-                let revision = message.header().map_or(0, |h| h.revision());
+                // The newest event's revision, not the header's: a catch-up response after a
+                // reconnect can carry a header revision ahead of the events it holds, and a
+                // table must never claim changes it has not seen.
+                let revision = message
+                    .events()
+                    .iter()
+                    .filter_map(|e| e.kv().map(etcd_client::KeyValue::mod_revision))
+                    .max()
+                    .unwrap_or(0);
                 let events = message
                     .events()
                     .iter()

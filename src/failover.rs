@@ -61,7 +61,8 @@ pub fn plan(view: &View, now_ms: u64, cooldown: Duration, may_fail: &dyn Fn(&str
         let cooling = record
             .failed_over_at_ms
             .is_some_and(|at| now_ms.saturating_sub(at) < cooldown.as_millis() as u64);
-        if record.state != "active" || record.frozen || cooling {
+        // A fenced shard moves too: its owner died in the middle of a switchover.
+        if record.frozen || cooling {
             continue;
         }
         out.moves.push(Move {
@@ -114,6 +115,7 @@ pub fn moved(record: &ShardRecord, to: &str, by: &str, reason: String) -> ShardR
         changed_by: by.to_owned(),
         reason,
         failed_over_at_ms: record.failed_over_at_ms,
+        owner_changes: record.owner_changes + 1,
     }
 }
 
@@ -149,6 +151,10 @@ pub async fn run_manager(
             () = cancel.cancelled() => return,
         }
         let view = views.borrow().clone();
+        // A view older than our own election cannot show us as manager yet; wait for newer.
+        if leading.is_some_and(|(rev, _)| view.revision < rev) {
+            continue;
+        }
         seen_alive.extend(view.routers.values().cloned());
         let unprotected = plan(&view, unix_ms(), Duration::ZERO, &|_| true).unprotected;
         for shard in view.shards.keys() {
@@ -163,17 +169,9 @@ pub async fn run_manager(
             (None, Some(_)) => continue,
             (None, None) => {
                 let Some(lease) = gate.lease() else { continue };
-                let claim = Op::Put {
-                    key: keys.manager(),
-                    value: me.clone().into_bytes(),
-                    lease,
-                };
-                let absent = vec![Compare::CreateRevision(keys.manager(), 0)];
-                if let Ok(outcome) = store.txn(absent, vec![claim], Vec::new()).await {
-                    if outcome.succeeded {
-                        tracing::info!(router = %me, "became the failover manager");
-                        leading = Some((outcome.revision, Instant::now()));
-                    }
+                if let Ok(Some(revision)) = store.campaign(&keys.manager(), &me, lease).await {
+                    tracing::info!(router = %me, "became the failover manager");
+                    leading = Some((revision, Instant::now()));
                 }
                 continue;
             }
@@ -227,6 +225,7 @@ async fn fail_over(
     let compares = vec![
         Compare::ModRevision(keys.shard(m.shard), m.seen),
         Compare::PrefixEmpty(keys.dc_routers(&m.from)),
+        Compare::PrefixNonEmpty(keys.dc_routers(&m.to)),
         Compare::CreateRevision(keys.manager(), my_rev),
     ];
     let put = Op::Put {
@@ -248,6 +247,11 @@ pub enum ControlError {
     NotAlive(String),
     #[error("shard {0} changed while moving it; read the table and try again")]
     Conflict(ShardKey),
+    #[error(
+        "switchover of shard {0} aborted: the old owner's routers {1} did not confirm they had \
+         drained in time; the shard is active at its old owner again"
+    )]
+    NotDrained(ShardKey, String),
     #[error(transparent)]
     Store(#[from] CoordError),
 }
@@ -321,14 +325,33 @@ pub async fn switchover(
         return Err(ControlError::Conflict(shard));
     }
     let paused = Instant::now();
-    drain(
-        forwarder,
-        &view.router_urls_of(&record.owner),
-        shard,
-        fence.revision,
-        write_timeout,
-    )
-    .await;
+    // Ask the routers registered now, not the ones this router last saw.
+    let (kvs, revision) = store.range(&keys.dc_routers(&record.owner)).await?;
+    let current = View::from_range(keys, kvs, revision);
+    let routers = current.router_urls_of(&record.owner);
+    let undrained = drain(forwarder, &routers, shard, fence.revision, write_timeout).await;
+    if !undrained.is_empty() {
+        // Moving now could let a lagging router of the old owner write beside the new one.
+        let mut restored = record.clone();
+        restored.changed_at = now_rfc3339();
+        restored.changed_by = by.to_owned();
+        restored.reason = format!(
+            "switchover to {to} aborted: {} did not drain",
+            undrained.join(", ")
+        );
+        store
+            .txn(
+                vec![Compare::ModRevision(key.clone(), fence.revision)],
+                vec![Op::Put {
+                    key: key.clone(),
+                    value: restored.to_bytes(),
+                    lease: 0,
+                }],
+                Vec::new(),
+            )
+            .await?;
+        return Err(ControlError::NotDrained(shard, undrained.join(", ")));
+    }
     let next = moved(
         record,
         to,
@@ -360,21 +383,17 @@ pub async fn switchover(
 
 /// Wait until writes admitted under the old epoch are over: every registered router of the old
 /// owner says (at `/loom-router/drained`) that it has seen the fence at `epoch` and has no write
-/// for the shard at its Loom. Each such write is bounded by `write_timeout`, so waiting that long
-/// (plus the margin) is always enough; it is the fallback when a router does not answer, or when
-/// the old owner has no registered router to ask.
+/// for the shard at its Loom. Returns the routers that did not say so within `write_timeout`
+/// plus the margin. With no registered router there is nothing to wait for: an unregistered
+/// router admits no owned write (its gate needs the registration).
 async fn drain(
     forwarder: &Forwarder,
     routers: &[&str],
     shard: ShardKey,
     epoch: Revision,
     write_timeout: Duration,
-) {
+) -> Vec<String> {
     let deadline = Instant::now() + write_timeout + crate::lease::MARGIN;
-    if routers.is_empty() {
-        tokio::time::sleep_until(deadline).await;
-        return;
-    }
     let query = format!(
         "{}?shard={shard}&epoch={epoch}",
         crate::classify::DRAINED_PATH
@@ -405,9 +424,7 @@ async fn drain(
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    if !pending.is_empty() {
-        tokio::time::sleep_until(deadline).await;
-    }
+    pending.into_iter().map(str::to_owned).collect()
 }
 
 /// Turn automatic failover off (`frozen = true`) or on for a shard. A frozen owner still admits
@@ -472,6 +489,7 @@ mod tests {
             changed_by: "config".to_owned(),
             reason: "home".to_owned(),
             failed_over_at_ms: None,
+            owner_changes: 0,
         }
     }
 
@@ -526,14 +544,12 @@ mod tests {
     }
 
     #[test]
-    fn frozen_fenced_and_cooling_shards_do_not_move() {
+    fn frozen_and_cooling_shards_do_not_move() {
         let mut frozen = record("a", &["b"]);
         frozen.frozen = true;
-        let mut fenced = record("a", &["b"]);
-        fenced.state = "fenced".to_owned();
         let mut cooling = record("a", &["b"]);
         cooling.failed_over_at_ms = Some(1_000);
-        for r in [frozen, fenced, cooling] {
+        for r in [frozen, cooling] {
             let v = view(vec![(R1, r)], &["b"]);
             assert!(plan(&v, 100_000, COOL, &|_| true).moves.is_empty());
         }
@@ -542,6 +558,14 @@ mod tests {
         cooled.failed_over_at_ms = Some(1_000);
         let v = view(vec![(R1, cooled)], &["b"]);
         assert_eq!(plan(&v, 1_000 + 300_000, COOL, &|_| true).moves.len(), 1);
+    }
+
+    #[test]
+    fn a_shard_fenced_for_a_switchover_moves_if_its_owner_dies() {
+        let mut fenced = record("a", &["b"]);
+        fenced.state = "fenced".to_owned();
+        let v = view(vec![(R1, fenced)], &["b"]);
+        assert_eq!(plan(&v, 0, COOL, &|_| true).moves.len(), 1);
     }
 
     #[test]
@@ -578,6 +602,15 @@ mod tests {
             .await
             .unwrap()
             .revision;
+        // The target, b, is alive.
+        store
+            .txn(
+                vec![],
+                vec![put(keys.router("b", "r2"), b"{}".to_vec())],
+                vec![],
+            )
+            .await
+            .unwrap();
         let view = || async {
             let (kvs, rev) = store.range(&keys.all()).await.unwrap();
             View::from_range(&keys, kvs, rev)
@@ -639,6 +672,7 @@ mod tests {
         let r = record("a", &["b", "c"]);
         let m = moved(&r, "b", "test", "why".to_owned());
         assert_eq!(m.owner, "b");
+        assert_eq!(m.owner_changes, 1);
         assert_eq!(m.replicas, vec!["c".to_owned(), "a".to_owned()]);
         assert_eq!(m.previous_owner, Some("a".to_owned()));
         assert_eq!(m.home, Some("a".to_owned()));

@@ -51,12 +51,12 @@ pub async fn run(
     url: Uri,
     timeout: Duration,
     forwarder: Forwarder,
-    mut jobs: mpsc::Receiver<HookJob>,
+    mut jobs: mpsc::Receiver<(HookJob, CancellationToken)>,
     done: mpsc::Sender<(ShardKey, u64)>,
     cancel: CancellationToken,
 ) {
     loop {
-        let job = tokio::select! {
+        let (job, moved_away) = tokio::select! {
             job = jobs.recv() => match job {
                 Some(job) => job,
                 None => return,
@@ -68,6 +68,10 @@ pub async fn run(
         tokio::spawn(async move {
             let mut backoff = FIRST_BACKOFF;
             loop {
+                // The shard moved away again: its new owner runs its own hook.
+                if moved_away.is_cancelled() {
+                    return;
+                }
                 match call(&url, timeout, &forwarder, &job).await {
                     Ok(()) => {
                         tracing::info!(shard = %job.shard, epoch = job.epoch, "become-owner hook succeeded");
@@ -81,6 +85,7 @@ pub async fn run(
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
                     () = cancel.cancelled() => return,
+                    () = moved_away.cancelled() => return,
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }

@@ -1,7 +1,9 @@
 //! Liveness and self-fencing: this router's lease, its registration, and the write gate.
 //!
 //! Each router holds a lease in the coordination store and, while its local Loom is healthy,
-//! registers itself under its DC on that lease. A DC is alive while any of its routers is
+//! registers itself under its DC on that lease. When the Loom turns unhealthy the router stops
+//! admitting owned writes at once, and withdraws its registration once the Loom has been
+//! unhealthy for a whole lease. A DC is alive while any of its routers is
 //! registered (spec section 10). The [`Gate`] is what keeps two DCs from writing one shard: a
 //! router admits a write for a shard it owns only while
 //! - it is registered (a withdrawn router may already have lost its shards), and its table is at
@@ -182,6 +184,10 @@ pub async fn run(
             }
         };
         gate.set_lease(lease);
+        // The registration key's revision while it exists (it dies with the lease).
+        let mut registration: Option<Revision> = None;
+        // When the local Loom turned unhealthy while registered.
+        let mut unhealthy_since: Option<Instant> = None;
         let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -210,7 +216,7 @@ pub async fn run(
             }
             metrics::set_lease_remaining(gate.remaining(Instant::now()));
             let healthy = health.get(me.local) == Status::Up;
-            match (healthy, gate.registered_at()) {
+            match (healthy, registration) {
                 (true, None) => {
                     let put = Op::Put {
                         key: key.clone(),
@@ -220,25 +226,42 @@ pub async fn run(
                     match store.txn(Vec::new(), vec![put], Vec::new()).await {
                         Ok(outcome) => {
                             tracing::info!(router = %me.router_id, revision = outcome.revision, "registered");
-                            gate.set_registered(Some(outcome.revision));
+                            registration = Some(outcome.revision);
+                            gate.set_registered(registration);
                         }
                         Err(CoordError::LeaseNotFound(_)) => continue 'lease,
                         Err(e) => tracing::warn!(error = %e, "cannot register"),
                     }
                 }
+                (true, Some(_)) => {
+                    // Healthy (again, after a blip shorter than the lease): admit again.
+                    unhealthy_since = None;
+                    gate.set_registered(registration);
+                }
                 (false, Some(_)) => {
-                    // Stop admitting first: once the registration is gone the DC may be failed
-                    // over at any moment.
+                    // Stop admitting at once; a dead Loom takes no writes anyway.
                     gate.set_registered(None);
-                    tracing::warn!(router = %me.router_id, "local Loom is unhealthy: withdrawing registration");
-                    if let Err(e) = store
-                        .txn(Vec::new(), vec![Op::Delete(key.clone())], Vec::new())
-                        .await
-                    {
-                        tracing::warn!(error = %e, "cannot withdraw registration; it ends with the lease");
+                    let since = *unhealthy_since.get_or_insert_with(Instant::now);
+                    // Withdraw only once the Loom has been unhealthy for a whole lease, so that a
+                    // blip shorter than that moves nothing. By then every write admitted before
+                    // it turned unhealthy is long over (write_timeout fits inside the lease).
+                    if since.elapsed() >= ttl {
+                        tracing::warn!(router = %me.router_id, "local Loom unhealthy for a whole lease: withdrawing registration");
+                        match store
+                            .txn(Vec::new(), vec![Op::Delete(key.clone())], Vec::new())
+                            .await
+                        {
+                            Ok(_) => {
+                                registration = None;
+                                unhealthy_since = None;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot withdraw registration; it ends with the lease");
+                            }
+                        }
                     }
                 }
-                (true, Some(_)) | (false, None) => {}
+                (false, None) => {}
             }
         }
     }

@@ -191,12 +191,17 @@ fn holds(state: &State, compare: &Compare) -> bool {
         Compare::CreateRevision(key, rev) => {
             state.kv.get(key).map_or(0, |kv| kv.create_revision) == *rev
         }
-        Compare::PrefixEmpty(prefix) => !state
-            .kv
-            .range(prefix.clone()..)
-            .next()
-            .is_some_and(|(k, _)| k.starts_with(prefix.as_str())),
+        Compare::PrefixEmpty(prefix) => !prefix_used(state, prefix),
+        Compare::PrefixNonEmpty(prefix) => prefix_used(state, prefix),
     }
+}
+
+fn prefix_used(state: &State, prefix: &str) -> bool {
+    state
+        .kv
+        .range(prefix.to_owned()..)
+        .next()
+        .is_some_and(|(k, _)| k.starts_with(prefix))
 }
 
 /// One router's connection to the [`MemoryStore`].

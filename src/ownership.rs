@@ -196,6 +196,7 @@ impl Table {
                     changed_by: s.changed_by.clone(),
                     reason: s.reason.clone(),
                     failed_over_at_ms: None,
+                    owner_changes: 0,
                 };
                 (s.key, record)
             })
@@ -236,9 +237,14 @@ impl Table {
                 ShardKey::Residue(_) => residues.push(shard),
             }
         }
-        // The store is seeded with the global shard before any router reads it; until then
-        // the config's answer stands.
-        let global = global.unwrap_or_else(|| Self::from_config(config).global);
+        // The store is seeded with the global shard before any router reads it. If its record is
+        // missing or unreadable, nobody may write global entities until it is fixed.
+        let global = global.unwrap_or_else(|| {
+            let mut g = Self::from_config(config).global;
+            g.state = ShardState::Fenced;
+            g.reason = "no readable global shard record in the store".to_owned();
+            g
+        });
         Self {
             table_epoch: u64::try_from(view.revision).unwrap_or(0),
             increment: config.increment,

@@ -589,9 +589,11 @@ impl Proxy {
             (Some(shard), Some(admitted)) => {
                 let guard = InFlight::start(&self.inner.in_flight_writes, shard);
                 let now = self.inner.control.snapshot();
+                // The table and the lease again, right before the send: a pause since admission
+                // must not let a write out after a fence or past the lease.
                 let still = now.table.shard(shard).is_some_and(|s| {
                     s.epoch == admitted && s.owner == local && s.state == ShardState::Active
-                });
+                }) && self.may_admit(&now);
                 if !still {
                     metrics::fenced_write();
                     return Outcome::error(label, RouterError::Fenced(shard));

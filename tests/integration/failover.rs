@@ -1,6 +1,7 @@
 //! Automatic failover with the memory backend, three DCs in process (issue 3). Every scenario
 //! ends with the history checker.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::history::{self, Acked};
@@ -95,6 +96,43 @@ async fn a_dead_dcs_shards_move_to_the_first_live_replica_and_never_move_back_on
     .await;
     assert_eq!(r.header("x-loom-served-by"), Some("eu-central"));
 
+    // A client keeps writing to the cluster through all three routers, each write unique, from
+    // before the kill until after the restore: the history checker sees every transition.
+    let background = Arc::new(Mutex::new(Vec::new()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writer = {
+        let (urls, acked, stop) = (
+            c.dcs.iter().map(|d| d.url("")).collect::<Vec<_>>(),
+            background.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.is_cancelled() {
+                n += 1;
+                let url = &urls[(n % 3) as usize];
+                let path = format!("/v2/clusters/00000003/services/s{n}/restart");
+                let request = send_quietly("POST", &format!("{url}{path}")).await;
+                if let Some((200, served_by)) = request {
+                    acked.lock().unwrap().push(Acked {
+                        served_by,
+                        method: "POST".to_owned(),
+                        path,
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    // Let some writes land at eu-central first.
+    eventually(|| async {
+        background
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|a: &Acked| a.served_by == "eu-central")
+    })
+    .await;
     c.dcs[EU].kill().await;
     // Its lease expires; the manager moves shard 3 to us-east at a newer epoch.
     let epoch = until_owner(c.dc(EAST), 3, "us-east").await;
@@ -148,7 +186,33 @@ async fn a_dead_dcs_shards_move_to_the_first_live_replica_and_never_move_back_on
     assert_eq!(r.header("x-loom-route"), Some("write-forwarded"));
     assert_eq!(r.header("x-loom-served-by"), Some("us-east"));
 
+    stop.cancel();
+    writer.await.unwrap();
+    let background = background.lock().unwrap().clone();
+    // Writes were accepted at both owners: before the kill and after the failover.
+    assert!(background.iter().any(|a| a.served_by == "eu-central"));
+    assert!(background.iter().any(|a| a.served_by == "us-east"));
+    acked.extend(background);
     history::check(&c, &acked);
+}
+
+/// A write that may fail at the transport (the DC is being killed): `(status, served_by)`.
+async fn send_quietly(method: &str, url: &str) -> Option<(u16, String)> {
+    let request = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("coopr-userid", "admin")
+        .header("coopr-tenantid", "t")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .ok()?;
+    let response = client().request(request).await.ok()?;
+    let served_by = response
+        .headers()
+        .get("x-loom-served-by")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    Some((response.status().as_u16(), served_by))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -370,5 +434,63 @@ async fn the_operator_cli_shows_the_table_and_moves_freezes_and_unfreezes() {
     .await;
     assert_eq!(code, 1);
     assert!(err.starts_with("move (409): "), "{err}");
+    history::check(&c, &[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dc_whose_loom_fails_its_health_checks_withdraws_and_its_shards_move() {
+    let mut c = Cluster::start_with(memory()).await;
+    admitting(&c).await;
+    // Only eu-central's Loom dies; its router stays up but withdraws its registration.
+    c.dcs[EU].stop_loom().await;
+    until_owner(c.dc(EAST), 3, "us-east").await;
+    let t = get(&c.dc(EU).admin_url("/admin/table")).await.json();
+    assert_eq!(t["lease"]["registered"], false);
+    assert_eq!(t["lease"]["admitting"], false);
+    // The live router of the dead Loom forwards writes for its old shard to the new owner.
+    eventually(|| async { owner(c.dc(EU), 3).await.0 == "us-east" }).await;
+    history::check(&c, &[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gained_shard_stays_fenced_while_its_become_owner_hook_fails() {
+    let (failing_hook, calls) = stub(500, "text/plain", "replication cannot be cut\n").await;
+    let mut options = memory();
+    options.hook = Some(format!("http://{failing_hook}/replication/become-owner"));
+    let mut c = Cluster::start_with(options).await;
+    admitting(&c).await;
+    assert_eq!(create_cluster(c.dc(EU), "h").await, "00000003");
+    eventually(|| async { c.dc(EAST).loom.cluster(3).is_some() }).await;
+    c.dcs[EU].kill().await;
+    until_owner(c.dc(EAST), 3, "us-east").await;
+    // The hook keeps failing (and is retried); writes for shard 3 are fenced meanwhile, and
+    // none reaches us-east's Loom.
+    eventually(|| async { calls.lock().unwrap().len() >= 2 }).await;
+    for _ in 0..5 {
+        let r = send(
+            "POST",
+            &c.dc(WEST).url("/v2/clusters/00000003/abort"),
+            &COOPR,
+            b"",
+        )
+        .await;
+        r.assert_router_error(503, "fenced", "write-forwarded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(c
+        .dc(EAST)
+        .loom
+        .applied_writes()
+        .iter()
+        .all(|w| w.shard != Some(3)));
+    // Other shards' writes are unaffected.
+    let r = send(
+        "POST",
+        &c.dc(WEST).url("/v2/clusters"),
+        &COOPR,
+        br#"{"name":"x"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
     history::check(&c, &[]);
 }

@@ -47,8 +47,8 @@ pub fn check_against(
     acked: &[Acked],
 ) {
     let keys = Keys::new(prefix);
-    // (shard residue, epoch) -> (owner, commit time), from the audit trail.
-    let mut owners: BTreeMap<(u64, u64), (String, tokio::time::Instant)> = BTreeMap::new();
+    // (shard residue, epoch) -> (owner, commit time, active), from the audit trail.
+    let mut owners: BTreeMap<(u64, u64), (String, tokio::time::Instant, bool)> = BTreeMap::new();
     for (at, batch) in trail {
         let at = *at;
         for event in &batch.events {
@@ -57,7 +57,8 @@ pub fn check_against(
                     keys.parse_shard(&kv.key),
                     ShardRecord::from_bytes(&kv.value),
                 ) {
-                    owners.insert((r, kv.mod_revision as u64), (record.owner, at));
+                    let active = record.state == "active";
+                    owners.insert((r, kv.mod_revision as u64), (record.owner, at, active));
                 }
             }
         }
@@ -67,25 +68,28 @@ pub fn check_against(
     for dc in &cluster.dcs {
         let mut last_epoch: BTreeMap<u64, u64> = BTreeMap::new();
         for w in dc.loom.applied_writes() {
-            let (Some(shard), Some(epoch)) = (w.shard, w.epoch) else {
-                continue;
-            };
+            let Some(shard) = w.shard else { continue };
+            // Every write for a shard reaches Loom stamped with the epoch it was admitted under.
+            let epoch = w
+                .epoch
+                .unwrap_or_else(|| panic!("{w:?} reached Loom without X-Loom-Router-Epoch"));
             writers
                 .entry((shard, epoch))
                 .or_default()
                 .insert(w.dc.clone());
-            // 1. The writer owned the shard at that epoch.
-            let (owner, _) = owners
+            // 1. The writer owned the shard, active, at that epoch.
+            let (owner, _, active) = owners
                 .get(&(shard, epoch))
                 .unwrap_or_else(|| panic!("{w:?}: epoch {epoch} of shard {shard} never existed"));
             assert_eq!(
                 owner, &w.dc,
                 "{w:?} applied at a DC that did not own shard {shard} at epoch {epoch}"
             );
+            assert!(active, "{w:?} applied while shard {shard} was fenced");
             // 2. No newer epoch of the shard was committed before this write was applied.
             let newer = owners
                 .range((shard, epoch + 1)..(shard + 1, 0))
-                .find(|(_, (o, committed))| o != &w.dc && *committed < w.at);
+                .find(|(_, (o, committed, _))| o != &w.dc && *committed < w.at);
             assert!(
                 newer.is_none(),
                 "{w:?} applied at an old owner after {newer:?} was committed"

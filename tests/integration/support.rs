@@ -158,6 +158,8 @@ pub struct Options {
     pub etcd: Option<([String; 3], String)>,
     /// Do not start this DC's router in process (a test runs it as a child process).
     pub external_router: [bool; 3],
+    /// The become-owner hook URL for every router, instead of its own Loom's.
+    pub hook: Option<String>,
 }
 
 impl Default for Options {
@@ -171,6 +173,7 @@ impl Default for Options {
             memory: false,
             etcd: None,
             external_router: [false, false, false],
+            hook: None,
         }
     }
 }
@@ -387,6 +390,9 @@ access = "off"
             String::new()
         },
     );
+    if let Some(hook) = &options.hook {
+        toml = toml.replace(&format!("http://{upstream}/replication/become-owner"), hook);
+    }
     if options.memory || options.etcd.is_some() {
         toml = toml.replace("write_timeout = \"2s\"", "write_timeout = \"500ms\"");
     }
