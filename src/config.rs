@@ -1230,6 +1230,17 @@ replicas = ["us-east"]
     }
 
     #[test]
+    fn etcd_with_fewer_than_three_datacenters_is_warned_about() {
+        let two = Config::from_toml(&format!(
+            "{GOOD}\n[coordination]\nbackend = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(two.warnings().len(), 1);
+        assert!(two.warnings()[0].contains("three failure domains"));
+        assert!(Config::from_toml(GOOD).unwrap().warnings().is_empty());
+    }
+
+    #[test]
     fn https_needs_tls() {
         assert_error(
             &GOOD.replace("[loom]", "[listen]\nhttps = \"0.0.0.0:8443\"\n[loom]"),

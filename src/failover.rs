@@ -106,16 +106,11 @@ pub fn moved(record: &ShardRecord, to: &str, by: &str, reason: String) -> ShardR
     }
     ShardRecord {
         owner: to.to_owned(),
-        home: record.home.clone(),
         replicas,
         state: "active".to_owned(),
-        frozen: record.frozen,
         previous_owner: Some(record.owner.clone()),
-        changed_at: now_rfc3339(),
-        changed_by: by.to_owned(),
-        reason,
-        failed_over_at_ms: record.failed_over_at_ms,
         owner_changes: record.owner_changes + 1,
+        ..stamped(record, by, reason)
     }
 }
 
@@ -304,52 +299,26 @@ pub async fn switchover(
     if !view.alive(to) {
         return Err(ControlError::NotAlive(to.to_owned()));
     }
-    let key = keys.shard(shard);
-    let mut fenced = record.clone();
-    fenced.state = "fenced".to_owned();
-    fenced.changed_at = now_rfc3339();
-    fenced.changed_by = by.to_owned();
-    fenced.reason = format!("switchover to {to}: draining writes");
-    let fence = store
-        .txn(
-            vec![Compare::ModRevision(key.clone(), *seen)],
-            vec![Op::Put {
-                key: key.clone(),
-                value: fenced.to_bytes(),
-                lease: 0,
-            }],
-            Vec::new(),
-        )
-        .await?;
-    if !fence.succeeded {
-        return Err(ControlError::Conflict(shard));
-    }
+    let fenced = ShardRecord {
+        state: "fenced".to_owned(),
+        ..stamped(record, by, format!("switchover to {to}: draining writes"))
+    };
+    let fence = replace_record(store, keys, shard, *seen, &fenced)
+        .await?
+        .ok_or(ControlError::Conflict(shard))?;
     let paused = Instant::now();
     // Ask the routers registered now, not the ones this router last saw.
     let (kvs, revision) = store.range(&keys.dc_routers(&record.owner)).await?;
     let current = View::from_range(keys, kvs, revision);
     let routers = current.router_urls_of(&record.owner);
-    let undrained = drain(forwarder, &routers, shard, fence.revision, write_timeout).await;
+    let undrained = drain(forwarder, &routers, shard, fence, write_timeout).await;
     if !undrained.is_empty() {
         // Moving now could let a lagging router of the old owner write beside the new one.
-        let mut restored = record.clone();
-        restored.changed_at = now_rfc3339();
-        restored.changed_by = by.to_owned();
-        restored.reason = format!(
+        let reason = format!(
             "switchover to {to} aborted: {} did not drain",
             undrained.join(", ")
         );
-        store
-            .txn(
-                vec![Compare::ModRevision(key.clone(), fence.revision)],
-                vec![Op::Put {
-                    key: key.clone(),
-                    value: restored.to_bytes(),
-                    lease: 0,
-                }],
-                Vec::new(),
-            )
-            .await?;
+        replace_record(store, keys, shard, fence, &stamped(record, by, reason)).await?;
         return Err(ControlError::NotDrained(shard, undrained.join(", ")));
     }
     let next = moved(
@@ -358,25 +327,14 @@ pub async fn switchover(
         by,
         format!("planned switchover from {}", record.owner),
     );
-    let moved_txn = store
-        .txn(
-            vec![Compare::ModRevision(key.clone(), fence.revision)],
-            vec![Op::Put {
-                key,
-                value: next.to_bytes(),
-                lease: 0,
-            }],
-            Vec::new(),
-        )
-        .await?;
-    if !moved_txn.succeeded {
-        return Err(ControlError::Conflict(shard));
-    }
+    let epoch = replace_record(store, keys, shard, fence, &next)
+        .await?
+        .ok_or(ControlError::Conflict(shard))?;
     Ok(Switchover {
         shard,
         from: record.owner.clone(),
         to: to.to_owned(),
-        epoch: moved_txn.revision,
+        epoch,
         write_pause: paused.elapsed(),
     })
 }
@@ -444,33 +402,49 @@ pub async fn set_frozen(
     if record.frozen == frozen {
         return Ok(*seen);
     }
-    let mut next = record.clone();
-    next.frozen = frozen;
-    next.changed_at = now_rfc3339();
-    next.changed_by = by.to_owned();
-    next.reason = if frozen {
+    let reason = if frozen {
         "frozen by operator"
     } else {
         "unfrozen by operator"
+    };
+    let next = ShardRecord {
+        frozen,
+        ..stamped(record, by, reason.to_owned())
+    };
+    replace_record(store, keys, shard, *seen, &next)
+        .await?
+        .ok_or(ControlError::Conflict(shard))
+}
+
+/// `record` with its last change stamped: now, by whom, why.
+fn stamped(record: &ShardRecord, by: &str, reason: String) -> ShardRecord {
+    ShardRecord {
+        changed_at: now_rfc3339(),
+        changed_by: by.to_owned(),
+        reason,
+        ..record.clone()
     }
-    .to_owned();
+}
+
+/// Replace a shard's record if it is still at revision `seen`. Returns the new revision (the
+/// shard's new epoch), or `None` if the record changed meanwhile.
+async fn replace_record(
+    store: &Store,
+    keys: &Keys,
+    shard: ShardKey,
+    seen: Revision,
+    record: &ShardRecord,
+) -> Result<Option<Revision>, CoordError> {
     let key = keys.shard(shard);
+    let put = Op::Put {
+        key: key.clone(),
+        value: record.to_bytes(),
+        lease: 0,
+    };
     let outcome = store
-        .txn(
-            vec![Compare::ModRevision(key.clone(), *seen)],
-            vec![Op::Put {
-                key,
-                value: next.to_bytes(),
-                lease: 0,
-            }],
-            Vec::new(),
-        )
+        .txn(vec![Compare::ModRevision(key, seen)], vec![put], Vec::new())
         .await?;
-    if outcome.succeeded {
-        Ok(outcome.revision)
-    } else {
-        Err(ControlError::Conflict(shard))
-    }
+    Ok(outcome.succeeded.then_some(outcome.revision))
 }
 
 #[cfg(test)]

@@ -166,74 +166,6 @@ fn etcd_options(endpoints: [String; 3], prefix: &str) -> Options {
     }
 }
 
-/// Wait until `dc`'s router may admit writes for its shards (it may still be starting up).
-async fn admitting(dc: &Dc) {
-    use http_body_util::BodyExt;
-    let url = dc.admin_url("/admin/table");
-    eventually(|| async {
-        let Ok(response) = client().get(url.parse().unwrap()).await else {
-            return false;
-        };
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        let table: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-        table["lease"]["admitting"] == true
-    })
-    .await;
-}
-
-async fn owner(dc: &Dc, shard: u64) -> String {
-    let t = get(&dc.admin_url("/admin/table")).await.json();
-    t["shards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["shard"] == shard)
-        .map(|s| s["owner"].as_str().unwrap().to_owned())
-        .unwrap()
-}
-
-async fn until_owner(dc: &Dc, shard: u64, expected: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while owner(dc, shard).await != expected {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{}: shard {shard} never moved to {expected}",
-            dc.name
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn write(acked: &mut Vec<Acked>, dc: &Dc, method: &str, path: &str) -> TestResponse {
-    let r = send(method, &dc.url(path), &COOPR, b"").await;
-    if r.status.is_success() {
-        acked.push(Acked {
-            served_by: r.header("x-loom-served-by").unwrap().to_owned(),
-            method: method.to_owned(),
-            path: path.to_owned(),
-        });
-    }
-    r
-}
-
-/// Retry while the new owner's hook is still running (503 fenced), up to 2 s.
-async fn write_until_admitted(
-    acked: &mut Vec<Acked>,
-    dc: &Dc,
-    method: &str,
-    path: &str,
-) -> TestResponse {
-    let mut r = write(acked, dc, method, path).await;
-    for _ in 0..40 {
-        if r.header("x-loom-router-error") != Some("fenced") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        r = write(acked, dc, method, path).await;
-    }
-    r
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_a_dead_dcs_shards_move_and_the_restored_dc_forwards_to_the_new_owner() {
     let etcd = Etcd::start().await;
@@ -247,11 +179,12 @@ async fn etcd_a_dead_dcs_shards_move_and_the_restored_dc_forwards_to_the_new_own
     let mut acked = Vec::new();
     assert_eq!(create_cluster(c.dc(EU), "e").await, "00000003");
     eventually(|| async { c.dc(EAST).loom.cluster(3).is_some() }).await;
-    let r = write(
+    let r = history::write(
         &mut acked,
         c.dc(WEST),
         "POST",
         "/v2/clusters/00000003/abort",
+        b"",
     )
     .await;
     assert_eq!(r.header("x-loom-served-by"), Some("eu-central"));
@@ -260,8 +193,13 @@ async fn etcd_a_dead_dcs_shards_move_and_the_restored_dc_forwards_to_the_new_own
     until_owner(c.dc(EAST), 3, "us-east").await;
     until_owner(c.dc(WEST), 3, "us-east").await;
     for i in [EAST, WEST] {
-        let r =
-            write_until_admitted(&mut acked, c.dc(i), "POST", "/v2/clusters/00000003/pause").await;
+        let r = history::write_until_admitted(
+            &mut acked,
+            c.dc(i),
+            "POST",
+            "/v2/clusters/00000003/pause",
+        )
+        .await;
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.header("x-loom-served-by"), Some("us-east"));
     }
@@ -272,8 +210,8 @@ async fn etcd_a_dead_dcs_shards_move_and_the_restored_dc_forwards_to_the_new_own
     c.dcs[EU].restore_router().await;
     admitting(c.dc(EU)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(owner(c.dc(EU), 3).await, "us-east");
-    let r = write(&mut acked, c.dc(EU), "DELETE", "/v2/clusters/00000003").await;
+    assert_eq!(shard_owner(c.dc(EU), 3).await.0, "us-east");
+    let r = history::write(&mut acked, c.dc(EU), "DELETE", "/v2/clusters/00000003", b"").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-loom-route"), Some("write-forwarded"));
     assert_eq!(r.header("x-loom-served-by"), Some("us-east"));
@@ -300,11 +238,12 @@ async fn etcd_a_router_cut_off_from_etcd_fences_itself_before_the_others_take_ov
     let cut = std::time::Instant::now();
     let mut fenced_at = None;
     while cut.elapsed() < Duration::from_secs(4) {
-        let r = write(
+        let r = history::write(
             &mut acked,
             c.dc(WEST),
             "POST",
             "/v2/clusters/00000002/abort",
+            b"",
         )
         .await;
         if r.header("x-loom-router-error") == Some("fenced") {
@@ -316,7 +255,7 @@ async fn etcd_a_router_cut_off_from_etcd_fences_itself_before_the_others_take_ov
     // Fenced before etcd could expire its 2 s lease.
     assert!(fenced_at < Duration::from_secs(2), "{fenced_at:?}");
     until_owner(c.dc(EAST), 2, "eu-central").await;
-    let r = write_until_admitted(
+    let r = history::write_until_admitted(
         &mut acked,
         c.dc(EAST),
         "POST",
@@ -378,7 +317,7 @@ async fn etcd_a_paused_router_that_wakes_after_its_shards_moved_does_not_write()
     // us-west's router stops dead (its Loom is fine): its lease runs out in etcd.
     signal(&child, nix::sys::signal::Signal::SIGSTOP);
     until_owner(c.dc(EAST), 2, "eu-central").await;
-    let r = write_until_admitted(
+    let r = history::write_until_admitted(
         &mut acked,
         c.dc(EAST),
         "POST",
@@ -396,11 +335,12 @@ async fn etcd_a_paused_router_that_wakes_after_its_shards_moved_does_not_write()
     // at its Loom: it fences itself or forwards to the new owner.
     signal(&child, nix::sys::signal::Signal::SIGCONT);
     for _ in 0..40 {
-        let r = write(
+        let r = history::write(
             &mut acked,
             c.dc(WEST),
             "POST",
             "/v2/clusters/00000002/resume",
+            b"",
         )
         .await;
         if r.status.is_success() {

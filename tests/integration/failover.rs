@@ -14,82 +14,22 @@ fn memory() -> Options {
     }
 }
 
-/// The owner of `shard` in a router's `/admin/table`, with its epoch.
-async fn owner(dc: &Dc, shard: u64) -> (String, u64) {
-    let t = get(&dc.admin_url("/admin/table")).await.json();
-    let s = t["shards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["shard"] == shard)
-        .unwrap_or_else(|| panic!("no shard {shard} in {t}"))
-        .clone();
-    (
-        s["owner"].as_str().unwrap().to_owned(),
-        s["epoch"].as_u64().unwrap(),
-    )
-}
-
-/// Wait (up to 10 s) until `dc`'s table says `shard` is owned by `expected`.
-async fn until_owner(dc: &Dc, shard: u64, expected: &str) -> u64 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (o, epoch) = owner(dc, shard).await;
-        if o == expected {
-            return epoch;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{}: shard {shard} still owned by {o}",
-            dc.name
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Wait until every router may admit writes for its own shards (table read, lease registered).
-async fn admitting(c: &Cluster) {
-    for dc in &c.dcs {
-        let url = dc.admin_url("/admin/table");
-        eventually(|| async { get(&url).await.json()["lease"]["admitting"] == true }).await;
-    }
-}
-
-/// Send a write and remember it if it was acknowledged.
-async fn write(
-    acked: &mut Vec<Acked>,
-    method: &str,
-    url: &str,
-    path: &str,
-    body: &[u8],
-) -> TestResponse {
-    let r = send(method, &format!("{url}{path}"), &COOPR, body).await;
-    if r.status.is_success() {
-        acked.push(Acked {
-            served_by: r.header("x-loom-served-by").unwrap().to_owned(),
-            method: method.to_owned(),
-            path: path.to_owned(),
-        });
-    }
-    r
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_dcs_shards_move_to_the_first_live_replica_and_never_move_back_on_their_own() {
     let mut c = Cluster::start_with(memory()).await;
     let mut acked = Vec::new();
     // Every router reads ownership from the store.
-    admitting(&c).await;
+    all_admitting(&c).await;
     // A cluster in eu-central's shard 3; replicas of eu-central: [us-east].
     let id = create_cluster(c.dc(EU), "f").await;
     assert_eq!(id, "00000003");
-    let (_, epoch_before) = owner(c.dc(EAST), 3).await;
+    let (_, epoch_before) = shard_owner(c.dc(EAST), 3).await;
     // Wait for it to replicate to us-east, the future owner.
     eventually(|| async { c.dc(EAST).loom.cluster(3).is_some() }).await;
-    let r = write(
+    let r = history::write(
         &mut acked,
+        c.dc(WEST),
         "POST",
-        &c.dc(WEST).url(""),
         "/v2/clusters/00000003/abort",
         b"",
     )
@@ -151,15 +91,8 @@ async fn a_dead_dcs_shards_move_to_the_first_live_replica_and_never_move_back_on
         (EAST, "/v2/clusters/00000003/pause"),
         (WEST, "/v2/clusters/00000003/resume"),
     ] {
-        let mut r = write(&mut acked, "POST", &c.dc(i).url(""), path, b"").await;
         // Right after the swap the hook may still be running: fenced, then fine.
-        for _ in 0..40 {
-            if r.header("x-loom-router-error") != Some("fenced") {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            r = write(&mut acked, "POST", &c.dc(i).url(""), path, b"").await;
-        }
+        let r = history::write_until_admitted(&mut acked, c.dc(i), "POST", path).await;
         assert_eq!(r.status, 200, "{path}: {}", r.text());
         assert_eq!(r.header("x-loom-served-by"), Some("us-east"));
     }
@@ -171,17 +104,10 @@ async fn a_dead_dcs_shards_move_to_the_first_live_replica_and_never_move_back_on
     // eu-central comes back: it does not take shard 3 back, and forwards writes for it.
     c.dcs[EU].restore_loom().await;
     c.dcs[EU].restore_router().await;
-    admitting(&c).await;
+    all_admitting(&c).await;
     tokio::time::sleep(Duration::from_secs(2)).await; // longer than a lease: nothing moves back
-    assert_eq!(owner(c.dc(EU), 3).await.0, "us-east");
-    let r = write(
-        &mut acked,
-        "DELETE",
-        &c.dc(EU).url(""),
-        "/v2/clusters/00000003",
-        b"",
-    )
-    .await;
+    assert_eq!(shard_owner(c.dc(EU), 3).await.0, "us-east");
+    let r = history::write(&mut acked, c.dc(EU), "DELETE", "/v2/clusters/00000003", b"").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-loom-route"), Some("write-forwarded"));
     assert_eq!(r.header("x-loom-served-by"), Some("us-east"));
@@ -218,7 +144,7 @@ async fn send_quietly(method: &str, url: &str) -> Option<(u16, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_live_replica_the_shard_stays_and_an_alert_is_raised() {
     let mut c = Cluster::start_with(memory()).await;
-    admitting(&c).await;
+    all_admitting(&c).await;
     // Shard 2 (us-west) has replicas [eu-central]: kill both.
     c.dcs[WEST].kill().await;
     c.dcs[EU].kill().await;
@@ -232,7 +158,7 @@ async fn with_no_live_replica_the_shard_stays_and_an_alert_is_raised() {
         })
     })
     .await;
-    assert_eq!(owner(c.dc(EAST), 2).await.0, "us-west");
+    assert_eq!(shard_owner(c.dc(EAST), 2).await.0, "us-west");
     // Shard 3 (eu-central, replicas [us-east]) did fail over.
     until_owner(c.dc(EAST), 3, "us-east").await;
     let metrics = get(&c.dc(EAST).admin_url("/metrics")).await.text();
@@ -247,7 +173,7 @@ async fn with_no_live_replica_the_shard_stays_and_an_alert_is_raised() {
 async fn a_router_cut_off_from_the_store_fences_itself_before_others_take_over() {
     let c = Cluster::start_with(memory()).await;
     let mut acked = Vec::new();
-    admitting(&c).await;
+    all_admitting(&c).await;
     let id = create_cluster(c.dc(WEST), "p").await;
     assert_eq!(id, "00000002");
     eventually(|| async { c.dc(EU).loom.cluster(2).is_some() }).await;
@@ -257,10 +183,10 @@ async fn a_router_cut_off_from_the_store_fences_itself_before_others_take_over()
     // Within its lease it must refuse writes for its own shard: fenced, never applied late.
     let mut fenced_at = None;
     while cut.elapsed() < Duration::from_secs(3) {
-        let r = write(
+        let r = history::write(
             &mut acked,
+            c.dc(WEST),
             "POST",
-            &c.dc(WEST).url(""),
             "/v2/clusters/00000002/abort",
             b"",
         )
@@ -281,7 +207,7 @@ async fn a_router_cut_off_from_the_store_fences_itself_before_others_take_over()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_move_freeze_and_unfreeze_shards() {
     let mut c = Cluster::start_with(memory()).await;
-    admitting(&c).await;
+    all_admitting(&c).await;
     let admin = c.dc(EAST).admin_url("");
     // Not a replica of shard 1 (replicas: [us-west]).
     let r = send(
@@ -323,7 +249,7 @@ async fn operators_move_freeze_and_unfreeze_shards() {
     assert_eq!(r.status, 200, "{}", r.text());
     c.dcs[EU].kill().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(owner(c.dc(EAST), 3).await.0, "eu-central");
+    assert_eq!(shard_owner(c.dc(EAST), 3).await.0, "eu-central");
     // Unfreeze: now it fails over.
     let r = send(
         "POST",
@@ -340,8 +266,8 @@ async fn operators_move_freeze_and_unfreeze_shards() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_says_when_it_has_seen_a_fence_and_drained_its_writes() {
     let c = Cluster::start_with(memory()).await;
-    admitting(&c).await;
-    let (_, epoch) = owner(c.dc(EAST), 1).await;
+    all_admitting(&c).await;
+    let (_, epoch) = shard_owner(c.dc(EAST), 1).await;
     let url = |q: &str| c.dc(EAST).url(&format!("/loom-router/drained{q}"));
     let r = get(&url(&format!("?shard=1&epoch={epoch}"))).await;
     assert_eq!(r.status, 200);
@@ -386,7 +312,7 @@ async fn the_operator_cli_shows_the_table_and_moves_freezes_and_unfreezes() {
     let mut options = memory();
     options.extra = "\n[admin]\ntoken = \"s3cret\"\n".to_owned();
     let c = Cluster::start_with(options).await;
-    admitting(&c).await;
+    all_admitting(&c).await;
     let admin = c.dc(EU).admin_url("");
     let (code, out, _) = cli(&["table", "--admin", &admin]).await;
     assert_eq!(code, 0);
@@ -440,7 +366,7 @@ async fn the_operator_cli_shows_the_table_and_moves_freezes_and_unfreezes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dc_whose_loom_fails_its_health_checks_withdraws_and_its_shards_move() {
     let mut c = Cluster::start_with(memory()).await;
-    admitting(&c).await;
+    all_admitting(&c).await;
     // Only eu-central's Loom dies; its router stays up but withdraws its registration.
     c.dcs[EU].stop_loom().await;
     until_owner(c.dc(EAST), 3, "us-east").await;
@@ -448,7 +374,7 @@ async fn a_dc_whose_loom_fails_its_health_checks_withdraws_and_its_shards_move()
     assert_eq!(t["lease"]["registered"], false);
     assert_eq!(t["lease"]["admitting"], false);
     // The live router of the dead Loom forwards writes for its old shard to the new owner.
-    eventually(|| async { owner(c.dc(EU), 3).await.0 == "us-east" }).await;
+    eventually(|| async { shard_owner(c.dc(EU), 3).await.0 == "us-east" }).await;
     history::check(&c, &[]);
 }
 
@@ -458,7 +384,7 @@ async fn a_gained_shard_stays_fenced_while_its_become_owner_hook_fails() {
     let mut options = memory();
     options.hook = Some(format!("http://{failing_hook}/replication/become-owner"));
     let mut c = Cluster::start_with(options).await;
-    admitting(&c).await;
+    all_admitting(&c).await;
     assert_eq!(create_cluster(c.dc(EU), "h").await, "00000003");
     eventually(|| async { c.dc(EAST).loom.cluster(3).is_some() }).await;
     c.dcs[EU].kill().await;
@@ -493,4 +419,36 @@ async fn a_gained_shard_stays_fenced_while_its_become_owner_hook_fails() {
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
     history::check(&c, &[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_with_different_shared_settings_refuses_to_join() {
+    let c = Cluster::start_with(memory()).await;
+    all_admitting(&c).await;
+    // us-east again, but with its replicas changed: the stored fingerprint disagrees.
+    let toml = c
+        .dc(EAST)
+        .config_toml()
+        .replace("replicas = [\"us-west\"]", "replicas = [\"eu-central\"]");
+    let config = loom_router::config::Config::from_toml(&toml).unwrap();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let store = loom_router::coord::Store::Memory(c.store.as_ref().unwrap().client());
+    let app = loom_router::app::App::from_listeners(config, http, admin).with_store(store);
+    let err = app
+        .run(tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("different shared settings"), "{err}");
+    assert!(
+        err.contains("us-east id_start=1 replicas=[us-west]"),
+        "{err}"
+    );
+    // The table shows the fingerprint every router agreed on.
+    let t = get(&c.dc(EU).admin_url("/admin/table")).await.json();
+    assert!(t["fingerprint"]
+        .as_str()
+        .unwrap()
+        .starts_with("increment=10 global_home=us-east"));
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use loom_router::coord::{Batch, Event, Keys, ShardRecord};
 
-use crate::support::Cluster;
+use crate::support::{send, Cluster, Dc, TestResponse, COOPR};
 
 /// A write a client saw succeed: the DC in `X-Loom-Served-By`, method and path.
 #[derive(Debug, Clone)]
@@ -153,4 +153,42 @@ pub fn check_against(
             );
         }
     }
+}
+
+/// Send a write through `dc`'s router and remember it if it was acknowledged.
+pub async fn write(
+    acked: &mut Vec<Acked>,
+    dc: &Dc,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> TestResponse {
+    let r = send(method, &dc.url(path), &COOPR, body).await;
+    if r.status.is_success() {
+        acked.push(Acked {
+            served_by: r.header("x-loom-served-by").unwrap().to_owned(),
+            method: method.to_owned(),
+            path: path.to_owned(),
+        });
+    }
+    r
+}
+
+/// [`write`], retried while the new owner's become-owner hook is still running (503 `fenced`),
+/// for up to 2 s.
+pub async fn write_until_admitted(
+    acked: &mut Vec<Acked>,
+    dc: &Dc,
+    method: &str,
+    path: &str,
+) -> TestResponse {
+    let mut r = write(acked, dc, method, path, b"").await;
+    for _ in 0..40 {
+        if r.header("x-loom-router-error") != Some("fenced") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        r = write(acked, dc, method, path, b"").await;
+    }
+    r
 }

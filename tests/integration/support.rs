@@ -631,3 +631,58 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// The owner of `shard` in a router's `/admin/table`, with its epoch.
+pub async fn shard_owner(dc: &Dc, shard: u64) -> (String, u64) {
+    let t = get(&dc.admin_url("/admin/table")).await.json();
+    let s = t["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["shard"] == shard)
+        .unwrap_or_else(|| panic!("no shard {shard} in {t}"))
+        .clone();
+    (
+        s["owner"].as_str().unwrap().to_owned(),
+        s["epoch"].as_u64().unwrap(),
+    )
+}
+
+/// Wait (up to 15 s) until `dc`'s table says `shard` is owned by `expected`; returns the epoch.
+pub async fn until_owner(dc: &Dc, shard: u64, expected: &str) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (owner, epoch) = shard_owner(dc, shard).await;
+        if owner == expected {
+            return epoch;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}: shard {shard} still owned by {owner}",
+            dc.name
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Wait until `dc`'s router may admit writes for its own shards: table read from the store,
+/// lease registered. It may still be starting (connections refused meanwhile).
+pub async fn admitting(dc: &Dc) {
+    let url = dc.admin_url("/admin/table");
+    eventually(|| async {
+        let Ok(response) = client().get(url.parse().unwrap()).await else {
+            return false;
+        };
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let table: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        table["lease"]["admitting"] == true
+    })
+    .await;
+}
+
+/// [`admitting`] for every DC of a cluster.
+pub async fn all_admitting(c: &Cluster) {
+    for dc in &c.dcs {
+        admitting(dc).await;
+    }
+}
