@@ -115,10 +115,9 @@ async fn the_printed_scenario_creates_reads_and_deletes_through_three_dcs() {
     demo.stop().await;
 }
 
-#[test]
-fn the_demo_binary_prints_its_urls_serves_and_stops_on_sigint() {
-    // A port base unlikely to clash with other tests (which all use port 0).
-    let base = 20000 + (std::process::id() % 20000) as u16;
+/// Start `loom-router demo --port-base <base>` and read its banner. Returns `None` if it exited
+/// before printing it (a port was taken).
+fn start_demo(base: u16) -> Option<(std::process::Child, Vec<String>)> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_loom-router"))
         .args(["demo", "--port-base", &base.to_string()])
         .env("RUST_LOG", "warn")
@@ -133,9 +132,22 @@ fn the_demo_binary_prints_its_urls_serves_and_stops_on_sigint() {
         let done = line.starts_with("Press Ctrl-C");
         lines.push(line);
         if done {
-            break;
+            return Some((child, lines));
         }
     }
+    let _ = child.wait();
+    None
+}
+
+#[test]
+fn the_demo_binary_prints_its_urls_serves_and_stops_on_sigint() {
+    // Port bases below Linux's ephemeral range (32768 up), where the other tests' port-0
+    // listeners live; another base if one is taken anyway.
+    let first = 10_000 + (std::process::id() % 9_000) as u16 * 2;
+    let (base, mut child, lines) = (0..5)
+        .map(|i| first.wrapping_add(i * 1_999) % 20_000 + 10_000)
+        .find_map(|base| start_demo(base).map(|(child, lines)| (base, child, lines)))
+        .expect("the demo did not start on any port base");
     let dcs: Vec<&String> = lines.iter().filter(|l| l.starts_with("dc=")).collect();
     assert_eq!(dcs.len(), 3, "{lines:?}");
     assert_eq!(
