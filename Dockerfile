@@ -18,8 +18,8 @@ RUN apt-get update \
     && useradd --system --uid 10001 --no-create-home loom-router
 COPY --from=build /src/target/release/loom-router /usr/local/bin/loom-router
 USER loom-router
-# listen.http and listen.admin defaults (config/loom-router.toml).
-EXPOSE 8080 9901
+# listen.http, listen.https (when configured) and listen.admin (config/loom-router.toml).
+EXPOSE 8080 8443 9901
 HEALTHCHECK --interval=10s --timeout=2s --retries=3 \
     CMD curl -fsS http://127.0.0.1:9901/healthz || exit 1
 ENTRYPOINT ["/usr/local/bin/loom-router"]

@@ -30,10 +30,10 @@ pub enum AppError {
         #[source]
         source: std::io::Error,
     },
-    #[error("listen.https: TLS termination is not available in this build yet; remove listen.https and serve plain HTTP on listen.http")]
-    HttpsUnsupported,
-    #[error("listen.http: no client listener is configured")]
+    #[error("listen: no client listener is configured (listen.http or listen.https)")]
     NoDataListener,
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("coordination.backend: \"memory\" needs an in-process store; it exists only for the demo and tests")]
     NoMemoryStore,
     #[error(
@@ -48,7 +48,10 @@ pub enum AppError {
 #[derive(Debug)]
 pub struct App {
     config: Config,
-    http: TcpListener,
+    /// The plain-HTTP data listener (`listen.http`), if configured.
+    http: Option<TcpListener>,
+    /// The TLS data listener (`listen.https`), if configured.
+    https: Option<TcpListener>,
     admin: TcpListener,
     /// The coordination store, for the memory backend (the caller shares one store between the
     /// routers of a process).
@@ -58,15 +61,24 @@ pub struct App {
 impl App {
     /// Bind the listeners the config names.
     pub async fn bind(config: Config) -> Result<Self, AppError> {
-        if config.listen.https.is_some() {
-            return Err(AppError::HttpsUnsupported);
+        if config.listen.http.is_none() && config.listen.https.is_none() {
+            return Err(AppError::NoDataListener);
         }
-        let http_addr = config.listen.http.ok_or(AppError::NoDataListener)?;
-        let http = bind("listen.http", http_addr).await?;
+        // Load the certificates now, so that a bad file fails start-up, not the first handshake.
+        crate::tls::server_config(&config)?;
+        let http = match config.listen.http {
+            Some(addr) => Some(bind("listen.http", addr).await?),
+            None => None,
+        };
+        let https = match config.listen.https {
+            Some(addr) => Some(bind("listen.https", addr).await?),
+            None => None,
+        };
         let admin = bind("listen.admin", config.listen.admin).await?;
         Ok(Self {
             config,
             http,
+            https,
             admin,
             store: None,
         })
@@ -76,10 +88,18 @@ impl App {
     pub fn from_listeners(config: Config, http: TcpListener, admin: TcpListener) -> Self {
         Self {
             config,
-            http,
+            http: Some(http),
+            https: None,
             admin,
             store: None,
         }
+    }
+
+    /// Also serve TLS on this listener (it needs `[tls]` in the config).
+    #[must_use]
+    pub fn with_https(mut self, https: TcpListener) -> Self {
+        self.https = Some(https);
+        self
     }
 
     /// Use this coordination store (the memory backend's shared in-process store).
@@ -89,8 +109,12 @@ impl App {
         self
     }
 
-    pub fn http_addr(&self) -> std::io::Result<SocketAddr> {
-        self.http.local_addr()
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
@@ -104,8 +128,14 @@ impl App {
         let config = self.config;
         metrics::register(&config);
         let limits = config.limits.clone();
+        let tls_settings = config.tls.as_ref().map(|t| t.handshake_timeout);
         let drain_timeout = config.drain_timeout;
-        let forwarder = Forwarder::new(config.loom.connect_timeout, config.limits.idle_timeout);
+        let server_tls = crate::tls::server_config(&config)?;
+        let forwarder = Forwarder::new(
+            config.loom.connect_timeout,
+            config.limits.idle_timeout,
+            crate::tls::client_config(&config)?,
+        );
         let board = Arc::new(HealthBoard::new(config.datacenters.len()));
         // Background tasks stop only after the listeners have drained.
         let background = CancellationToken::new();
@@ -176,13 +206,39 @@ impl App {
         let proxy = Proxy::new(control, board, forwarder, gate);
 
         let data_stop = CancellationToken::new();
-        let data = tokio::spawn(listener::serve(
-            self.http,
-            proxy.clone(),
-            limits,
-            drain_timeout,
-            data_stop.clone(),
-        ));
+        let mut data = Vec::new();
+        if let Some(http) = self.http {
+            data.push(tokio::spawn(listener::serve(
+                http,
+                None,
+                proxy.clone(),
+                limits.clone(),
+                drain_timeout,
+                data_stop.clone(),
+            )));
+        }
+        if let Some(https) = self.https {
+            match (server_tls, &tls_settings) {
+                (Some(server_tls), Some(handshake)) => {
+                    let acceptor = listener::Tls {
+                        acceptor: tokio_rustls::TlsAcceptor::from(server_tls),
+                        handshake_timeout: *handshake,
+                    };
+                    data.push(tokio::spawn(listener::serve(
+                        https,
+                        Some(acceptor),
+                        proxy.clone(),
+                        limits.clone(),
+                        drain_timeout,
+                        data_stop.clone(),
+                    )));
+                }
+                _ => {
+                    background.cancel();
+                    return Err(AppError::Tls(crate::tls::TlsError::NoServerConfig));
+                }
+            }
+        }
         let admin = tokio::spawn(admin::serve(
             self.admin,
             proxy.clone(),
@@ -194,7 +250,9 @@ impl App {
         tracing::info!("shutting down: readyz is 503, draining in-flight requests");
         proxy.start_draining();
         data_stop.cancel();
-        let _ = data.await;
+        for listener in data {
+            let _ = listener.await;
+        }
         background.cancel();
         let _ = admin.await;
         Ok(())

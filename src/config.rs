@@ -777,6 +777,29 @@ impl TryFrom<RawConfig> for Config {
         if listen.https.is_some() && tls.is_none() {
             p.push("listen.https", "an https listener needs a [tls] section");
         }
+        if listen.http.is_none() && listen.https.is_none() {
+            p.push(
+                "listen",
+                "no client listener: set listen.http, listen.https or both",
+            );
+        }
+        // Toward an https peer a router presents its own certificate and verifies the peer's
+        // against client_ca (spec section 7).
+        let peers_ca = tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        for (i, dc) in raw.datacenters.iter().enumerate() {
+            if dc.router.starts_with("https://")
+                && !peers_ca
+                && i != names
+                    .get(raw.datacenter.as_str())
+                    .copied()
+                    .unwrap_or(usize::MAX)
+            {
+                p.push(
+                    format!("datacenters[{i}].router"),
+                    "an https:// peer needs [tls] with cert, key and client_ca",
+                );
+            }
+        }
 
         let upstream = p
             .url("loom.upstream", &raw.loom.upstream)
@@ -789,6 +812,12 @@ impl TryFrom<RawConfig> for Config {
         if !health_path.starts_with('/') || health_path.parse::<http::uri::PathAndQuery>().is_err()
         {
             p.push("loom.health_path", "must be a path starting with '/'");
+        }
+        if raw.loom.upstream.starts_with("https://") && raw.loom.ca.is_none() {
+            p.push(
+                "loom.ca",
+                "an https:// upstream needs the CA that signed its certificate",
+            );
         }
         let loom = Loom {
             upstream,

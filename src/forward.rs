@@ -33,18 +33,33 @@ pub struct SendError {
     pub source: Option<BoxError>,
 }
 
+/// Plain HTTP, or rustls for `https://` upstreams, on one pooled connector.
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
 /// The shared upstream client.
 #[derive(Debug, Clone)]
 pub struct Forwarder {
     /// Cloning shares the pool; every request and probe goes through this one client.
-    client: Client<HttpConnector, Body>,
+    client: Client<Connector, Body>,
 }
 
 impl Forwarder {
-    pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_nodelay(true);
+    /// `tls` is used toward `https://` upstreams (`tls.rs`: peer routers and the Loom).
+    pub fn new(
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        tls: std::sync::Arc<rustls::ClientConfig>,
+    ) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(connect_timeout));
+        http.set_nodelay(true);
+        // The TLS wrapper below decides the scheme; the inner connector must accept both.
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*tls).clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(idle_timeout)
             .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
@@ -63,7 +78,9 @@ impl Forwarder {
         match tokio::time::timeout(timeout, self.client.request(request)).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => {
-                let kind = if e.is_connect() {
+                let kind = if tls_failed(&e) {
+                    UpstreamKind::Tls
+                } else if e.is_connect() {
                     UpstreamKind::Connect
                 } else if client_body_failed(&e) {
                     UpstreamKind::ClientBody
@@ -81,6 +98,26 @@ impl Forwarder {
             }),
         }
     }
+}
+
+/// Whether a send failed in the TLS handshake (rustls reports through an `io::Error`).
+fn tls_failed(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if err.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+            {
+                return true;
+            }
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Whether a send failed because the request body we were streaming from the client failed

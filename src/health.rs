@@ -229,7 +229,10 @@ impl Probe {
                 let _ = http_body_util::BodyExt::collect(response.into_body()).await;
                 ok
             }
-            Err(_) => false,
+            Err(e) => {
+                tracing::debug!(datacenter = %self.name, url = %self.url, error = %e, source = ?std::error::Error::source(&e), "probe failed");
+                false
+            }
         }
     }
 }

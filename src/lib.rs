@@ -88,3 +88,4 @@ pub mod metrics;
 pub mod operator;
 pub mod ownership;
 pub mod proxy;
+pub mod tls;

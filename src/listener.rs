@@ -1,6 +1,7 @@
 //! The data listener: accept connections, serve HTTP on them, and drain on shutdown.
 //!
-//! Each accepted TCP connection is served by hyper's HTTP/1.1 server and calls [`Proxy::handle`] for every request. This file owns the
+//! Each accepted TCP connection is served by hyper's HTTP/1.1 server (or, over TLS with ALPN
+//! `h2`, its HTTP/2 server) and calls [`Proxy::handle`] for every request. This file owns the
 //! per-connection limits (header size, header-read timeout) and graceful shutdown. It must not
 //! know about clusters or shards.
 //!
@@ -17,9 +18,9 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
@@ -30,20 +31,52 @@ use crate::config::{Limits, MIN_HEADER_BYTES};
 use crate::error::RouterError;
 use crate::proxy::{ConnInfo, Proxy};
 
-/// Serve `listener` until `shutdown` fires, then stop accepting and give in-flight requests up to
-/// `drain_timeout` to finish.
+/// TLS on a data listener: the acceptor (certificates, ALPN, client-certificate checks) and how
+/// long a client may take over its handshake.
+#[derive(Clone)]
+pub struct Tls {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub handshake_timeout: Duration,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("handshake_timeout", &self.handshake_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What every connection of one listener shares.
+#[derive(Clone)]
+struct Shared {
+    proxy: Proxy,
+    limits: Limits,
+    h1: http1::Builder,
+    /// This router's `Via` value and route-header setting, for rewritten hyper errors.
+    via: String,
+    route_headers: bool,
+}
+
+/// Serve `listener` (over TLS if `tls` is set) until `shutdown` fires, then stop accepting and
+/// give in-flight requests up to `drain_timeout` to finish.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<Tls>,
     proxy: Proxy,
     limits: Limits,
     drain_timeout: Duration,
     shutdown: CancellationToken,
 ) {
-    let builder = builder(&limits);
     let graceful = GracefulShutdown::new();
     let snap = proxy.control().snapshot();
-    let via = snap.via.to_str().unwrap_or("").to_owned();
-    let route_headers = snap.config.route_headers;
+    let shared = Shared {
+        via: snap.via.to_str().unwrap_or("").to_owned(),
+        route_headers: snap.config.route_headers,
+        h1: builder(&limits),
+        proxy,
+        limits,
+    };
     drop(snap);
     loop {
         let (stream, remote) = tokio::select! {
@@ -59,36 +92,49 @@ pub async fn serve(
             () = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn = ConnInfo {
-            remote,
-            https: false,
-            peer_verified: false,
-        };
-        // Cross-cutting layers, then the proxy. An `X-Request-Id` is generated for requests that
-        // have none; it travels upstream with the request and comes back on the response, so
-        // one ID follows a write across routers and into Loom's logs.
-        let proxy = proxy.clone();
-        let service = tower::ServiceBuilder::new()
-            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-            .layer(PropagateRequestIdLayer::x_request_id())
-            .service_fn(move |request| {
-                let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(request, conn).await) }
-            });
-        let service = TowerToHyperService::new(service);
-        let io = TokioIo::new(RewriteErrors::new(
-            stream,
-            via.clone(),
-            limits.max_header_bytes,
-            route_headers,
-        ));
-        let connection = builder.serve_connection(io, service);
-        let watched = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(e) = watched.await {
-                tracing::debug!(error = %e, %remote, "connection ended with an error");
+        let watcher = graceful.watcher();
+        match &tls {
+            None => {
+                let conn = ConnInfo {
+                    remote,
+                    https: false,
+                    peer_verified: false,
+                };
+                serve_http1(&shared, stream, conn, watcher);
             }
-        });
+            Some(tls) => {
+                let (shared, tls) = (shared.clone(), tls.clone());
+                // The handshake runs in the connection's own task: a slow client must not hold
+                // up the accept loop.
+                tokio::spawn(async move {
+                    let handshake =
+                        tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream));
+                    let stream = match handshake.await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, %remote, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%remote, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let (_, session) = stream.get_ref();
+                    let conn = ConnInfo {
+                        remote,
+                        https: true,
+                        // The verifier accepted the certificate if the client sent one.
+                        peer_verified: session.peer_certificates().is_some_and(|c| !c.is_empty()),
+                    };
+                    if session.alpn_protocol() == Some(b"h2") {
+                        serve_http2(&shared, stream, conn, watcher);
+                    } else {
+                        serve_http1(&shared, stream, conn, watcher);
+                    }
+                });
+            }
+        }
     }
     drop(listener);
     if tokio::time::timeout(drain_timeout, graceful.shutdown())
@@ -100,6 +146,64 @@ pub async fn serve(
             "drain timeout: closing connections with requests in flight"
         );
     }
+}
+
+/// The per-connection service: cross-cutting layers, then the proxy. An `X-Request-Id` is
+/// generated for requests that have none; it travels upstream with the request and comes back
+/// on the response, so one ID follows a write across routers and into Loom's logs.
+macro_rules! service {
+    ($proxy:expr, $conn:expr) => {{
+        let proxy = $proxy.clone();
+        let conn = $conn;
+        TowerToHyperService::new(
+            tower::ServiceBuilder::new()
+                .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+                .layer(PropagateRequestIdLayer::x_request_id())
+                .service_fn(move |request| {
+                    let proxy = proxy.clone();
+                    async move { Ok::<_, Infallible>(proxy.handle(request, conn).await) }
+                }),
+        )
+    }};
+}
+
+/// Serve HTTP/1.1 on one connection (plain or TLS), with hyper's canned errors rewritten.
+fn serve_http1<S>(shared: &Shared, stream: S, conn: ConnInfo, watcher: Watcher)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(RewriteErrors::new(
+        stream,
+        shared.via.clone(),
+        shared.limits.max_header_bytes,
+        shared.route_headers,
+    ));
+    let connection = shared.h1.serve_connection(io, service!(shared.proxy, conn));
+    let remote = conn.remote;
+    tokio::spawn(async move {
+        if let Err(e) = watcher.watch(connection).await {
+            tracing::debug!(error = %e, %remote, "connection ended with an error");
+        }
+    });
+}
+
+/// Serve HTTP/2 on one TLS connection (ALPN `h2`).
+fn serve_http2<S>(shared: &Shared, stream: S, conn: ConnInfo, watcher: Watcher)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(shared.limits.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(shared.limits.idle_timeout / 2))
+        .keep_alive_timeout(shared.limits.idle_timeout / 2);
+    let connection = h2.serve_connection(TokioIo::new(stream), service!(shared.proxy, conn));
+    let remote = conn.remote;
+    tokio::spawn(async move {
+        if let Err(e) = watcher.watch(connection).await {
+            tracing::debug!(error = %e, %remote, "h2 connection ended with an error");
+        }
+    });
 }
 
 /// HTTP/1.1 on plain connections. (hyper-util's auto builder does not expose hyper's

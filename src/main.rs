@@ -163,7 +163,7 @@ fn run(path: &std::path::Path) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        tracing::info!(http = ?app.http_addr().ok(), admin = ?app.admin_addr().ok(), "loom-router serving");
+        tracing::info!(http = ?app.http_addr(), https = ?app.https_addr(), admin = ?app.admin_addr().ok(), "loom-router serving");
         let shutdown = CancellationToken::new();
         tokio::spawn(signal_shutdown(shutdown.clone()));
         match app.run(shutdown).await {

@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod admin;
+mod certs;
 mod cli;
 mod demo;
 mod endpoints;
@@ -18,3 +19,4 @@ mod history;
 mod peers;
 mod routing;
 mod support;
+mod tls;

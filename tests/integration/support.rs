@@ -50,6 +50,8 @@ pub struct Dc {
     toml: String,
     /// This router's connection to the memory store (memory backend only).
     pub store: Option<MemoryClient>,
+    /// The https listener (serving only with `Options::tls`).
+    pub https: SocketAddr,
 }
 
 impl Dc {
@@ -131,6 +133,8 @@ impl Dc {
 #[derive(Debug)]
 pub struct Cluster {
     pub dcs: Vec<Dc>,
+    /// Certificates, with `Options::tls`.
+    pub certs: Option<(tempfile::TempDir, crate::certs::TestCa)>,
     /// The shared coordination store (memory backend only).
     pub store: Option<MemoryStore>,
     /// DCs whose Loom is not an emulator (never ready; not waited for).
@@ -160,6 +164,8 @@ pub struct Options {
     pub external_router: [bool; 3],
     /// The become-owner hook URL for every router, instead of its own Loom's.
     pub hook: Option<String>,
+    /// Serve https too, with certificates from this CA, and reach peers over https (mTLS).
+    pub tls: bool,
 }
 
 impl Default for Options {
@@ -174,6 +180,7 @@ impl Default for Options {
             etcd: None,
             external_router: [false, false, false],
             hook: None,
+            tls: false,
         }
     }
 }
@@ -203,15 +210,28 @@ impl Cluster {
             }
         }
         let mut listeners = Vec::new();
+        let mut https_listeners = Vec::new();
         for _ in DCS {
             let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
             listeners.push((http, admin));
+            https_listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
         }
-        let routers: Vec<SocketAddr> = listeners
-            .iter()
-            .zip(options.router_override)
-            .map(|((h, _), o)| o.unwrap_or_else(|| h.local_addr().unwrap()))
+        let certs = options.tls.then(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let ca = crate::certs::TestCa::new(dir.path(), "test-ca");
+            (dir, ca)
+        });
+        // With TLS, peers reach each other on their https listeners.
+        let routers: Vec<SocketAddr> = (0..DCS.len())
+            .map(|i| {
+                let listener = if options.tls {
+                    &https_listeners[i]
+                } else {
+                    &listeners[i].0
+                };
+                options.router_override[i].unwrap_or_else(|| listener.local_addr().unwrap())
+            })
             .collect();
         let store = options.memory.then(MemoryStore::new);
         let mut dcs = Vec::new();
@@ -219,7 +239,20 @@ impl Cluster {
             looms.into_iter().zip(listeners).enumerate()
         {
             let upstream = options.loom_override[i].unwrap_or(loom_addr);
-            let toml = router_toml(i, upstream, &routers, &options);
+            let mut toml = router_toml(i, upstream, &routers, &options);
+            if let Some((_, ca)) = &certs {
+                let (cert, key) = ca.issue(DCS[i].0);
+                toml = toml
+                    .replace("router = \"http://", "router = \"https://")
+                    .replace(
+                        "[ids]",
+                        &format!(
+                            "[tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {:?}\nhandshake_timeout = \"1s\"\n\n[ids]",
+                            ca.ca_pem
+                        ),
+                    );
+            }
+            let https = https_listeners.remove(0);
             let config = Config::from_toml(&toml)
                 .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{toml}"));
             let router = http.local_addr().unwrap();
@@ -239,10 +272,15 @@ impl Cluster {
                     router_task: None,
                     toml,
                     store: client,
+                    https: https.local_addr().unwrap(),
                 });
                 continue;
             }
+            let https_addr = https.local_addr().unwrap();
             let mut app = App::from_listeners(config, http, admin);
+            if options.tls {
+                app = app.with_https(https);
+            }
             if let Some(client) = &client {
                 app = app.with_store(Store::Memory(client.clone()));
             }
@@ -260,6 +298,7 @@ impl Cluster {
                 router_task: Some(task),
                 toml,
                 store: client,
+                https: https_addr,
             });
         }
         let mut overridden = options.loom_override.map(|o| o.is_some());
@@ -268,6 +307,7 @@ impl Cluster {
         }
         let cluster = Self {
             dcs,
+            certs,
             store,
             overridden,
         };
