@@ -101,6 +101,23 @@ async fn handle(
             response
         }
         (true, _, "/admin/table") => json_response(StatusCode::OK, &table_json(proxy)),
+        (false, true, "/admin/reload") => {
+            if let Some(denied) = authorize(proxy, &request) {
+                return denied;
+            }
+            match proxy.control().reload().await {
+                Ok(summary) => text_owned(StatusCode::OK, format!("reloaded: {summary}\n")),
+                Err(e) => {
+                    let mut response =
+                        text_owned(StatusCode::BAD_REQUEST, format!("reload refused: {e}\n"));
+                    response.headers_mut().insert(
+                        crate::headers::ROUTER_ERROR,
+                        HeaderValue::from_static("bad_config"),
+                    );
+                    response
+                }
+            }
+        }
         (false, true, p) if p.starts_with("/admin/shards/") => {
             if let Some(denied) = authorize(proxy, &request) {
                 return denied;
@@ -248,6 +265,15 @@ async fn read_json(request: Request<Incoming>) -> Result<Value, Response<Body>> 
     })
 }
 
+fn text_owned(status: StatusCode, body: String) -> Response<Body> {
+    let mut response = Response::new(Body::full(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(TEXT_PLAIN));
+    response
+}
+
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut response = Response::new(Body::full(body));
     *response.status_mut() = status;
@@ -299,8 +325,7 @@ pub fn table_json(proxy: &Proxy) -> Value {
     let datacenters: Vec<Value> = config
         .datacenters
         .iter()
-        .enumerate()
-        .map(|(dc, d)| json!({"name": d.name, "healthy": proxy.health().get(dc) == Status::Up}))
+        .map(|d| json!({"name": d.name, "healthy": proxy.health().get(&d.name) == Status::Up}))
         .collect();
     let mut table = json!({
         "datacenter": config.local_dc().name,

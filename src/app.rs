@@ -56,6 +56,8 @@ pub struct App {
     /// The coordination store, for the memory backend (the caller shares one store between the
     /// routers of a process).
     store: Option<Store>,
+    /// The config file, for reloads (SIGHUP, file changes, `POST /admin/reload`).
+    config_path: Option<std::path::PathBuf>,
 }
 
 impl App {
@@ -81,6 +83,7 @@ impl App {
             https,
             admin,
             store: None,
+            config_path: None,
         })
     }
 
@@ -92,7 +95,15 @@ impl App {
             https: None,
             admin,
             store: None,
+            config_path: None,
         }
+    }
+
+    /// Reload from this file on SIGHUP, on a change to it, and on `POST /admin/reload`.
+    #[must_use]
+    pub fn with_config_path(mut self, path: std::path::PathBuf) -> Self {
+        self.config_path = Some(path);
+        self
     }
 
     /// Also serve TLS on this listener (it needs `[tls]` in the config).
@@ -127,7 +138,6 @@ impl App {
         let metrics = metrics::install();
         let config = self.config;
         metrics::register(&config);
-        let limits = config.limits.clone();
         let tls_settings = config.tls.as_ref().map(|t| t.handshake_timeout);
         let drain_timeout = config.drain_timeout;
         let server_tls = crate::tls::server_config(&config)?;
@@ -136,15 +146,13 @@ impl App {
             config.limits.idle_timeout,
             crate::tls::client_config(&config)?,
         );
-        let board = Arc::new(HealthBoard::new(config.datacenters.len()));
+        let board = Arc::new(HealthBoard::new());
         // Background tasks stop only after the listeners have drained.
         let background = CancellationToken::new();
-        health::spawn_probes(
-            &config,
-            board.clone(),
-            forwarder.clone(),
-            background.clone(),
-        );
+        // Health probes run in generations: a reload that changes DCs or health settings
+        // replaces them (see the settings applier below).
+        let mut probes = background.child_token();
+        health::spawn_probes(&config, board.clone(), forwarder.clone(), probes.clone());
         for warning in config.warnings() {
             tracing::warn!("{warning}");
         }
@@ -202,8 +210,28 @@ impl App {
             Some(j) => (Some(j.coordination), Some((j.gate, j.handle))),
             None => (None, None),
         };
-        let control = Control::start(config, coordination);
-        let proxy = Proxy::new(control, board, forwarder, gate);
+        let control = Control::start(config, coordination, self.config_path.clone());
+        let proxy = Proxy::new(control.clone(), board.clone(), forwarder.clone(), gate);
+        if let Some(path) = self.config_path {
+            crate::reload::spawn_triggers(control.clone(), path, background.clone());
+        }
+        // Apply reloaded settings that live outside the snapshot.
+        {
+            let (mut configs, proxy, background) =
+                (control.configs(), proxy.clone(), background.clone());
+            tokio::spawn(async move {
+                while configs.changed().await.is_ok() {
+                    let config = configs.borrow_and_update().clone();
+                    probes.cancel();
+                    probes = background.child_token();
+                    health::spawn_probes(&config, board.clone(), forwarder.clone(), probes.clone());
+                    let names: Vec<&str> =
+                        config.datacenters.iter().map(|d| d.name.as_str()).collect();
+                    board.retain(&names);
+                    proxy.set_concurrency_limit(config.limits.max_concurrent_requests);
+                }
+            });
+        }
 
         let data_stop = CancellationToken::new();
         let mut data = Vec::new();
@@ -212,7 +240,6 @@ impl App {
                 http,
                 None,
                 proxy.clone(),
-                limits.clone(),
                 drain_timeout,
                 data_stop.clone(),
             )));
@@ -228,7 +255,6 @@ impl App {
                         https,
                         Some(acceptor),
                         proxy.clone(),
-                        limits.clone(),
                         drain_timeout,
                         data_stop.clone(),
                     )));

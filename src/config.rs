@@ -440,6 +440,65 @@ impl Config {
         self.datacenters.iter().position(|dc| dc.name == name)
     }
 
+    /// Keys whose change a reload refuses (spec section 7): they need a restart.
+    pub fn restart_only_changes(&self, next: &Self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.listen.http != next.listen.http {
+            out.push("listen.http");
+        }
+        if self.listen.https != next.listen.https {
+            out.push("listen.https");
+        }
+        if self.listen.admin != next.listen.admin {
+            out.push("listen.admin");
+        }
+        if self.local_dc().name != next.local_dc().name {
+            out.push("datacenter");
+        }
+        if self.increment != next.increment {
+            out.push("ids.increment");
+        }
+        if self.coordination.backend != next.coordination.backend {
+            out.push("coordination.backend");
+        }
+        if self.coordination.endpoints != next.coordination.endpoints {
+            out.push("coordination.endpoints");
+        }
+        if self.coordination.prefix != next.coordination.prefix {
+            out.push("coordination.prefix");
+        }
+        out
+    }
+
+    /// Keys a reload accepts but that take effect only at the next restart: certificates and the
+    /// pooled client's connection settings are loaded once, at start-up.
+    pub fn applied_at_restart(&self, next: &Self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.tls != next.tls {
+            out.push("tls");
+        }
+        if self.loom.ca != next.loom.ca {
+            out.push("loom.ca");
+        }
+        if self.loom.connect_timeout != next.loom.connect_timeout {
+            out.push("loom.connect_timeout");
+        }
+        if self.limits.idle_timeout != next.limits.idle_timeout {
+            out.push("limits.idle_timeout");
+        }
+        if self.coordination.lease != next.coordination.lease
+            || self.coordination.keepalive != next.coordination.keepalive
+        {
+            out.push("coordination.lease/keepalive");
+        }
+        if self.coordination.become_owner_hook != next.coordination.become_owner_hook
+            || self.coordination.hook_timeout != next.coordination.hook_timeout
+        {
+            out.push("coordination.become_owner_hook/hook_timeout");
+        }
+        out
+    }
+
     /// Warnings that do not stop the router but that an operator should read.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();

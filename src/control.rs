@@ -81,11 +81,26 @@ pub struct Coordination {
     pub hook_results: mpsc::Receiver<(ShardKey, u64)>,
 }
 
+/// Why a reload was refused. The old config keeps serving in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("no config file to reload (the router was started without one)")]
+    NoFile,
+    #[error("{0}")]
+    Invalid(#[from] crate::config::ConfigErrors),
+    #[error("{}: changing it needs a restart; the old config keeps serving", .0.join(", "))]
+    RestartNeeded(Vec<&'static str>),
+    #[error("[[shards]] epochs went backwards (table epoch {next} < {current}); a router never installs an older table")]
+    Older { current: u64, next: u64 },
+}
+
 /// Messages to the writer task.
 #[derive(Debug)]
 enum Event {
     /// Re-read ownership from the coordination store, then answer.
     Refresh(oneshot::Sender<()>),
+    /// Re-read the config file, validate it, and swap it in (or refuse).
+    Reload(oneshot::Sender<Result<String, ReloadError>>),
 }
 
 /// A handle on the current snapshot and its writer task. Cheap to clone.
@@ -95,13 +110,21 @@ pub struct Control {
     current: Arc<ArcSwap<Snapshot>>,
     /// Events for the writer task; it ends when every handle is dropped.
     events: mpsc::Sender<Event>,
+    /// Each config the writer installs, for the tasks that apply settings outside the snapshot
+    /// (health probes, the concurrency limit).
+    configs: watch::Receiver<Arc<Config>>,
 }
 
 impl Control {
     /// Publish the first snapshot (from the config) and start the writer task. With a
     /// coordination store, the writer replaces it as soon as the store has been read.
-    pub fn start(config: Config, coordination: Option<Coordination>) -> Self {
+    pub fn start(
+        config: Config,
+        coordination: Option<Coordination>,
+        config_path: Option<std::path::PathBuf>,
+    ) -> Self {
         let config = Arc::new(config);
+        let (configs_tx, configs) = watch::channel(config.clone());
         let table = Table::from_config(&config);
         metrics::set_table_epoch(table.table_epoch);
         let current = Arc::new(ArcSwap::from_pointee(Snapshot::new(
@@ -116,9 +139,39 @@ impl Control {
             config,
             pending_hooks: BTreeMap::new(),
             handled: BTreeMap::new(),
+            config_path,
+            configs: configs_tx,
+            last_view: None,
         };
         tokio::spawn(writer.run(rx, coordination));
-        Self { current, events }
+        Self {
+            current,
+            events,
+            configs,
+        }
+    }
+
+    /// Every config installed from now on (the current one is marked seen).
+    pub fn configs(&self) -> watch::Receiver<Arc<Config>> {
+        self.configs.clone()
+    }
+
+    /// Re-read the config file and swap it in atomically; on any error the old config keeps
+    /// serving. Counted in `loom_router_config_reloads_total{result}`.
+    pub async fn reload(&self) -> Result<String, ReloadError> {
+        let (tx, rx) = oneshot::channel();
+        let outcome = match self.events.send(Event::Reload(tx)).await {
+            Ok(()) => rx.await.unwrap_or(Err(ReloadError::NoFile)),
+            Err(_) => Err(ReloadError::NoFile),
+        };
+        metrics::config_reload(outcome.is_ok());
+        match &outcome {
+            Ok(summary) => tracing::info!("config reloaded: {summary}"),
+            Err(e) => {
+                tracing::warn!(error = %e, "config reload refused; the old config keeps serving")
+            }
+        }
+        outcome
     }
 
     /// The current snapshot, kept alive for as long as the caller holds it (across awaits).
@@ -146,6 +199,12 @@ struct Writer {
     /// For each shard this router has seen itself own: the record's `owner_changes` then. A
     /// larger count later means the shard left and came back, whatever views were skipped.
     handled: BTreeMap<ShardKey, u64>,
+    /// The file the config came from, for reloads.
+    config_path: Option<std::path::PathBuf>,
+    /// Tells the settings appliers about each installed config.
+    configs: watch::Sender<Arc<Config>>,
+    /// The last store view installed, to rebuild the table when only the config changes.
+    last_view: Option<View>,
 }
 
 impl Writer {
@@ -153,8 +212,15 @@ impl Writer {
         let Some(mut c) = coordination else {
             // Static: the config is the store. A refresh finds nothing newer until an operator
             // reloads the config.
-            while let Some(Event::Refresh(done)) = events.recv().await {
-                let _ = done.send(());
+            while let Some(event) = events.recv().await {
+                match event {
+                    Event::Refresh(done) => {
+                        let _ = done.send(());
+                    }
+                    Event::Reload(done) => {
+                        let _ = done.send(self.reload(None));
+                    }
+                }
             }
             return;
         };
@@ -170,6 +236,9 @@ impl Writer {
                             Err(e) => tracing::warn!(error = %e, "refresh from the store failed; keeping the current table"),
                         }
                         let _ = done.send(());
+                    }
+                    Some(Event::Reload(done)) => {
+                        let _ = done.send(self.reload(c.hooks.as_ref()));
                     }
                     None => return,
                 },
@@ -194,6 +263,7 @@ impl Writer {
     /// being served. Shards this DC gained get their hook called and stay fenced until it
     /// succeeds.
     fn install(&mut self, view: &View, hooks: Option<&mpsc::Sender<(HookJob, CancellationToken)>>) {
+        self.last_view = Some(view.clone());
         let current = self.current.load();
         let mut table = Table::from_view(&self.config, view);
         if current.from_store && table.table_epoch < current.table.table_epoch {
@@ -270,6 +340,61 @@ impl Writer {
         )));
     }
 
+    /// Re-read, validate and install the config file. With a store, ownership still comes from
+    /// the store (re-derived under the new config); with `static`, from the new config, which
+    /// must not move the table epoch backwards.
+    fn reload(
+        &mut self,
+        hooks: Option<&mpsc::Sender<(HookJob, CancellationToken)>>,
+    ) -> Result<String, ReloadError> {
+        let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;
+        let next = Config::load(path)?;
+        let refused = self.config.restart_only_changes(&next);
+        if !refused.is_empty() {
+            return Err(ReloadError::RestartNeeded(refused));
+        }
+        let later = self.config.applied_at_restart(&next);
+        let next = Arc::new(next);
+        let current = self.current.load_full();
+        if self.last_view.is_none() {
+            let table = Table::from_config(&next);
+            if table.table_epoch < current.table.table_epoch {
+                return Err(ReloadError::Older {
+                    current: current.table.table_epoch,
+                    next: table.table_epoch,
+                });
+            }
+            metrics::set_table_epoch(table.table_epoch);
+            self.config = next.clone();
+            self.current.store(Arc::new(Snapshot::new(
+                next.clone(),
+                table,
+                current.alerts.clone(),
+                false,
+            )));
+        } else if let Some(view) = self.last_view.take() {
+            self.config = next.clone();
+            // Re-derive from the same store view under the new config (the epoch is unchanged,
+            // so force the install past the never-older check by comparing equal).
+            self.install(&view, hooks);
+        }
+        let _ = self.configs.send(next.clone());
+        let table = &self.current.load().table;
+        let mut summary = format!(
+            "{} datacenters, {} shards, table epoch {}",
+            next.datacenters.len(),
+            table.shards().count(),
+            table.table_epoch
+        );
+        if !later.is_empty() {
+            summary.push_str(&format!(
+                "; {} changed and will apply at the next restart",
+                later.join(", ")
+            ));
+        }
+        Ok(summary)
+    }
+
     /// Publish the current table again with the current hook state.
     fn republish(&self) {
         let current = self.current.load();
@@ -289,10 +414,7 @@ mod tests {
     use super::*;
     use crate::coord::ShardRecord;
 
-    fn config() -> Arc<Config> {
-        Arc::new(
-            Config::from_toml(
-                r#"
+    const CONFIG: &str = r#"
 datacenter = "a"
 global_home = "a"
 [loom]
@@ -309,10 +431,10 @@ name = "b"
 id_start = 2
 router = "http://127.0.0.1:3"
 replicas = ["a"]
-"#,
-            )
-            .unwrap(),
-        )
+"#;
+
+    fn config() -> Arc<Config> {
+        Arc::new(Config::from_toml(CONFIG).unwrap())
     }
 
     fn view(revision: i64, shard1_owner: &str, previous: Option<&str>) -> View {
@@ -356,6 +478,9 @@ replicas = ["a"]
             config,
             pending_hooks: BTreeMap::new(),
             handled: BTreeMap::new(),
+            config_path: None,
+            configs: watch::channel(Arc::new(Config::from_toml(CONFIG).unwrap())).0,
+            last_view: None,
         }
     }
 

@@ -7,15 +7,15 @@
 //!
 //! Health never moves ownership (spec section 1); this file must not touch the table.
 
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use http::{Method, Request, Uri};
 use tokio_util::sync::CancellationToken;
 
 use crate::body::Body;
-use crate::config::{Config, DcId};
+use crate::config::Config;
 use crate::forward::{upstream_uri, Forwarder};
 use crate::metrics;
 
@@ -88,22 +88,21 @@ impl Counter {
     }
 }
 
-/// The latest status of every DC, by [`DcId`]. The local DC's entry is its Loom's health.
-#[derive(Debug)]
+/// The latest status of every DC, by name. Keyed by name rather than index so that it outlives
+/// config reloads that add, remove or reorder DCs.
+#[derive(Debug, Default)]
 pub struct HealthBoard {
-    /// Written by the probe tasks only; read by the request path, `/readyz` and `/admin/table`.
-    statuses: Vec<AtomicU8>,
+    /// Written by the probe tasks only (rarely: on a change); read by the request path for
+    /// forwarded writes, `/readyz`, `/admin/table` and the lease task.
+    statuses: RwLock<HashMap<String, Status>>,
     /// Woken on every change, so the lease task (re)registers or withdraws at once rather than
     /// at its next keepalive.
     changed: tokio::sync::Notify,
 }
 
 impl HealthBoard {
-    pub fn new(dcs: usize) -> Self {
-        Self {
-            statuses: (0..dcs).map(|_| AtomicU8::new(0)).collect(),
-            changed: tokio::sync::Notify::new(),
-        }
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// Resolves after the next status change.
@@ -111,30 +110,37 @@ impl HealthBoard {
         self.changed.notified().await;
     }
 
-    pub fn get(&self, dc: DcId) -> Status {
-        match self.statuses.get(dc).map(|s| s.load(Ordering::Relaxed)) {
-            Some(1) => Status::Up,
-            Some(2) => Status::Down,
-            _ => Status::Unknown,
-        }
+    pub fn get(&self, dc: &str) -> Status {
+        self.statuses
+            .read()
+            .expect("health board lock poisoned")
+            .get(dc)
+            .copied()
+            .unwrap_or(Status::Unknown)
     }
 
     /// Whether requests may be sent to the DC: anything but a confirmed `Down`.
-    pub fn usable(&self, dc: DcId) -> bool {
+    pub fn usable(&self, dc: &str) -> bool {
         self.get(dc) != Status::Down
     }
 
-    pub fn set(&self, dc: DcId, status: Status) {
-        let v = match status {
-            Status::Unknown => 0,
-            Status::Up => 1,
-            Status::Down => 2,
-        };
-        if let Some(s) = self.statuses.get(dc) {
-            if s.swap(v, Ordering::Relaxed) != v {
-                self.changed.notify_waiters();
-            }
+    pub fn set(&self, dc: &str, status: Status) {
+        let previous = self
+            .statuses
+            .write()
+            .expect("health board lock poisoned")
+            .insert(dc.to_owned(), status);
+        if previous != Some(status) {
+            self.changed.notify_waiters();
         }
+    }
+
+    /// Forget DCs a reloaded config no longer has.
+    pub fn retain(&self, names: &[&str]) {
+        self.statuses
+            .write()
+            .expect("health board lock poisoned")
+            .retain(|name, _| names.contains(&name.as_str()));
     }
 }
 
@@ -158,7 +164,6 @@ pub fn spawn_probes(
             probe_url(&d.router, crate::classify::READYZ_PATH)
         };
         let task = Probe {
-            dc,
             name: d.name.clone(),
             url,
             interval: config.health.interval,
@@ -183,7 +188,6 @@ fn probe_url(base: &Uri, path: &str) -> Uri {
 
 #[derive(Debug)]
 struct Probe {
-    dc: DcId,
     name: String,
     url: Uri,
     interval: Duration,
@@ -202,7 +206,7 @@ impl Probe {
             ticker.tick().await;
             let ok = self.probe_once().await;
             if let Some(status) = counter.observe(ok, self.thresholds) {
-                self.board.set(self.dc, status);
+                self.board.set(&self.name, status);
                 metrics::set_datacenter_up(&self.name, status == Status::Up);
                 match status {
                     Status::Up => {
@@ -297,11 +301,12 @@ mod tests {
 
     #[test]
     fn the_board_treats_unknown_as_usable_but_not_down() {
-        let b = HealthBoard::new(2);
-        assert!(b.usable(0));
-        b.set(0, Status::Down);
-        assert!(!b.usable(0));
-        assert_eq!(b.get(1), Status::Unknown);
-        assert_eq!(b.get(7), Status::Unknown);
+        let b = HealthBoard::new();
+        assert!(b.usable("a"));
+        b.set("a", Status::Down);
+        assert!(!b.usable("a"));
+        assert_eq!(b.get("b"), Status::Unknown);
+        b.retain(&["b"]);
+        assert_eq!(b.get("a"), Status::Unknown);
     }
 }

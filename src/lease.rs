@@ -215,7 +215,7 @@ pub async fn run(
                 }
             }
             metrics::set_lease_remaining(gate.remaining(Instant::now()));
-            let healthy = health.get(me.local) == Status::Up;
+            let healthy = health.get(&me.dc) == Status::Up;
             match (healthy, registration) {
                 (true, None) => {
                     let put = Op::Put {

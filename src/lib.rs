@@ -88,4 +88,5 @@ pub mod metrics;
 pub mod operator;
 pub mod ownership;
 pub mod proxy;
+pub mod reload;
 pub mod tls;

@@ -47,15 +47,14 @@ impl std::fmt::Debug for Tls {
     }
 }
 
-/// What every connection of one listener shares.
+/// What every connection of one listener shares. Limits are read from the current snapshot for
+/// each new connection, so a reload applies to connections accepted after it.
 #[derive(Clone)]
 struct Shared {
     proxy: Proxy,
-    limits: Limits,
-    h1: http1::Builder,
-    /// This router's `Via` value and route-header setting, for rewritten hyper errors.
+    /// This router's `Via` value, for rewritten hyper errors (it names the DC, which a reload
+    /// cannot change).
     via: String,
-    route_headers: bool,
 }
 
 /// Serve `listener` (over TLS if `tls` is set) until `shutdown` fires, then stop accepting and
@@ -64,7 +63,6 @@ pub async fn serve(
     listener: TcpListener,
     tls: Option<Tls>,
     proxy: Proxy,
-    limits: Limits,
     drain_timeout: Duration,
     shutdown: CancellationToken,
 ) {
@@ -72,10 +70,7 @@ pub async fn serve(
     let snap = proxy.control().snapshot();
     let shared = Shared {
         via: snap.via.to_str().unwrap_or("").to_owned(),
-        route_headers: snap.config.route_headers,
-        h1: builder(&limits),
         proxy,
-        limits,
     };
     drop(snap);
     loop {
@@ -172,13 +167,14 @@ fn serve_http1<S>(shared: &Shared, stream: S, conn: ConnInfo, watcher: Watcher)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let config = shared.proxy.control().snapshot().config.clone();
     let io = TokioIo::new(RewriteErrors::new(
         stream,
         shared.via.clone(),
-        shared.limits.max_header_bytes,
-        shared.route_headers,
+        config.limits.max_header_bytes,
+        config.route_headers,
     ));
-    let connection = shared.h1.serve_connection(io, service!(shared.proxy, conn));
+    let connection = builder(&config.limits).serve_connection(io, service!(shared.proxy, conn));
     let remote = conn.remote;
     tokio::spawn(async move {
         if let Err(e) = watcher.watch(connection).await {
@@ -192,11 +188,12 @@ fn serve_http2<S>(shared: &Shared, stream: S, conn: ConnInfo, watcher: Watcher)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let limits = shared.proxy.control().snapshot().config.limits.clone();
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(shared.limits.max_header_bytes).unwrap_or(u32::MAX))
-        .keep_alive_interval(Some(shared.limits.idle_timeout / 2))
-        .keep_alive_timeout(shared.limits.idle_timeout / 2);
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(limits.idle_timeout / 2))
+        .keep_alive_timeout(limits.idle_timeout / 2);
     let connection = h2.serve_connection(TokioIo::new(stream), service!(shared.proxy, conn));
     let remote = conn.remote;
     tokio::spawn(async move {

@@ -157,7 +157,7 @@ fn run(path: &std::path::Path) -> ExitCode {
     };
     runtime.block_on(async move {
         let app = match App::bind(config).await {
-            Ok(app) => app,
+            Ok(app) => app.with_config_path(path.to_owned()),
             Err(e) => {
                 eprintln!("{e}");
                 return ExitCode::from(1);

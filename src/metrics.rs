@@ -217,3 +217,8 @@ pub fn register(config: &crate::config::Config) {
         gauge!(SHARD_UNPROTECTED, "shard" => shard.key.to_string()).increment(0.0);
     }
 }
+
+pub fn config_reload(ok: bool) {
+    let result = if ok { "ok" } else { "error" };
+    counter!(CONFIG_RELOADS_TOTAL, "result" => result).increment(1);
+}

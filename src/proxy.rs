@@ -63,6 +63,8 @@ struct Inner {
     forwarder: Forwarder,
     /// `max_concurrent_requests` permits; a request that finds none gets 503 `overloaded`.
     limiter: Semaphore,
+    /// The limit the semaphore was sized for, so a reload can grow or shrink it.
+    limit: std::sync::atomic::AtomicUsize,
     /// Set once on SIGTERM; `/readyz` answers 503 from then on.
     draining: AtomicBool,
     /// The self-fencing gate and store access, with the memory and etcd backends; `None` with
@@ -187,10 +189,31 @@ impl Proxy {
                 health,
                 forwarder,
                 limiter: Semaphore::new(limit),
+                limit: std::sync::atomic::AtomicUsize::new(limit),
                 draining: AtomicBool::new(false),
                 coordination,
                 in_flight_writes: DashMap::new(),
             }),
+        }
+    }
+
+    /// Resize the concurrency limit after a reload. Shrinking takes effect as requests finish.
+    pub fn set_concurrency_limit(&self, limit: usize) {
+        let old = self.inner.limit.swap(limit, Ordering::SeqCst);
+        if limit > old {
+            self.inner.limiter.add_permits(limit - old);
+        } else if limit < old {
+            let mut excess = old - limit;
+            excess -= self.inner.limiter.forget_permits(excess);
+            if excess > 0 {
+                // Permits held by requests in flight: take them back as they are released.
+                let inner = self.inner.clone();
+                tokio::spawn(async move {
+                    if let Ok(permits) = inner.limiter.acquire_many(excess as u32).await {
+                        permits.forget();
+                    }
+                });
+            }
         }
     }
 
@@ -246,7 +269,7 @@ impl Proxy {
         let has_table = snap.from_store || self.inner.coordination.is_none();
         has_table
             && !self.inner.draining.load(Ordering::SeqCst)
-            && self.inner.health.get(snap.config.local) == Status::Up
+            && self.inner.health.get(&snap.config.local_dc().name) == Status::Up
     }
 
     /// Handle one request from a client or a peer router.
@@ -648,7 +671,7 @@ impl Proxy {
     ) -> Outcome {
         let config = &snap.config;
         let local = config.local;
-        if !self.inner.health.usable(dc) {
+        if !self.inner.health.usable(&config.datacenters[dc].name) {
             return Outcome {
                 target: Some(dc),
                 shard: Some(shard),
@@ -803,7 +826,7 @@ impl Proxy {
                     }
                 }
             }
-            if !self.inner.health.usable(dc) {
+            if !self.inner.health.usable(&config.datacenters[dc].name) {
                 return Outcome::error(
                     label,
                     RouterError::OwnerUnavailable {

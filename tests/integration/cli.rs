@@ -179,3 +179,57 @@ router = "http://127.0.0.1:{http}"
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn sighup_reloads_the_config() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let loom = rt.block_on(crate::support::slow_loom(std::time::Duration::from_millis(
+        10,
+    )));
+    let (http, admin) = (crate::support::free_port(), crate::support::free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("router.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "datacenter = \"a\"\nglobal_home = \"a\"\n[listen]\nhttp = \"127.0.0.1:{http}\"\n\
+             admin = \"127.0.0.1:{admin}\"\n[loom]\nupstream = \"http://{loom}\"\n[ids]\n\
+             increment = 10\n[[datacenters]]\nname = \"a\"\nid_start = 1\n\
+             router = \"http://127.0.0.1:{http}\"\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_loom-router"))
+        .args(["run", "--config", path.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let metrics = format!("http://127.0.0.1:{admin}/metrics");
+    let reloads_ok = || async {
+        let Ok(r) = crate::support::client().get(metrics.parse().unwrap()).await else {
+            return None;
+        };
+        let body = http_body_util::BodyExt::collect(r.into_body())
+            .await
+            .ok()?
+            .to_bytes();
+        String::from_utf8_lossy(&body)
+            .lines()
+            .find(|l| l.starts_with("loom_router_config_reloads_total{result=\"ok\"}"))
+            .map(|l| l.ends_with(" 1"))
+    };
+    rt.block_on(crate::support::eventually(|| async {
+        reloads_ok().await == Some(false)
+    }));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    rt.block_on(crate::support::eventually(|| async {
+        reloads_ok().await == Some(true)
+    }));
+    // Still serving after the reload, and SIGHUP did not end it.
+    assert!(child.try_wait().unwrap().is_none());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}

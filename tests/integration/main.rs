@@ -17,6 +17,7 @@ mod etcd;
 mod failover;
 mod history;
 mod peers;
+mod reload;
 mod routing;
 mod support;
 mod tls;

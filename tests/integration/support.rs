@@ -52,6 +52,10 @@ pub struct Dc {
     pub store: Option<MemoryClient>,
     /// The https listener (serving only with `Options::tls`).
     pub https: SocketAddr,
+    /// The router's config file, with `Options::config_files`.
+    pub config_path: Option<std::path::PathBuf>,
+    /// Holds the file's directory for as long as the DC lives.
+    _config_dir: Option<tempfile::TempDir>,
 }
 
 impl Dc {
@@ -166,6 +170,9 @@ pub struct Options {
     pub hook: Option<String>,
     /// Serve https too, with certificates from this CA, and reach peers over https (mTLS).
     pub tls: bool,
+    /// Give each router its config as a file, which it reloads (file change, POST
+    /// /admin/reload).
+    pub config_files: bool,
 }
 
 impl Default for Options {
@@ -181,6 +188,7 @@ impl Default for Options {
             external_router: [false, false, false],
             hook: None,
             tls: false,
+            config_files: false,
         }
     }
 }
@@ -273,11 +281,22 @@ impl Cluster {
                     toml,
                     store: client,
                     https: https.local_addr().unwrap(),
+                    config_path: None,
+                    _config_dir: None,
                 });
                 continue;
             }
             let https_addr = https.local_addr().unwrap();
             let mut app = App::from_listeners(config, http, admin);
+            let config_dir = options.config_files.then(|| tempfile::tempdir().unwrap());
+            let config_path = config_dir.as_ref().map(|dir| {
+                let path = dir.path().join(format!("{}.toml", DCS[i].0));
+                std::fs::write(&path, &toml).unwrap();
+                path
+            });
+            if let Some(path) = &config_path {
+                app = app.with_config_path(path.clone());
+            }
             if options.tls {
                 app = app.with_https(https);
             }
@@ -299,6 +318,8 @@ impl Cluster {
                 toml,
                 store: client,
                 https: https_addr,
+                config_path,
+                _config_dir: config_dir,
             });
         }
         let mut overridden = options.loom_override.map(|o| o.is_some());
