@@ -24,6 +24,8 @@ pub const EPOCH: HeaderName = HeaderName::from_static("x-loom-router-epoch");
 /// The shard a forwarded write is for. Needed for creates, whose shard is the origin's home
 /// shard and cannot be derived from the path; sent on every forwarded write for auditing.
 pub const SHARD: HeaderName = HeaderName::from_static("x-loom-router-shard");
+/// Generated when absent (tower-http), passed upstream, echoed on the response, logged.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");

@@ -107,10 +107,12 @@ pub async fn serve(
                     let stream = match handshake.await {
                         Ok(Ok(stream)) => stream,
                         Ok(Err(e)) => {
+                            crate::metrics::tls_handshake_failed();
                             tracing::debug!(error = %e, %remote, "TLS handshake failed");
                             return;
                         }
                         Err(_) => {
+                            crate::metrics::tls_handshake_failed();
                             tracing::debug!(%remote, "TLS handshake timed out");
                             return;
                         }
@@ -176,7 +178,9 @@ where
     ));
     let connection = builder(&config.limits).serve_connection(io, service!(shared.proxy, conn));
     let remote = conn.remote;
+    let open = crate::metrics::OpenConnection::start(if conn.https { "https" } else { "http" });
     tokio::spawn(async move {
+        let _open = open;
         if let Err(e) = watcher.watch(connection).await {
             tracing::debug!(error = %e, %remote, "connection ended with an error");
         }
@@ -196,7 +200,9 @@ where
         .keep_alive_timeout(limits.idle_timeout / 2);
     let connection = h2.serve_connection(TokioIo::new(stream), service!(shared.proxy, conn));
     let remote = conn.remote;
+    let open = crate::metrics::OpenConnection::start("https");
     tokio::spawn(async move {
+        let _open = open;
         if let Err(e) = watcher.watch(connection).await {
             tracing::debug!(error = %e, %remote, "h2 connection ended with an error");
         }

@@ -27,6 +27,8 @@ pub const LEASE_REMAINING_SECONDS: &str = "loom_router_lease_remaining_seconds";
 pub const SHARD_UNPROTECTED: &str = "loom_router_shard_unprotected";
 pub const BUILD_INFO: &str = "loom_router_build_info";
 pub const RETRIES_TOTAL: &str = "loom_router_retries_total";
+pub const OPEN_CONNECTIONS: &str = "loom_router_open_connections";
+pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "loom_router_tls_handshake_failures_total";
 
 /// Latency buckets, in seconds: fine-grained below 10 ms where a local proxy hop lives, coarse
 /// up to the 30 s default request timeout.
@@ -105,6 +107,14 @@ pub fn describe() {
         "1 when a shard's owner is down and no replica is alive."
     );
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
+    describe_gauge!(
+        OPEN_CONNECTIONS,
+        "Client connections open on the data listeners, by listener (http or https)."
+    );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES_TOTAL,
+        "TLS handshakes on the https listener that failed or timed out."
+    );
     describe_counter!(
         RETRIES_TOTAL,
         "Requests sent again, by reason (misdirected or reset)."
@@ -200,6 +210,10 @@ pub fn set_shard_unprotected(shard: &str, unprotected: bool) {
 pub fn register(config: &crate::config::Config) {
     counter!(FAILOVERS_TOTAL).increment(0);
     counter!(FENCED_WRITES_TOTAL).increment(0);
+    counter!(TLS_HANDSHAKE_FAILURES_TOTAL).increment(0);
+    for listener in ["http", "https"] {
+        gauge!(OPEN_CONNECTIONS, "listener" => listener).increment(0.0);
+    }
     for result in ["ok", "error"] {
         counter!(CONFIG_RELOADS_TOTAL, "result" => result).increment(0);
     }
@@ -221,4 +235,25 @@ pub fn register(config: &crate::config::Config) {
 pub fn config_reload(ok: bool) {
     let result = if ok { "ok" } else { "error" };
     counter!(CONFIG_RELOADS_TOTAL, "result" => result).increment(1);
+}
+
+/// Counts one client connection in `loom_router_open_connections` until dropped.
+#[derive(Debug)]
+pub struct OpenConnection(&'static str);
+
+impl OpenConnection {
+    pub fn start(listener: &'static str) -> Self {
+        gauge!(OPEN_CONNECTIONS, "listener" => listener).increment(1.0);
+        Self(listener)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        gauge!(OPEN_CONNECTIONS, "listener" => self.0).decrement(1.0);
+    }
+}
+
+pub fn tls_handshake_failed() {
+    counter!(TLS_HANDSHAKE_FAILURES_TOTAL).increment(1);
 }

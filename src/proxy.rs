@@ -150,6 +150,44 @@ impl Label {
     }
 }
 
+/// What the request path learns on the way that only the access log needs. Written at most
+/// once per request (atomics only because the request future must be `Send`).
+#[derive(Debug)]
+struct Notes {
+    /// The cluster the request named (path, node body or node lookup); `u64::MAX` for none.
+    cluster: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Notes {
+    fn default() -> Self {
+        Self {
+            cluster: std::sync::atomic::AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+impl Notes {
+    fn set_cluster(&self, id: u64) {
+        self.cluster.store(id, Ordering::Relaxed);
+    }
+
+    fn cluster(&self) -> Option<u64> {
+        match self.cluster.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            id => Some(id),
+        }
+    }
+}
+
+/// The request as it arrived, for the access log.
+struct Seen<'a> {
+    method: &'a Method,
+    path: &'a str,
+    request_id: Option<&'a HeaderValue>,
+    cluster: Option<u64>,
+    start: Instant,
+}
+
 /// What one request came to, for the edge to finish.
 struct Outcome {
     label: Label,
@@ -278,12 +316,21 @@ impl Proxy {
         let snap = self.inner.control.snapshot();
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
+        let request_id = request.headers().get(headers::REQUEST_ID).cloned();
+        let notes = Notes::default();
         let outcome = {
             // Decremented on drop too: hyper drops this future when the client goes away.
             let _inflight = metrics::Inflight::start();
-            self.route(&snap, request, conn).await
+            self.route(&snap, request, conn, &notes).await
         };
-        self.finish(&snap, &method, &path, start, outcome)
+        let seen = Seen {
+            method: &method,
+            path: &path,
+            request_id: request_id.as_ref(),
+            cluster: notes.cluster(),
+            start,
+        };
+        self.finish(&snap, &seen, outcome)
     }
 
     /// Steps 3 to 5 of the life of a request (see `lib.rs`).
@@ -292,6 +339,7 @@ impl Proxy {
         snap: &Arc<Snapshot>,
         request: Request<Incoming>,
         conn: ConnInfo,
+        notes: &Notes,
     ) -> Outcome {
         let class = match classify::classify(request.method(), request.uri().path()) {
             Ok(class) => class,
@@ -325,9 +373,12 @@ impl Proxy {
             {
                 return Outcome::error(label, RouterError::PeerUnauthenticated);
             }
-            return self.receive_forwarded(snap, class, request, conn).await;
+            return self
+                .receive_forwarded(snap, class, request, conn, notes)
+                .await;
         }
-        self.route_from_client(snap, class, request, conn).await
+        self.route_from_client(snap, class, request, conn, notes)
+            .await
     }
 
     /// A request from a client (not a peer router).
@@ -337,11 +388,15 @@ impl Proxy {
         class: Class,
         request: Request<Incoming>,
         conn: ConnInfo,
+        notes: &Notes,
     ) -> Outcome {
         let local = snap.config.local;
         let label = Label::local(class.route);
         let (parts, body) = request.into_parts();
-        let (shard, body) = match self.shard_of_request(snap, class, &parts, body, conn).await {
+        let (shard, body) = match self
+            .shard_of_request(snap, class, &parts, body, conn, notes)
+            .await
+        {
             Ok(found) => found,
             // The request could not be keyed (a node body too big or with a bad clusterId):
             // no route was decided.
@@ -419,11 +474,15 @@ impl Proxy {
         parts: &Parts,
         body: Incoming,
         conn: ConnInfo,
+        notes: &Notes,
     ) -> Result<(Option<ShardKey>, Body), RouterError> {
         let table = &snap.table;
         match class.key {
             Key::None => Ok((None, Body::Incoming(body))),
-            Key::Cluster(id) => Ok((Some(table.shard_key_of_cluster(id)), Body::Incoming(body))),
+            Key::Cluster(id) => {
+                notes.set_cluster(id);
+                Ok((Some(table.shard_key_of_cluster(id)), Body::Incoming(body)))
+            }
             Key::Global => Ok((Some(ShardKey::Global), Body::Incoming(body))),
             Key::Home => {
                 let home = table
@@ -448,6 +507,9 @@ impl Proxy {
                     }
                 };
                 let cluster = classify::cluster_from_node_body(&bytes)?;
+                if let Some(id) = cluster {
+                    notes.set_cluster(id);
+                }
                 Ok((
                     cluster.map(|id| table.shard_key_of_cluster(id)),
                     Body::full(bytes),
@@ -455,6 +517,9 @@ impl Proxy {
             }
             Key::NodeLookup => {
                 let cluster = self.node_cluster(snap, parts, conn).await;
+                if let Some(id) = cluster {
+                    notes.set_cluster(id);
+                }
                 Ok((
                     cluster.map(|id| table.shard_key_of_cluster(id)),
                     Body::Incoming(body),
@@ -499,6 +564,7 @@ impl Proxy {
         class: Class,
         request: Request<Incoming>,
         conn: ConnInfo,
+        notes: &Notes,
     ) -> Outcome {
         let label = Label::local(class.route);
         let local = snap.config.local;
@@ -511,7 +577,8 @@ impl Proxy {
                 .map(|k| (Some(k), Body::Incoming(body)))
                 .ok_or(RouterError::UnassignedShard(ShardKey::Global))
         } else {
-            self.shard_of_request(snap, class, &parts, body, conn).await
+            self.shard_of_request(snap, class, &parts, body, conn, notes)
+                .await
         };
         let (shard, body) = match shard {
             Ok(found) => found,
@@ -914,14 +981,8 @@ impl Proxy {
     }
 
     /// The edge: turn errors into responses, add route headers, log and count, once.
-    fn finish(
-        &self,
-        snap: &Snapshot,
-        method: &Method,
-        path: &str,
-        start: Instant,
-        outcome: Outcome,
-    ) -> Response<Body> {
+    fn finish(&self, snap: &Snapshot, seen: &Seen<'_>, outcome: Outcome) -> Response<Body> {
+        let (method, path, start) = (seen.method, seen.path, seen.start);
         let config = &snap.config;
         let (mut response, error) = match outcome.result {
             Ok(response) => (response, None),
@@ -969,9 +1030,11 @@ impl Proxy {
         if config.access_log != AccessLog::Off {
             tracing::info!(
                 target: "loom_router::access",
+                request_id = seen.request_id.and_then(|v| v.to_str().ok()),
                 %method,
                 path,
                 route = outcome.label.as_str(),
+                cluster = seen.cluster,
                 shard = outcome.shard.map(|s| s.to_string()),
                 target_dc = outcome.target.map(|dc| config.datacenters[dc].name.as_str()),
                 status,

@@ -233,3 +233,72 @@ fn sighup_reloads_the_config() {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+#[test]
+fn the_json_access_log_has_every_field() {
+    use std::io::{BufRead, BufReader};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let loom = rt.block_on(crate::support::slow_loom(std::time::Duration::from_millis(
+        5,
+    )));
+    let (http, admin) = (crate::support::free_port(), crate::support::free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("router.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "datacenter = \"a\"\nglobal_home = \"a\"\n[listen]\nhttp = \"127.0.0.1:{http}\"\n\
+             admin = \"127.0.0.1:{admin}\"\n[loom]\nupstream = \"http://{loom}\"\n[ids]\n\
+             increment = 10\n[log]\naccess = \"json\"\n[[datacenters]]\nname = \"a\"\n\
+             id_start = 1\nrouter = \"http://127.0.0.1:{http}\"\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_loom-router"))
+        .args(["run", "--config", path.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let readyz = format!("http://127.0.0.1:{admin}/readyz");
+    rt.block_on(crate::support::eventually(|| async {
+        crate::support::client()
+            .get(readyz.parse().unwrap())
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    }));
+    let url = format!("http://127.0.0.1:{http}/v2/clusters/00000011/abort");
+    let r = rt.block_on(crate::support::send(
+        "POST",
+        &url,
+        &[
+            ("coopr-userid", "u"),
+            ("coopr-tenantid", "t"),
+            ("x-request-id", "req-42"),
+        ],
+        b"",
+    ));
+    assert_eq!(r.status, 200);
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let line = BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.contains("loom_router::access") && l.contains("req-42"))
+        .expect("an access log line for the request");
+    let _ = child.wait();
+    let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let fields = &json["fields"];
+    assert_eq!(fields["request_id"], "req-42", "{line}");
+    assert_eq!(fields["method"], "POST");
+    assert_eq!(fields["path"], "/v2/clusters/00000011/abort");
+    assert_eq!(fields["route"], "write-local");
+    assert_eq!(fields["cluster"], 11);
+    assert_eq!(fields["shard"], "1");
+    assert_eq!(fields["target_dc"], "a");
+    assert_eq!(fields["status"], 200);
+    assert!(fields["duration_us"].as_u64().unwrap() >= fields["upstream_us"].as_u64().unwrap());
+    assert!(fields["upstream_us"].as_u64().unwrap() >= 5_000, "{line}");
+}

@@ -10,6 +10,7 @@ mod admin;
 mod certs;
 mod cli;
 mod demo;
+mod docker;
 mod endpoints;
 mod errors;
 #[cfg(feature = "etcd")]
