@@ -496,6 +496,21 @@ impl Config {
         {
             out.push("coordination.become_owner_hook/hook_timeout");
         }
+        if self.coordination.failover_cooldown != next.coordination.failover_cooldown {
+            out.push("coordination.failover_cooldown");
+        }
+        if self.drain_timeout != next.drain_timeout {
+            out.push("shutdown.drain_timeout");
+        }
+        // Turning the access log off or on applies at once; its format is the log's, set at
+        // start-up.
+        let format = |a: AccessLog| matches!(a, AccessLog::Json);
+        if self.access_log != AccessLog::Off
+            && next.access_log != AccessLog::Off
+            && format(self.access_log) != format(next.access_log)
+        {
+            out.push("log.access (text/json)");
+        }
         out
     }
 

@@ -257,3 +257,92 @@ impl Drop for OpenConnection {
 pub fn tls_handshake_failed() {
     counter!(TLS_HANDSHAKE_FAILURES_TOTAL).increment(1);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Render what `f` records, with a recorder local to this test.
+    fn rendered(f: impl FnOnce()) -> String {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(REQUEST_DURATION_SECONDS.to_owned()),
+                DURATION_BUCKETS,
+            )
+            .unwrap()
+            .build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            describe();
+            f();
+        });
+        handle.render()
+    }
+
+    #[test]
+    fn a_request_is_counted_by_route_and_numeric_code_with_its_latency() {
+        let text = rendered(|| {
+            request("write-forwarded", 200, Duration::from_millis(3));
+            request("write-forwarded", 200, Duration::from_millis(3));
+            request("read", 418, Duration::from_micros(300));
+        });
+        assert!(
+            text.contains("# TYPE loom_router_requests_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("loom_router_requests_total{route=\"write-forwarded\",code=\"200\"} 2"),
+            "{text}"
+        );
+        // Codes without a static label are still their own number.
+        assert!(
+            text.contains("loom_router_requests_total{route=\"read\",code=\"418\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "loom_router_request_duration_seconds_bucket{route=\"write-forwarded\",le=\"0.005\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "loom_router_request_duration_seconds_bucket{route=\"read\",le=\"0.0005\"} 1"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn every_spec_metric_exists_from_the_start() {
+        let config =
+            crate::config::Config::from_toml(include_str!("../config/loom-router.toml")).unwrap();
+        let text = rendered(|| register(&config));
+        for name in [
+            UPSTREAM_ERRORS_TOTAL,
+            TABLE_EPOCH,
+            DATACENTER_UP,
+            FAILOVERS_TOTAL,
+            CONFIG_RELOADS_TOTAL,
+            INFLIGHT_REQUESTS,
+            FENCED_WRITES_TOTAL,
+            LEASE_REMAINING_SECONDS,
+            SHARD_UNPROTECTED,
+            OPEN_CONNECTIONS,
+        ] {
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "{name} not described"
+            );
+            assert!(
+                text.contains(&format!("\n{name}")),
+                "{name} has no series:\n{text}"
+            );
+        }
+        assert!(text.contains("loom_router_datacenter_up{datacenter=\"eu-central\"} 0"));
+        assert!(
+            text.contains("loom_router_upstream_errors_total{target=\"us-west\",kind=\"tls\"} 0")
+        );
+        assert!(text.contains("loom_router_shard_unprotected{shard=\"global\"} 0"));
+    }
+}

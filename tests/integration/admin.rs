@@ -92,3 +92,56 @@ async fn metrics_count_requests_by_route_and_code() {
         "{after}"
     );
 }
+
+/// The `loom_router_requests_total` count for one route and code.
+fn count(metrics: &str, route: &str, code: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("loom_router_requests_total{")
+                && l.contains(&format!("route=\"{route}\""))
+                && l.contains(&format!("code=\"{code}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_for_every_route() {
+    let c = Cluster::start().await;
+    let id = create_cluster(c.dc(WEST), "m").await; // a create, at us-west
+    let before = get(&c.dc(EAST).admin_url("/metrics")).await.text();
+    let east = c.dc(EAST);
+    let sent = [
+        ("GET", format!("/v2/clusters/{id}"), "read"),
+        ("POST", "/v2/clusters".to_owned(), "create"),
+        (
+            "POST",
+            "/v2/clusters/00000001/abort".to_owned(),
+            "write-local",
+        ),
+        (
+            "POST",
+            format!("/v2/clusters/{id}/abort"),
+            "write-forwarded",
+        ),
+        ("POST", "/v2/providers".to_owned(), "global-write"),
+        ("POST", "/v2/tasks/take".to_owned(), "provisioner"),
+        ("GET", "/status".to_owned(), "passthrough"),
+    ];
+    let mut codes = Vec::new();
+    for (method, path, route) in &sent {
+        let body = br#"{"name":"p","clusterTemplate":"t","numMachines":1}"#;
+        let r = send(method, &east.url(path), &COOPR, body).await;
+        assert_eq!(r.header("x-loom-route"), Some(*route), "{method} {path}");
+        codes.push(r.status.as_u16().to_string());
+    }
+    let after = get(&c.dc(EAST).admin_url("/metrics")).await.text();
+    for ((method, path, route), code) in sent.iter().zip(&codes) {
+        assert!(
+            count(&after, route, code) >= count(&before, route, code) + 1.0,
+            "{method} {path}: {route}/{code} did not move"
+        );
+    }
+}
