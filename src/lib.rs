@@ -21,7 +21,9 @@
 //! - `proxy`: the request path, classify → resolve → forward, and the edge that logs and counts.
 //! - `forward`: the pooled upstream client, timeouts, body buffering.
 //! - `health`: probes of the local Loom and peer routers, and the threshold state machine.
-//! - `listener`: the data listener's accept loop, connection limits and drain.
+//! - `listener`: the data listeners' accept loop (plain and TLS), connection limits and drain.
+//! - `tls`: PEM files → rustls configs for the https listener and https upstreams.
+//! - `reload`: what triggers a config reload (SIGHUP, file changes); `control` performs it.
 //! - `admin`: `/healthz`, `/readyz`, `/metrics`, `/admin/table`.
 //! - `metrics`: metric names and the Prometheus recorder.
 //! - `coord`: the coordination store interface (etcd semantics) and its data model;
