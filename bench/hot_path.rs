@@ -1,0 +1,122 @@
+//! Micro-benchmarks of the request path's pure middle (issue 5): classify plus resolve over a
+//! mix of real Loom requests, and the header rewrite every forwarded request gets. Reports
+//! criterion's time per request, and heap allocations per request (counted with
+//! allocation-counter, which installs a counting allocator in this benchmark binary).
+//!
+//! Run: `cargo bench --bench hot_path`.
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use http::{HeaderMap, HeaderValue, Method};
+use loom_router::classify::{classify, Key};
+use loom_router::config::{Config, ShardKey};
+use loom_router::headers::{prepare_downstream, prepare_upstream, Client};
+use loom_router::ownership::Table;
+
+/// A mix of the requests a Loom front door sees, reads first (they dominate).
+const MIX: [(&str, &str); 10] = [
+    ("GET", "/v2/clusters/00000079"),
+    ("GET", "/v2/clusters/00000012/status"),
+    ("GET", "/v1/loom/clusters"),
+    ("GET", "/v2/clusters/00000013/plans/00000013-001"),
+    ("POST", "/v2/clusters"),
+    ("DELETE", "/v2/clusters/00000012"),
+    ("POST", "/v1/loom/clusters/00000013/services/hdfs/restart"),
+    ("PUT", "/v2/providers/rackspace"),
+    ("POST", "/v2/tasks/finish"),
+    ("GET", "/status"),
+];
+
+fn requests() -> Vec<(Method, &'static str)> {
+    MIX.iter()
+        .map(|(m, p)| (Method::from_bytes(m.as_bytes()).expect("method"), *p))
+        .collect()
+}
+
+fn route_all(config: &Config, table: &Table, requests: &[(Method, &str)]) -> usize {
+    let mut owned = 0;
+    for (method, path) in requests {
+        let Ok(class) = classify(method, path) else {
+            continue;
+        };
+        let key = match class.key {
+            Key::Cluster(id) => Some(table.shard_key_of_cluster(id)),
+            Key::Global => Some(ShardKey::Global),
+            Key::Home => table.home_shard_of(config.local),
+            Key::None | Key::NodeBody | Key::NodeLookup => None,
+        };
+        if let Some(key) = key {
+            owned += usize::from(table.resolve_write(config.local, key).is_ok());
+        }
+    }
+    owned
+}
+
+fn request_headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in [
+        ("host", "loom.example.com"),
+        ("user-agent", "curl/8.5.0"),
+        ("accept", "*/*"),
+        ("coopr-userid", "admin"),
+        ("coopr-tenantid", "tenant1"),
+        ("content-type", "application/json"),
+        ("content-length", "42"),
+        ("connection", "keep-alive"),
+    ] {
+        h.insert(k, HeaderValue::from_static(v));
+    }
+    h
+}
+
+fn bench(c: &mut Criterion) {
+    let config = Config::from_toml(include_str!("../config/loom-router.toml")).expect("config");
+    let table = Table::from_config(&config);
+    let requests = requests();
+
+    let allocations = allocation_counter::measure(|| {
+        black_box(route_all(&config, &table, black_box(&requests)));
+    });
+    eprintln!(
+        "classify + resolve: {:.2} heap allocations per request",
+        allocations.count_total as f64 / requests.len() as f64
+    );
+    let mut group = c.benchmark_group("hot_path");
+    group.throughput(Throughput::Elements(requests.len() as u64));
+    group.bench_function("classify_and_resolve_per_10_requests", |b| {
+        b.iter(|| route_all(&config, &table, black_box(&requests)));
+    });
+
+    let client = Client {
+        ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7)),
+        https: false,
+    };
+    let via = HeaderValue::from_static("1.1 loom-router-us-east");
+    let template = request_headers();
+    let rewrite = |mut headers: HeaderMap| {
+        prepare_upstream(&mut headers, client, &via, false);
+        prepare_downstream(&mut headers, &via);
+        headers
+    };
+    let allocations = allocation_counter::measure(|| {
+        black_box(rewrite(black_box(template.clone())));
+    });
+    eprintln!(
+        "header rewrite (with the clone of the map it starts from): {} heap allocations",
+        allocations.count_total
+    );
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("header_rewrite", |b| {
+        b.iter_batched(
+            || template.clone(),
+            |headers| rewrite(black_box(headers)),
+            criterion::BatchSize::SmallInput,
+        );
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
