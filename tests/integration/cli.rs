@@ -1,6 +1,7 @@
 //! `loom-router check` and `--version` (spec section 6), run as the real binary.
 
 use std::process::Command;
+use std::time::Duration;
 
 fn router(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_loom-router"))
@@ -115,98 +116,29 @@ fn run_refuses_the_memory_backend() {
 #[test]
 fn sigterm_drains_in_flight_requests_turns_readyz_503_and_exits_0() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let loom = rt.block_on(crate::support::slow_loom(std::time::Duration::from_millis(
-        1500,
-    )));
-    let (http, admin) = (crate::support::free_port(), crate::support::free_port());
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("router.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-datacenter = "us-east"
-global_home = "us-east"
-[listen]
-http = "127.0.0.1:{http}"
-admin = "127.0.0.1:{admin}"
-[loom]
-upstream = "http://{loom}"
-[ids]
-increment = 10
-[health]
-interval = "100ms"
-[shutdown]
-drain_timeout = "5s"
-[[datacenters]]
-name = "us-east"
-id_start = 1
-router = "http://127.0.0.1:{http}"
-"#
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_loom-router"))
-        .args(["run", "--config", path.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let readyz = format!("http://127.0.0.1:{admin}/readyz");
-    rt.block_on(crate::support::eventually(|| async {
-        crate::support::client()
-            .get(readyz.parse().unwrap())
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    }));
-    let url = format!("http://127.0.0.1:{http}/v2/clusters");
+    let loom = rt.block_on(crate::support::slow_loom(Duration::from_millis(1500)));
+    let extra = "[health]\ninterval = \"100ms\"\n[shutdown]\ndrain_timeout = \"5s\"\n";
+    let mut router = ChildRouter::start(loom, extra, "warn", std::process::Stdio::null());
+    router.until_readyz(&rt, 200);
+    let url = router.url("/v2/clusters");
     let slow = rt
         .spawn(async move { crate::support::send("GET", &url, &crate::support::COOPR, b"").await });
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    router.signal(nix::sys::signal::Signal::SIGTERM);
     // Readiness turns 503 at once, while the slow request is still in flight.
-    rt.block_on(crate::support::eventually(|| async {
-        crate::support::client()
-            .get(readyz.parse().unwrap())
-            .await
-            .is_ok_and(|r| r.status() == 503)
-    }));
+    router.until_readyz(&rt, 503);
     let response = rt.block_on(slow).unwrap();
     assert_eq!(response.status, 200);
     assert_eq!(&response.body[..], b"slow");
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(router.child.wait().unwrap().code(), Some(0));
 }
 
 #[test]
 fn sighup_reloads_the_config() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let loom = rt.block_on(crate::support::slow_loom(std::time::Duration::from_millis(
-        10,
-    )));
-    let (http, admin) = (crate::support::free_port(), crate::support::free_port());
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("router.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "datacenter = \"a\"\nglobal_home = \"a\"\n[listen]\nhttp = \"127.0.0.1:{http}\"\n\
-             admin = \"127.0.0.1:{admin}\"\n[loom]\nupstream = \"http://{loom}\"\n[ids]\n\
-             increment = 10\n[[datacenters]]\nname = \"a\"\nid_start = 1\n\
-             router = \"http://127.0.0.1:{http}\"\n"
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_loom-router"))
-        .args(["run", "--config", path.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let metrics = format!("http://127.0.0.1:{admin}/metrics");
+    let loom = rt.block_on(crate::support::slow_loom(Duration::from_millis(10)));
+    let mut router = ChildRouter::start(loom, "", "warn", std::process::Stdio::null());
+    let metrics = router.admin_url("/metrics");
     let reloads_ok = || async {
         let Ok(r) = crate::support::client().get(metrics.parse().unwrap()).await else {
             return None;
@@ -223,72 +155,40 @@ fn sighup_reloads_the_config() {
     rt.block_on(crate::support::eventually(|| async {
         reloads_ok().await == Some(false)
     }));
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    router.signal(nix::sys::signal::Signal::SIGHUP);
     rt.block_on(crate::support::eventually(|| async {
         reloads_ok().await == Some(true)
     }));
     // Still serving after the reload, and SIGHUP did not end it.
-    assert!(child.try_wait().unwrap().is_none());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert!(router.child.try_wait().unwrap().is_none());
+    router.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(router.child.wait().unwrap().code(), Some(0));
 }
 
 #[test]
 fn the_json_access_log_has_every_field() {
     use std::io::{BufRead, BufReader};
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let loom = rt.block_on(crate::support::slow_loom(std::time::Duration::from_millis(
-        5,
-    )));
-    let (http, admin) = (crate::support::free_port(), crate::support::free_port());
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("router.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "datacenter = \"a\"\nglobal_home = \"a\"\n[listen]\nhttp = \"127.0.0.1:{http}\"\n\
-             admin = \"127.0.0.1:{admin}\"\n[loom]\nupstream = \"http://{loom}\"\n[ids]\n\
-             increment = 10\n[log]\naccess = \"json\"\n[[datacenters]]\nname = \"a\"\n\
-             id_start = 1\nrouter = \"http://127.0.0.1:{http}\"\n"
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_loom-router"))
-        .args(["run", "--config", path.to_str().unwrap()])
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let readyz = format!("http://127.0.0.1:{admin}/readyz");
-    rt.block_on(crate::support::eventually(|| async {
-        crate::support::client()
-            .get(readyz.parse().unwrap())
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    }));
-    let url = format!("http://127.0.0.1:{http}/v2/clusters/00000011/abort");
-    let r = rt.block_on(crate::support::send(
-        "POST",
-        &url,
-        &[
-            ("coopr-userid", "u"),
-            ("coopr-tenantid", "t"),
-            ("x-request-id", "req-42"),
-        ],
-        b"",
-    ));
+    let loom = rt.block_on(crate::support::slow_loom(Duration::from_millis(5)));
+    let extra = "[log]\naccess = \"json\"\n";
+    let mut router = ChildRouter::start(loom, extra, "info", std::process::Stdio::piped());
+    router.until_readyz(&rt, 200);
+    let headers = [
+        ("coopr-userid", "u"),
+        ("coopr-tenantid", "t"),
+        ("x-request-id", "req-42"),
+    ];
+    let url = router.url("/v2/clusters/00000011/abort");
+    let r = rt.block_on(crate::support::send("POST", &url, &headers, b""));
     assert_eq!(r.status, 200);
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let stderr = child.stderr.take().unwrap();
+    router.signal(nix::sys::signal::Signal::SIGTERM);
+    let stderr = router.child.stderr.take().unwrap();
     let line = BufReader::new(stderr)
         .lines()
         .map_while(Result::ok)
         .find(|l| l.contains("loom_router::access") && l.contains("req-42"))
         .expect("an access log line for the request");
-    let _ = child.wait();
+    let _ = router.child.wait();
     let json: serde_json::Value = serde_json::from_str(&line).unwrap();
     let fields = &json["fields"];
     assert_eq!(fields["request_id"], "req-42", "{line}");
@@ -301,4 +201,72 @@ fn the_json_access_log_has_every_field() {
     assert_eq!(fields["status"], 200);
     assert!(fields["duration_us"].as_u64().unwrap() >= fields["upstream_us"].as_u64().unwrap());
     assert!(fields["upstream_us"].as_u64().unwrap() >= 5_000, "{line}");
+}
+
+/// A `loom-router run` child process: one DC (`a`) around `loom`, plus `extra` TOML tables.
+struct ChildRouter {
+    child: std::process::Child,
+    http: u16,
+    admin: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl ChildRouter {
+    fn start(
+        loom: std::net::SocketAddr,
+        extra: &str,
+        log: &str,
+        stderr: std::process::Stdio,
+    ) -> Self {
+        let (http, admin) = (crate::support::free_port(), crate::support::free_port());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("router.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "datacenter = \"a\"\nglobal_home = \"a\"\n[listen]\nhttp = \"127.0.0.1:{http}\"\n\
+                 admin = \"127.0.0.1:{admin}\"\n[loom]\nupstream = \"http://{loom}\"\n[ids]\n\
+                 increment = 10\n{extra}\n[[datacenters]]\nname = \"a\"\nid_start = 1\n\
+                 router = \"http://127.0.0.1:{http}\"\n"
+            ),
+        )
+        .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_loom-router"))
+            .args(["run", "--config", path.to_str().unwrap()])
+            .env("RUST_LOG", log)
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            http,
+            admin,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http)
+    }
+
+    fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin)
+    }
+
+    /// Wait until `/readyz` on the admin listener answers `status`.
+    fn until_readyz(&self, rt: &tokio::runtime::Runtime, status: u16) {
+        let readyz = self.admin_url("/readyz");
+        rt.block_on(crate::support::eventually(|| async {
+            crate::support::client()
+                .get(readyz.parse().unwrap())
+                .await
+                .is_ok_and(|r| r.status() == status)
+        }));
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        nix::sys::signal::kill(pid, signal).unwrap();
+    }
 }
