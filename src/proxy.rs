@@ -940,19 +940,7 @@ impl Proxy {
                 "send ?shard=<residue|global>&epoch=<n>\n",
             ),
         };
-        let mut response = Response::new(Body::full(body));
-        *response.status_mut() = status;
-        response
-            .headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static(headers::TEXT_PLAIN));
-        Outcome {
-            label: Label::Probe,
-            served_by: None,
-            shard: None,
-            target: None,
-            upstream_time: None,
-            result: Ok(response),
-        }
+        probe_answer(status, body)
     }
 
     /// `GET /loom-router/readyz` on the data listener: what peers probe.
@@ -965,19 +953,7 @@ impl Proxy {
         } else {
             (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
         };
-        let mut response = Response::new(Body::full(body));
-        *response.status_mut() = status;
-        response
-            .headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static(headers::TEXT_PLAIN));
-        Outcome {
-            label: Label::Probe,
-            served_by: None,
-            shard: None,
-            target: None,
-            upstream_time: None,
-            result: Ok(response),
-        }
+        probe_answer(status, body)
     }
 
     /// The edge: turn errors into responses, add route headers, log and count, once.
@@ -1043,6 +1019,23 @@ impl Proxy {
             );
         }
         response
+    }
+}
+
+/// A router-to-router probe's plain-text answer (not logged, counted or labelled).
+fn probe_answer(status: StatusCode, body: &'static str) -> Outcome {
+    let mut response = Response::new(Body::full(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(headers::TEXT_PLAIN));
+    Outcome {
+        label: Label::Probe,
+        served_by: None,
+        shard: None,
+        target: None,
+        upstream_time: None,
+        result: Ok(response),
     }
 }
 
