@@ -39,6 +39,7 @@ work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2> /dev/null || true; done; wait 2> /dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
+trap "exit 130" INT TERM
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 backend=$(port); nginx_proxy=$(port); haproxy_port=$(port)
 east=$(port); east_admin=$(port); west=$(port); west_admin=$(port)
