@@ -439,17 +439,8 @@ replicas = ["a"]
 
     fn view(revision: i64, shard1_owner: &str, previous: Option<&str>) -> View {
         let record = |owner: &str, home: &str| ShardRecord {
-            owner: owner.to_owned(),
             home: Some(home.to_owned()),
-            replicas: vec![],
-            state: "active".to_owned(),
-            frozen: false,
-            previous_owner: None,
-            changed_at: crate::coord::now_rfc3339(),
-            changed_by: "test".to_owned(),
-            reason: String::new(),
-            failed_over_at_ms: None,
-            owner_changes: 0,
+            ..ShardRecord::home_of(owner, &[])
         };
         let mut moved = record(shard1_owner, "a");
         moved.previous_owner = previous.map(str::to_owned);

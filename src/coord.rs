@@ -283,6 +283,24 @@ impl ShardRecord {
     pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
         serde_json::from_slice(bytes).ok()
     }
+
+    /// A test record: an active shard homed at and owned by `owner`.
+    #[cfg(test)]
+    pub(crate) fn home_of(owner: &str, replicas: &[&str]) -> Self {
+        Self {
+            owner: owner.to_owned(),
+            home: Some(owner.to_owned()),
+            replicas: replicas.iter().map(|r| (*r).to_owned()).collect(),
+            state: "active".to_owned(),
+            frozen: false,
+            previous_owner: None,
+            changed_at: now_rfc3339(),
+            changed_by: "config".to_owned(),
+            reason: "home".to_owned(),
+            failed_over_at_ms: None,
+            owner_changes: 0,
+        }
+    }
 }
 
 /// Everything a router knows about the store, kept up to date from a range read and a watch.
@@ -418,19 +436,7 @@ mod tests {
     #[test]
     fn a_view_follows_puts_and_deletes() {
         let k = Keys::new("/p");
-        let record = ShardRecord {
-            owner: "a".to_owned(),
-            home: Some("a".to_owned()),
-            replicas: vec!["b".to_owned()],
-            state: "active".to_owned(),
-            frozen: false,
-            previous_owner: None,
-            changed_at: now_rfc3339(),
-            changed_by: "config".to_owned(),
-            reason: "home".to_owned(),
-            failed_over_at_ms: None,
-            owner_changes: 0,
-        };
+        let record = ShardRecord::home_of("a", &["b"]);
         let mut v = View::from_range(
             &k,
             vec![

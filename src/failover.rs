@@ -452,19 +452,7 @@ mod tests {
     use super::*;
 
     fn record(owner: &str, replicas: &[&str]) -> ShardRecord {
-        ShardRecord {
-            owner: owner.to_owned(),
-            home: Some(owner.to_owned()),
-            replicas: replicas.iter().map(|r| (*r).to_owned()).collect(),
-            state: "active".to_owned(),
-            frozen: false,
-            previous_owner: None,
-            changed_at: now_rfc3339(),
-            changed_by: "config".to_owned(),
-            reason: "home".to_owned(),
-            failed_over_at_ms: None,
-            owner_changes: 0,
-        }
+        ShardRecord::home_of(owner, replicas)
     }
 
     fn view(shards: Vec<(ShardKey, ShardRecord)>, alive: &[&str]) -> View {

@@ -264,15 +264,7 @@ async fn a_peer_that_never_answers_gives_peer_timeout_after_write_timeout_plus_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_421_on_a_body_too_big_to_keep_is_ownership_conflict_without_a_retry() {
-    let (stub_addr, seen) = stub(
-        421,
-        "application/json",
-        r#"{"shard": 2, "owner": "us-west", "epoch": 1}"#,
-    )
-    .await;
-    let mut options = Options::default();
-    options.router_override[WEST] = Some(stub_addr);
-    let c = Cluster::start_with(options).await;
+    let (c, seen) = cluster_with_misdirecting_west().await;
     let body = vec![b'x'; 100_000];
     let r = send(
         "PUT",

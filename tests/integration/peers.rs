@@ -172,16 +172,7 @@ async fn a_fenced_shard_refuses_writes_everywhere() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_origin_sends_a_misdirected_write_three_times_at_most() {
-    // us-west's "router" is a stub that always answers 421 with an old view.
-    let (stub_addr, seen) = stub(
-        421,
-        "application/json",
-        r#"{"shard": 2, "owner": "us-west", "epoch": 1}"#,
-    )
-    .await;
-    let mut options = Options::default();
-    options.router_override[WEST] = Some(stub_addr);
-    let c = Cluster::start_with(options).await;
+    let (c, seen) = cluster_with_misdirecting_west().await;
     let r = send(
         "POST",
         &c.dc(EAST).url("/v2/clusters/00000002/abort"),

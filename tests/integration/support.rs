@@ -747,3 +747,17 @@ pub async fn all_admitting(c: &Cluster) {
         admitting(dc).await;
     }
 }
+
+/// A cluster in which us-west's "router" is a stub answering every write 421 with an old view
+/// (shard 2, owner us-west, epoch 1), as a peer that disagrees would. Returns what it received.
+pub async fn cluster_with_misdirecting_west() -> (Cluster, Seen) {
+    let (stub_addr, seen) = stub(
+        421,
+        "application/json",
+        r#"{"shard": 2, "owner": "us-west", "epoch": 1}"#,
+    )
+    .await;
+    let mut options = Options::default();
+    options.router_override[WEST] = Some(stub_addr);
+    (Cluster::start_with(options).await, seen)
+}
