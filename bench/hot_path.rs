@@ -12,7 +12,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use http::{HeaderMap, HeaderValue, Method};
 use loom_router::classify::{classify, Key};
 use loom_router::config::{Config, ShardKey};
-use loom_router::headers::{prepare_downstream, prepare_upstream, Client};
+use loom_router::headers::{ip_value, prepare_downstream, prepare_upstream, Client};
 use loom_router::ownership::Table;
 
 /// A mix of the requests a Loom front door sees, reads first (they dominate).
@@ -89,8 +89,9 @@ fn bench(c: &mut Criterion) {
         b.iter(|| route_all(&config, &table, black_box(&requests)));
     });
 
+    let ip = ip_value(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7)));
     let client = Client {
-        ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7)),
+        ip: &ip,
         https: false,
     };
     let via = HeaderValue::from_static("1.1 loom-router-us-east");

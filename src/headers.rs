@@ -38,8 +38,10 @@ pub const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
 /// The `X-Loom-Router-` prefix of headers routers send each other.
 const ROUTER_PREFIX: &str = "x-loom-router-";
 
-/// Headers that describe one connection, not the message (RFC 9110 section 7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Headers that describe one connection, not the message (RFC 9110 section 7.6.1). A `static`:
+/// a `const` array would be built and dropped again at every use.
+const HOP_BY_HOP_COUNT: usize = 8;
+static HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -57,21 +59,38 @@ pub fn via_token(dc: &str) -> String {
 
 /// Remove hop-by-hop headers, including any the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One scan of the few names present, compared by their standard-header tag, finds which
+    // hop-by-hop headers to remove; most messages have none, or only `Connection`. Removing
+    // all eight names unconditionally hashed each of them on every request and response.
+    let mut present = [false; HOP_BY_HOP_COUNT];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present[i] = true;
+        }
+    }
+    if present == [false; HOP_BY_HOP_COUNT] {
+        return;
+    }
     if let Some(conn) = headers.get(CONNECTION) {
         // Names listed in Connection are hop-by-hop too. Collect first: we cannot remove while
-        // borrowing the value. Only allocates when a Connection header is present.
+        // borrowing the value. `keep-alive` and `close`, the usual tokens, are skipped without
+        // parsing: the first is in HOP_BY_HOP, the second names no header.
         let named: Vec<HeaderName> = conn
             .to_str()
             .unwrap_or("")
             .split(',')
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .map(str::trim)
+            .filter(|n| !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close"))
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
             .collect();
         for name in named {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (name, present) in HOP_BY_HOP.iter().zip(present) {
+        if present {
+            headers.remove(name);
+        }
     }
 }
 
@@ -94,9 +113,16 @@ pub fn has_hop(headers: &HeaderMap) -> bool {
 
 /// Who sent a request to the router, for `X-Forwarded-*`.
 #[derive(Debug, Clone, Copy)]
-pub struct Client {
-    pub ip: IpAddr,
+pub struct Client<'a> {
+    /// The client's address, formatted once per connection by [`ip_value`].
+    pub ip: &'a HeaderValue,
     pub https: bool,
+}
+
+/// A client address as the header value `X-Forwarded-For` appends. Built when a connection is
+/// accepted, so requests clone it instead of formatting the address again.
+pub fn ip_value(ip: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&ip.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// Rewrite a request's headers for an upstream (local Loom or peer router):
@@ -107,7 +133,7 @@ pub struct Client {
 ///   a proxy in front already did.
 pub fn prepare_upstream(
     headers: &mut HeaderMap,
-    client: Client,
+    client: Client<'_>,
     via: &HeaderValue,
     keep_router_headers: bool,
 ) {
@@ -153,7 +179,12 @@ pub fn strip_router_headers(headers: &mut HeaderMap) {
     }
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
+fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
+    // Most requests arrive without one: the client's address is the whole value.
+    if !headers.contains_key(FORWARDED_FOR) {
+        headers.insert(FORWARDED_FOR, ip.clone());
+        return;
+    }
     let mut value = String::new();
     for prior in headers.get_all(FORWARDED_FOR) {
         if let Ok(prior) = prior.to_str() {
@@ -161,7 +192,7 @@ fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
             value.push_str(", ");
         }
     }
-    value.push_str(&ip.to_string());
+    value.push_str(ip.to_str().unwrap_or("unknown"));
     if let Ok(value) = HeaderValue::from_str(&value) {
         headers.insert(FORWARDED_FOR, value);
     }
@@ -189,8 +220,9 @@ mod tests {
         h
     }
 
-    const CLIENT: Client = Client {
-        ip: IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 7)),
+    static CLIENT_IP: HeaderValue = HeaderValue::from_static("10.0.0.7");
+    const CLIENT: Client<'static> = Client {
+        ip: &CLIENT_IP,
         https: false,
     };
 
@@ -241,6 +273,15 @@ mod tests {
         assert_eq!(h["via"], "1.1 loom-router-us-east");
         assert_eq!(h["x-forwarded-for"], "192.0.2.1, 192.0.2.2, 10.0.0.7");
         assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn a_first_hop_forwards_for_the_client_alone() {
+        let mut h = map(&[("x-loom-userid", "admin")]);
+        let via = HeaderValue::from_static("1.1 loom-router-us-east");
+        prepare_upstream(&mut h, CLIENT, &via, false);
+        assert_eq!(h["x-forwarded-for"], "10.0.0.7");
+        assert_eq!(ip_value("::1".parse().unwrap()), "::1");
     }
 
     #[test]

@@ -9,8 +9,10 @@
 
 use std::time::Duration;
 
+use dashmap::DashMap;
 use metrics::{
-    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
+    Gauge, Histogram, Unit,
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
@@ -121,10 +123,66 @@ pub fn describe() {
     );
 }
 
-/// Record one answered request.
-pub fn request(route: &'static str, status: u16, elapsed: Duration) {
-    counter!(REQUESTS_TOTAL, "route" => route, "code" => status_label(status)).increment(1);
-    histogram!(REQUEST_DURATION_SECONDS, "route" => route).record(elapsed.as_secs_f64());
+/// The per-request metrics, with their handles looked up once per label set.
+///
+/// `counter!` with labels builds a key and finds it in the recorder's registry on every call:
+/// callgrind put that at about 2,000 instructions of a proxied read, for three metrics. The
+/// proxy owns one of these, made after [`install`], and records through the cached handles.
+#[derive(Debug)]
+pub struct RequestMetrics {
+    inflight: Gauge,
+    counts: DashMap<(&'static str, u16), Counter>,
+    durations: DashMap<&'static str, Histogram>,
+}
+
+impl Default for RequestMetrics {
+    fn default() -> Self {
+        Self {
+            inflight: gauge!(INFLIGHT_REQUESTS),
+            counts: DashMap::new(),
+            durations: DashMap::new(),
+        }
+    }
+}
+
+impl RequestMetrics {
+    /// Record one answered request.
+    pub fn request(&self, route: &'static str, status: u16, elapsed: Duration) {
+        match self.counts.get(&(route, status)) {
+            Some(counter) => counter.increment(1),
+            None => {
+                let counter =
+                    counter!(REQUESTS_TOTAL, "route" => route, "code" => status_label(status));
+                counter.increment(1);
+                self.counts.insert((route, status), counter);
+            }
+        }
+        let seconds = elapsed.as_secs_f64();
+        match self.durations.get(route) {
+            Some(histogram) => histogram.record(seconds),
+            None => {
+                let histogram = histogram!(REQUEST_DURATION_SECONDS, "route" => route);
+                histogram.record(seconds);
+                self.durations.insert(route, histogram);
+            }
+        }
+    }
+
+    /// Count a request in `loom_router_inflight_requests` until the guard is dropped.
+    pub fn inflight(&self) -> InflightGuard<'_> {
+        self.inflight.increment(1.0);
+        InflightGuard(&self.inflight)
+    }
+}
+
+/// Counts a request in flight until dropped; see [`RequestMetrics::inflight`].
+#[derive(Debug)]
+pub struct InflightGuard<'a>(&'a Gauge);
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
 }
 
 pub fn upstream_error(target: &str, kind: &'static str) {
@@ -137,23 +195,6 @@ pub fn set_table_epoch(epoch: u64) {
 
 pub fn set_datacenter_up(dc: &str, up: bool) {
     gauge!(DATACENTER_UP, "datacenter" => dc.to_owned()).set(if up { 1.0 } else { 0.0 });
-}
-
-/// Counts a request in `loom_router_inflight_requests` until dropped.
-#[derive(Debug)]
-pub struct Inflight(());
-
-impl Inflight {
-    pub fn start() -> Self {
-        gauge!(INFLIGHT_REQUESTS).increment(1.0);
-        Self(())
-    }
-}
-
-impl Drop for Inflight {
-    fn drop(&mut self) {
-        gauge!(INFLIGHT_REQUESTS).decrement(1.0);
-    }
 }
 
 pub fn fenced_write() {
@@ -282,9 +323,10 @@ mod tests {
     #[test]
     fn a_request_is_counted_by_route_and_numeric_code_with_its_latency() {
         let text = rendered(|| {
-            request("write-forwarded", 200, Duration::from_millis(3));
-            request("write-forwarded", 200, Duration::from_millis(3));
-            request("read", 418, Duration::from_micros(300));
+            let metrics = RequestMetrics::default();
+            metrics.request("write-forwarded", 200, Duration::from_millis(3));
+            metrics.request("write-forwarded", 200, Duration::from_millis(3));
+            metrics.request("read", 418, Duration::from_micros(300));
         });
         assert!(
             text.contains("# TYPE loom_router_requests_total counter"),
@@ -311,6 +353,25 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn requests_in_flight_are_counted_until_their_guard_drops() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let metrics = RequestMetrics::default();
+            let first = metrics.inflight();
+            let second = metrics.inflight();
+            drop(first);
+            assert!(handle
+                .render()
+                .contains("loom_router_inflight_requests 1\n"));
+            drop(second);
+            assert!(handle
+                .render()
+                .contains("loom_router_inflight_requests 0\n"));
+        });
     }
 
     #[test]

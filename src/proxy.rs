@@ -40,13 +40,26 @@ use crate::ownership::{Admission, Target};
 const MAX_MISDIRECTED_RETRIES: usize = 2;
 
 /// What the router knows about the connection a request came on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub remote: SocketAddr,
     /// The request came over TLS.
     pub https: bool,
     /// The client presented a certificate signed by `[tls] client_ca`.
     pub peer_verified: bool,
+    /// The client's address as `X-Forwarded-For` appends it, formatted once per connection.
+    pub forwarded_for: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(remote: SocketAddr, https: bool, peer_verified: bool) -> Self {
+        Self {
+            remote,
+            https,
+            peer_verified,
+            forwarded_for: headers::ip_value(remote.ip()),
+        }
+    }
 }
 
 /// Shared state of the request path. One per router; cheap to clone.
@@ -73,6 +86,8 @@ struct Inner {
     /// Owned writes at the local Loom right now, by shard. Incremented and decremented by the
     /// requests themselves (many at once, hence a concurrent map); read by `/loom-router/drained`.
     in_flight_writes: DashMap<ShardKey, usize>,
+    /// Request counts, latencies and the in-flight gauge, through cached handles.
+    metrics: metrics::RequestMetrics,
 }
 
 /// Counts one owned write in [`Inner::in_flight_writes`] until dropped.
@@ -231,6 +246,7 @@ impl Proxy {
                 draining: AtomicBool::new(false),
                 coordination,
                 in_flight_writes: DashMap::new(),
+                metrics: metrics::RequestMetrics::default(),
             }),
         }
     }
@@ -315,17 +331,18 @@ impl Proxy {
         let start = Instant::now();
         let snap = self.inner.control.snapshot();
         let method = request.method().clone();
-        let path = request.uri().path().to_owned();
+        // The URI's parts are shared bytes: cloning it copies no path.
+        let uri = request.uri().clone();
         let request_id = request.headers().get(headers::REQUEST_ID).cloned();
         let notes = Notes::default();
         let outcome = {
             // Decremented on drop too: hyper drops this future when the client goes away.
-            let _inflight = metrics::Inflight::start();
-            self.route(&snap, request, conn, &notes).await
+            let _inflight = self.inner.metrics.inflight();
+            self.route(&snap, request, &conn, &notes).await
         };
         let seen = Seen {
             method: &method,
-            path: &path,
+            path: uri.path(),
             request_id: request_id.as_ref(),
             cluster: notes.cluster(),
             start,
@@ -338,7 +355,7 @@ impl Proxy {
         &self,
         snap: &Arc<Snapshot>,
         request: Request<Incoming>,
-        conn: ConnInfo,
+        conn: &ConnInfo,
         notes: &Notes,
     ) -> Outcome {
         let class = match classify::classify(request.method(), request.uri().path()) {
@@ -387,7 +404,7 @@ impl Proxy {
         snap: &Arc<Snapshot>,
         class: Class,
         request: Request<Incoming>,
-        conn: ConnInfo,
+        conn: &ConnInfo,
         notes: &Notes,
     ) -> Outcome {
         let local = snap.config.local;
@@ -473,7 +490,7 @@ impl Proxy {
         class: Class,
         parts: &Parts,
         body: Incoming,
-        conn: ConnInfo,
+        conn: &ConnInfo,
         notes: &Notes,
     ) -> Result<(Option<ShardKey>, Body), RouterError> {
         let table = &snap.table;
@@ -531,7 +548,7 @@ impl Proxy {
     /// `DELETE /v2/nodes/{node}`: learn the node's cluster from the local Loom, with the
     /// caller's identity headers (Loom answers only to them). Any failure routes locally, where
     /// Loom gives the authoritative answer (404 for an unknown node).
-    async fn node_cluster(&self, snap: &Snapshot, parts: &Parts, conn: ConnInfo) -> Option<u64> {
+    async fn node_cluster(&self, snap: &Snapshot, parts: &Parts, conn: &ConnInfo) -> Option<u64> {
         let mut headers = parts.headers.clone();
         headers::prepare_upstream(&mut headers, client(conn), &snap.via, false);
         headers.remove(http::header::CONTENT_LENGTH);
@@ -563,7 +580,7 @@ impl Proxy {
         snap: &Arc<Snapshot>,
         class: Class,
         request: Request<Incoming>,
-        conn: ConnInfo,
+        conn: &ConnInfo,
         notes: &Notes,
     ) -> Outcome {
         let label = Label::local(class.route);
@@ -648,7 +665,7 @@ impl Proxy {
         mut parts: Parts,
         body: Body,
         epoch: Option<u64>,
-        conn: ConnInfo,
+        conn: &ConnInfo,
         trusted_hop: bool,
     ) -> Outcome {
         let config = &snap.config;
@@ -734,7 +751,7 @@ impl Proxy {
         mut epoch: u64,
         mut parts: Parts,
         body: Body,
-        conn: ConnInfo,
+        conn: &ConnInfo,
     ) -> Outcome {
         let config = &snap.config;
         let local = config.local;
@@ -995,7 +1012,9 @@ impl Proxy {
         }
         let elapsed = start.elapsed();
         let status = response.status().as_u16();
-        metrics::request(outcome.label.as_str(), status, elapsed);
+        self.inner
+            .metrics
+            .request(outcome.label.as_str(), status, elapsed);
         if let Some(error) = &error {
             if status >= 500 {
                 tracing::warn!(%method, path, code = error.code(), error = %error, source = ?std::error::Error::source(error), "router error");
@@ -1039,9 +1058,9 @@ fn probe_answer(status: StatusCode, body: &'static str) -> Outcome {
     }
 }
 
-fn client(conn: ConnInfo) -> Client {
+fn client(conn: &ConnInfo) -> Client<'_> {
     Client {
-        ip: conn.remote.ip(),
+        ip: &conn.forwarded_for,
         https: conn.https,
     }
 }
