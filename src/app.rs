@@ -220,14 +220,23 @@ impl App {
             let (mut configs, proxy, background) =
                 (control.configs(), proxy.clone(), background.clone());
             tokio::spawn(async move {
+                let mut probed = configs.borrow().clone();
                 while configs.changed().await.is_ok() {
                     let config = configs.borrow_and_update().clone();
-                    probes.cancel();
-                    probes = background.child_token();
-                    health::spawn_probes(&config, board.clone(), forwarder.clone(), probes.clone());
-                    let names: Vec<&str> =
-                        config.datacenters.iter().map(|d| d.name.as_str()).collect();
-                    board.retain(&names);
+                    if probed.probes_differ(&config) {
+                        probes.cancel();
+                        probes = background.child_token();
+                        health::spawn_probes(
+                            &config,
+                            board.clone(),
+                            forwarder.clone(),
+                            probes.clone(),
+                        );
+                        let names: Vec<&str> =
+                            config.datacenters.iter().map(|d| d.name.as_str()).collect();
+                        board.retain(&names);
+                        probed = config.clone();
+                    }
                     proxy.set_concurrency_limit(config.limits.max_concurrent_requests);
                 }
             });

@@ -440,6 +440,17 @@ impl Config {
         self.datacenters.iter().position(|dc| dc.name == name)
     }
 
+    /// Whether the health probes `next` asks for differ from this config's: what is probed
+    /// (each DC's router, the local Loom and its health path) or how (`[health]`). A reload that
+    /// only moves shards keeps the running probes and the health they have learned.
+    pub fn probes_differ(&self, next: &Self) -> bool {
+        self.health != next.health
+            || self.local != next.local
+            || self.datacenters != next.datacenters
+            || self.loom.upstream != next.loom.upstream
+            || self.loom.health_path != next.loom.health_path
+    }
+
     /// Keys whose change a reload refuses (spec section 7): they need a restart.
     pub fn restart_only_changes(&self, next: &Self) -> Vec<&'static str> {
         let mut out = Vec::new();
@@ -1160,6 +1171,17 @@ id_start = 2
 router = "http://10.2.0.10:8080"
 replicas = ["us-east"]
 "#;
+
+    #[test]
+    fn only_probe_settings_make_a_reload_restart_the_probes() {
+        let base = Config::from_toml(GOOD).unwrap();
+        let moved = format!("{GOOD}\n[[shards]]\nresidue = 2\nowner = \"us-east\"\nepoch = 2\n");
+        assert!(!base.probes_differ(&Config::from_toml(&moved).unwrap()));
+        let faster = format!("{GOOD}\n[health]\ninterval = \"250ms\"\n");
+        assert!(base.probes_differ(&Config::from_toml(&faster).unwrap()));
+        let rerouted = GOOD.replace("10.2.0.10:8080", "10.2.0.11:8080");
+        assert!(base.probes_differ(&Config::from_toml(&rerouted).unwrap()));
+    }
 
     fn errors(text: &str) -> Vec<String> {
         match Config::from_toml(text) {
