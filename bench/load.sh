@@ -10,6 +10,10 @@
 #   router-read     oha → loom-router us-east (GET, local read) → backend
 #   router-write    oha → loom-router us-east → loom-router us-west (forwarded write) → backend
 #   router-swaps    router-read while us-east's table is swapped every 100 ms (reloads)
+# nginx and HAProxy are configured to do the router's header work too (X-Forwarded-*, a
+# generated X-Request-Id sent both ways, Via both ways), so each proxy does the same job.
+# Before the rounds, bench/idle_conns.py holds $LOAD_IDLE_CONNS (10 000) idle keep-alive client
+# connections open against each proxy and reads its RSS growth per connection.
 # Proxies and backend are pinned to CPU 0, oha to CPU 1; the router runs one tokio worker,
 # like the single nginx worker and HAProxy thread. Each scenario runs closed loop (capacity,
 # `-c 32`) and at a fixed rate with --latency-correction (latency). Every run's status codes
@@ -53,18 +57,28 @@ http { access_log off; keepalive_requests 1000000;
     location / { default_type application/json;
       return 200 '{"id":"00000011","name":"bench","status":"active"}'; } } }
 EOF
+# The baselines do the header work the router does on every request: X-Forwarded-For/-Proto/
+# -Host upstream, an X-Request-Id generated when absent and sent both ways, and Via both ways
+# (Envoy's benchmarking advice: compare proxies doing the same work).
 cat > "$work/nginx.conf" << EOF
 worker_processes 1; daemon off; pid $work/nginx.pid; error_log $work/nginx.err warn;
-events { worker_connections 4096; }
+worker_rlimit_nofile 20000;
+events { worker_connections 16384; }
 http { access_log off; keepalive_requests 1000000;
   upstream be { server 127.0.0.1:$backend; keepalive 128; }
+  map \$http_x_request_id \$rid { "" \$request_id; default \$http_x_request_id; }
   server { listen 127.0.0.1:$nginx_proxy;
-    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme; proxy_set_header X-Forwarded-Host \$host;
+      proxy_set_header X-Request-Id \$rid; proxy_set_header Via "1.1 nginx";
+      add_header X-Request-Id \$rid; add_header Via "1.1 nginx"; } } }
 EOF
 cat > "$work/haproxy.cfg" << EOF
 global
   nbthread 1
-  maxconn 4096
+  # 2 fds per connection must fit this machine's hard limit of 20 000 open files.
+  maxconn 9900
 defaults
   mode http
   timeout connect 1s
@@ -73,6 +87,15 @@ defaults
   http-reuse always
 frontend fe
   bind 127.0.0.1:$haproxy_port
+  option forwardfor
+  unique-id-format %{+X}o%ci%cp%fp%Ts%rt%pid
+  http-request set-header X-Request-Id %[unique-id] unless { req.hdr(x-request-id) -m found }
+  http-request set-var(txn.rid) req.hdr(x-request-id)
+  http-request set-header X-Forwarded-Proto http
+  http-request set-header X-Forwarded-Host %[req.hdr(host)]
+  http-request add-header Via "1.1 haproxy"
+  http-response set-header X-Request-Id %[var(txn.rid)]
+  http-response add-header Via "1.1 haproxy"
   default_backend be
 backend be
   server s1 127.0.0.1:$backend
@@ -118,17 +141,41 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 
+# --- memory: RSS per idle keep-alive client connection, before any load ---------------------
+conns=${LOAD_IDLE_CONNS:-10000}
+memory() { # name count port pid... -> one JSON line in memory.jsonl
+    local name=$1 count=$2 port=$3; shift 3
+    local line; line=$(taskset -c 1 python3 bench/idle_conns.py "$port" "$count" "$@")
+    echo "memory $name: $line" >&2
+    python3 -c 'import json, sys; d = json.loads(sys.argv[2]); d["scenario"] = sys.argv[1]; print(json.dumps(d))' \
+        "$name" "$line" >> "$work/memory.jsonl"
+}
+memory nginx "$conns" "$nginx_proxy" "$nginx_pid" $(pgrep -P "$nginx_pid")
+# HAProxy reserves two descriptors per connection against its maxconn: 9 000 is what fits.
+memory haproxy $((conns < 9000 ? conns : 9000)) "$haproxy_port" "$haproxy_pid"
+memory router "$conns" "$east" "$east_pid"
+
+# Table swaps applied by us-east so far (its reload counter), to prove the swap scenario swapped.
+reloads() {
+    curl -fs "http://127.0.0.1:$east_admin/metrics" \
+        | awk '/^loom_router_config_reloads_total\{result="ok"\}/ { print $2; found=1 } END { if (!found) print 0 }'
+}
+
 swapper() { # reload us-east every 100 ms with a growing [[shards]] epoch: a new table each time
-    local epoch=2
+    # The epoch keeps growing across runs (a reload to an older table is refused): it is the
+    # number of 10 ms ticks since the script started.
+    local epoch
     while true; do
+        epoch=$(( ($(date +%s%N) - t0) / 10000000 + 2 ))
         { router_config us-east 1 "$east" "$east_admin"
           printf '[[shards]]\nresidue = 5\nowner = "us-west"\nepoch = %d\n' "$epoch"; } > "$work/east.next"
         mv "$work/east.next" "$work/east.toml"
-        curl -fs -X POST "http://127.0.0.1:$east_admin/admin/reload" > /dev/null || true
-        epoch=$((epoch + 1))
+        curl -fs -X POST "http://127.0.0.1:$east_admin/admin/reload" > /dev/null \
+            || echo "swapper: reload refused" >&2
         sleep 0.1
     done
 }
+t0=$(date +%s%N)
 
 # utime + stime of a process and its children (nginx's work happens in its worker).
 cpu_ticks() {
@@ -153,7 +200,8 @@ run() { # scenario mode(capacity|latency) -> one JSON line
     esac
     local args=(-z "${secs}s" -c 32 --no-tui --output-format json -m "$method" "${hdr[@]}")
     [ "$mode" = latency ] && args+=(-q "$rate" --latency-correction)
-    local swap_pid=""
+    local swap_pid="" swaps_before swaps_after
+    swaps_before=$(reloads)
     if [ -n "$swap" ]; then swapper & swap_pid=$!; fi
     # Warm up pools and pages, then measure.
     taskset -c 1 oha -z 2s -c 32 --no-tui --output-format quiet -m "$method" "${hdr[@]}" "$url" > /dev/null
@@ -161,9 +209,13 @@ run() { # scenario mode(capacity|latency) -> one JSON line
     taskset -c 1 oha "${args[@]}" "$url" > "$work/run.json"
     local after; after=$(cpu_ticks "$pid")
     [ -n "$swap_pid" ] && { kill "$swap_pid"; wait "$swap_pid" 2> /dev/null || true; }
-    python3 - "$name" "$mode" "$before" "$after" "$hz" "$work/run.json" << 'PY'
+    swaps_after=$(reloads)
+    python3 - "$name" "$mode" "$before" "$after" "$hz" "$work/run.json" "$swaps_before" "$swaps_after" << 'PY'
 import json, sys
 name, mode, before, after, hz, path = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+swaps = int(float(sys.argv[8])) - int(float(sys.argv[7]))
+if name == "router-swaps" and swaps < 5:
+    sys.exit(f"{name} {mode}: only {swaps} table swaps were applied")
 r = json.load(open(path))
 codes = r["statusCodeDistribution"]
 if not codes or any(not c.startswith("2") for c in codes):
@@ -173,7 +225,7 @@ cpu_us = (after - before) / hz * 1e6 / total if total else 0.0
 lat = r["latencyPercentiles"]
 print(json.dumps({"scenario": name, "mode": mode, "rps": r["summary"]["requestsPerSec"],
                   "p50_us": lat["p50"] * 1e6, "p99_us": lat["p99"] * 1e6,
-                  "cpu_us_per_req": cpu_us, "requests": total}))
+                  "cpu_us_per_req": cpu_us, "requests": total, "swaps": swaps}))
 PY
 }
 
@@ -190,41 +242,69 @@ for round in $(seq "$rounds"); do
     done
 done
 
-python3 - "$raw" "bench/results/$stamp.json" "bench/results/$stamp.md" "$rounds" "$secs" "$rate" << 'PY'
+python3 - "$raw" "$work/memory.jsonl" "bench/results/$stamp.json" "bench/results/$stamp.md" "$rounds" "$secs" "$rate" << 'PY'
 import json, statistics, subprocess, sys
-raw, out_json, out_md, rounds, secs, rate = sys.argv[1:7]
+raw, memory, out_json, out_md, rounds, secs, rate = sys.argv[1:8]
 runs = [json.loads(l) for l in open(raw)]
+mem = {m["scenario"]: m for m in map(json.loads, open(memory))}
 def med(s, m, k):
     return statistics.median(r[k] for r in runs if r["scenario"] == s and r["mode"] == m)
+def spread(s, m, k):
+    v = [r[k] for r in runs if r["scenario"] == s and r["mode"] == m]
+    return min(v), max(v)
 scen = ["direct", "nginx", "haproxy", "router-read", "router-write", "router-swaps"]
-table = {s: {"rps": med(s, "capacity", "rps"), "cpu_us": med(s, "capacity", "cpu_us_per_req"),
+table = {s: {"rps": med(s, "capacity", "rps"), "rps_range": spread(s, "capacity", "rps"),
+             "cpu_us": med(s, "capacity", "cpu_us_per_req"),
              "p50_us": med(s, "latency", "p50_us"), "p99_us": med(s, "latency", "p99_us")} for s in scen}
 d99 = table["direct"]["p99_us"]
 best_rps = max(table["nginx"]["rps"], table["haproxy"]["rps"])
 best_cpu = min(table["nginx"]["cpu_us"], table["haproxy"]["cpu_us"])
 added = {s: table[s]["p99_us"] - d99 for s in scen}
-div = lambda a, b: a / b if b else None
-ratios = {
-    "throughput router-read / max(nginx, haproxy)": div(table["router-read"]["rps"], best_rps),
-    "cpu-us/req router-read / min(nginx, haproxy)": div(table["router-read"]["cpu_us"], best_cpu),
-    "added p99 router-read (us)": added["router-read"],
-    "added p99 min(nginx, haproxy) (us)": min(added["nginx"], added["haproxy"]),
-    "added p99 router-write / router-read": div(added["router-write"], added["router-read"]),
-    "p99 shift during swaps": (div(table["router-swaps"]["p99_us"], table["router-read"]["p99_us"]) or 1) - 1,
-}
-machine = subprocess.run(["uname", "-sr"], capture_output=True, text=True).stdout.strip()
+added_p50 = {s: table[s]["p50_us"] - table["direct"]["p50_us"] for s in scen}
+swaps = sum(r["swaps"] for r in runs if r["scenario"] == "router-swaps")
+div = lambda a, b: a / b if b else float("inf")
+shift = div(table["router-swaps"]["p99_us"], table["router-read"]["p99_us"]) - 1
+kib = mem["router"]["kib_per_connection"]
+# (measure, value, target, met)
+targets = [
+    ("Throughput, router read ÷ max(nginx, haproxy)", f"{div(table['router-read']['rps'], best_rps):.2f}", "≥ 1.0",
+     table["router-read"]["rps"] >= best_rps),
+    ("CPU-µs per request, router ÷ min(nginx, haproxy)", f"{div(table['router-read']['cpu_us'], best_cpu):.2f}", "≤ 1.0",
+     table["router-read"]["cpu_us"] <= best_cpu),
+    ("Added p99 over direct, router read (µs)",
+     f"{added['router-read']:.0f} (nginx {added['nginx']:.0f}, haproxy {added['haproxy']:.0f})",
+     "≤ min(nginx, haproxy) and ≤ 250",
+     added["router-read"] <= min(added["nginx"], added["haproxy"]) and added["router-read"] <= 250),
+    ("Forwarded write's added p99 ÷ read's", f"{div(added['router-write'], added['router-read']):.2f}", "≤ 2.0",
+     added["router-write"] <= 2 * added["router-read"]),
+    ("Table swaps: non-2xx; p99 shift", f"0 in {swaps} swaps; {shift * 100:+.0f} %", "0; ≤ 10 %", shift <= 0.10),
+    ("RSS per idle keep-alive connection (KiB)",
+     f"{kib:.1f} (nginx {mem['nginx']['kib_per_connection']:.1f}, haproxy {mem['haproxy']['kib_per_connection']:.1f})",
+     "≤ 16", kib <= 16),
+]
+cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2; nproc; uname -sr"],
+                     capture_output=True, text=True).stdout.split("\n")
+machine = f"{cpu[0].strip()}, {cpu[1]} cores, {cpu[2]}"
 json.dump({"rounds": int(rounds), "seconds": int(secs), "rate": int(rate), "machine": machine,
-           "medians": table, "ratios": ratios, "runs": runs}, open(out_json, "w"), indent=2)
-lines = [f"Medians of {rounds} interleaved rounds of {secs} s; capacity: oha -c 32 closed loop; "
-         f"latency: oha -q {rate} --latency-correction. Proxies and backend on CPU 0, oha on CPU 1. {machine}.", "",
-         "| scenario | req/s (capacity) | CPU µs/req | p50 µs @ fixed rate | p99 µs @ fixed rate |",
-         "|---|---|---|---|---|"]
+           "medians": table, "added_p99_us": added, "added_p50_us": added_p50, "memory": mem,
+           "targets": [{"measure": t[0], "value": t[1], "target": t[2], "met": t[3]} for t in targets],
+           "runs": runs}, open(out_json, "w"), indent=2)
+lines = [f"Medians of {rounds} interleaved rounds of {secs} s. Capacity: `oha -c 32`, closed loop. "
+         f"Latency: `oha -c 32 -q {rate} --latency-correction`. Proxies and backend on CPU 0, oha on CPU 1; "
+         f"one worker each. Machine: {machine}.", "",
+         "| scenario | req/s (capacity) | min–max | CPU µs/req | p50 µs @ fixed rate | p99 µs @ fixed rate | added p99 µs |",
+         "|---|---|---|---|---|---|---|"]
 for s in scen:
     t = table[s]
-    lines.append(f"| {s} | {t['rps']:.0f} | {t['cpu_us']:.1f} | {t['p50_us']:.0f} | {t['p99_us']:.0f} |")
-lines += ["", "| ratio | value |", "|---|---|"]
-for k, v in ratios.items():
-    lines.append(f"| {k} | {'n/a' if v is None else f'{v:.2f}'} |")
+    lo, hi = t["rps_range"]
+    lines.append(f"| {s} | {t['rps']:.0f} | {lo:.0f}–{hi:.0f} | {t['cpu_us']:.1f} | {t['p50_us']:.0f} | "
+                 f"{t['p99_us']:.0f} | {'—' if s == 'direct' else f'{added[s]:.0f}'} |")
+lines += ["", "Idle keep-alive client connections, RSS growth per connection: "
+          + ", ".join(f"{n} {mem[n]['kib_per_connection']:.1f} KiB ({mem[n]['connections']} connections)"
+                      for n in ["nginx", "haproxy", "router"]) + ".",
+          "", "| target | value | wanted | met |", "|---|---|---|---|"]
+for name, value, wanted, met in targets:
+    lines.append(f"| {name} | {value} | {wanted} | {'yes' if met else '**no**'} |")
 open(out_md, "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY
