@@ -210,6 +210,9 @@ impl App {
             Some(j) => (Some(j.coordination), Some((j.gate, j.handle))),
             None => (None, None),
         };
+        // What the probes above were started with: a reload that lands before the settings
+        // applier below first runs must still be compared with this, not with itself.
+        let probed = Arc::new(config.clone());
         let control = Control::start(config, coordination, self.config_path.clone());
         let proxy = Proxy::new(control.clone(), board.clone(), forwarder.clone(), gate);
         if let Some(path) = self.config_path {
@@ -220,7 +223,7 @@ impl App {
             let (mut configs, proxy, background) =
                 (control.configs(), proxy.clone(), background.clone());
             tokio::spawn(async move {
-                let mut probed = configs.borrow().clone();
+                let mut probed = probed;
                 while configs.changed().await.is_ok() {
                     let config = configs.borrow_and_update().clone();
                     if probed.probes_differ(&config) {

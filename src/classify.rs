@@ -82,7 +82,8 @@ const V2: &str = "/v2";
 
 /// Classify a request by method and raw (still percent-encoded) path, without its query.
 pub fn classify(method: &Method, raw_path: &str) -> Result<Class, ClassifyError> {
-    let path: Cow<'_, str> = if raw_path.contains('%') {
+    let encoded = raw_path.contains('%');
+    let path: Cow<'_, str> = if encoded {
         percent_encoding::percent_decode_str(raw_path).decode_utf8_lossy()
     } else {
         Cow::Borrowed(raw_path)
@@ -105,7 +106,11 @@ pub fn classify(method: &Method, raw_path: &str) -> Result<Class, ClassifyError>
     // Under {B} the decoded path names the resource, so every segment of the raw path must decode
     // to exactly one segment: no encoded '/', no dot-segments, no empty segments. Otherwise a write
     // could reach a DC that the plain path would not name.
-    check_segments(raw_path)?;
+    if encoded {
+        check_segments(raw_path)?;
+    } else if !plain_segments_ok(raw_path.as_bytes()) {
+        return Err(ClassifyError::BadPath);
+    }
     let rest = &path[generation.prefix().len()..];
     classify_under_base(method, generation, rest)
 }
@@ -143,6 +148,22 @@ fn generation(path: &str) -> Option<Generation> {
     } else {
         None
     }
+}
+
+/// The common case of [`check_segments`], a path with no `%`, in one pass over its bytes: no
+/// empty segment (`//` or a trailing `/`) and no `.` or `..` segment.
+fn plain_segments_ok(path: &[u8]) -> bool {
+    // Byte 0 is the leading '/'; `start` is where the current segment begins.
+    let mut start = 1;
+    for i in 1..=path.len() {
+        if i == path.len() || path[i] == b'/' {
+            if matches!(&path[start..i], b"" | b"." | b"..") {
+                return false;
+            }
+            start = i + 1;
+        }
+    }
+    true
 }
 
 /// Reject encoded slashes, dot-segments (plain or encoded) and empty segments in a raw path.
@@ -600,11 +621,41 @@ mod tests {
             "/v2/clusters//00000012",
             "/v2/clusters/00000012/",
             "/v1/loom/clusters/00000012/%2fabort",
+            "/v2/clusters/..",
+            "/v2/.",
+            "/v2/clusters/00000012/.",
         ] {
             assert_eq!(c("POST", p), Err(ClassifyError::BadPath), "{p}");
             assert_eq!(c("GET", p), Err(ClassifyError::BadPath), "{p}");
         }
         // Outside {B} the router has no opinion about the path.
         assert_eq!(route("GET", "/foo/../status"), Route::Passthrough);
+    }
+
+    #[test]
+    fn the_plain_path_scan_agrees_with_the_segment_check() {
+        for p in [
+            "/v2",
+            "/v2/",
+            "/v2//",
+            "/v2/clusters",
+            "/v2/clusters/",
+            "/v2/./x",
+            "/v2/../x",
+            "/v2/.x",
+            "/v2/x.",
+            "/v2/...",
+            "/v2/..x/y",
+            "/v2/a/b/c",
+            "/v2/a//b",
+            "/",
+            "//",
+        ] {
+            assert_eq!(
+                plain_segments_ok(p.as_bytes()),
+                check_segments(p).is_ok(),
+                "{p}"
+            );
+        }
     }
 }

@@ -59,9 +59,10 @@ pub fn via_token(dc: &str) -> String {
 
 /// Remove hop-by-hop headers, including any the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One scan of the few names present, compared by their standard-header tag, finds which
-    // hop-by-hop headers to remove; most messages have none, or only `Connection`. Removing
-    // all eight names unconditionally hashed each of them on every request and response.
+    // One scan of the few names present finds which hop-by-hop headers to remove; most
+    // messages have none, or only `Connection`. (Standard names compare by tag, the two
+    // custom ones by bytes.) Removing all eight names unconditionally hashed each of them on
+    // every request and response.
     let mut present = [false; HOP_BY_HOP_COUNT];
     for name in headers.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {

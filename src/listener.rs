@@ -171,7 +171,8 @@ macro_rules! service {
                     let (proxy, conn) = (proxy.clone(), conn.clone());
                     // Boxed per request: hyper keeps room for one service future in every
                     // connection for the connection's whole life, and the proxy's future is
-                    // about 5 KiB. A box is 16 bytes while idle (README, "Performance").
+                    // about 5 KiB; boxed, the room is a pointer. Idle connections went from 27
+                    // to 21 KiB of RSS each (README, "Performance").
                     Box::pin(async move { Ok::<_, Infallible>(proxy.handle(request, conn).await) })
                 }),
         )

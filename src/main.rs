@@ -15,8 +15,7 @@ use loom_router::ownership::Table;
 use tokio_util::sync::CancellationToken;
 
 /// mimalloc's thread-local free lists serve the request path's many small, short-lived blocks
-/// with fewer instructions than glibc (README, "Performance"). Without transparent huge pages
-/// (`no_thp`): with them, each idle connection cost 21 KiB of RSS instead of 13.
+/// in fewer instructions than glibc malloc (3 % of a proxied read; see `Cargo.toml`).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
