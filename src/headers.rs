@@ -139,21 +139,42 @@ pub fn prepare_upstream(
     keep_router_headers: bool,
 ) {
     strip_hop_by_hop(headers);
-    if let Some(host) = headers.remove(HOST) {
-        if !headers.contains_key(FORWARDED_HOST) {
-            headers.insert(FORWARDED_HOST, host);
+    // One pass over the few names present says which of the lookups below are needed; each
+    // skipped one is a hashed probe of the map, on every proxied request.
+    let (mut host, mut owned, mut router, mut forwarded_host, mut forwarded_proto) =
+        (false, false, false, false, false);
+    for name in headers.keys() {
+        if name == HOST {
+            host = true;
+        } else if name == ROUTE || name == SERVED_BY {
+            owned = true;
+        } else if name == FORWARDED_HOST {
+            forwarded_host = true;
+        } else if name == FORWARDED_PROTO {
+            forwarded_proto = true;
+        } else if name.as_str().starts_with(ROUTER_PREFIX) {
+            router = true;
         }
     }
-    headers.remove(ROUTE);
-    headers.remove(SERVED_BY);
-    if !keep_router_headers {
+    if host {
+        if let Some(host) = headers.remove(HOST) {
+            if !forwarded_host {
+                headers.insert(FORWARDED_HOST, host);
+            }
+        }
+    }
+    if owned {
+        headers.remove(ROUTE);
+        headers.remove(SERVED_BY);
+    }
+    if router && !keep_router_headers {
         strip_router_headers(headers);
     }
     headers.append(VIA, via.clone());
     append_forwarded_for(headers, client.ip);
     // The load balancer in front of the router may terminate TLS and say so; keep its word,
     // and the origin router's on a hop.
-    if !headers.contains_key(FORWARDED_PROTO) {
+    if !forwarded_proto {
         headers.insert(
             FORWARDED_PROTO,
             HeaderValue::from_static(if client.https { "https" } else { "http" }),
@@ -274,6 +295,22 @@ mod tests {
         assert_eq!(h["via"], "1.1 loom-router-us-east");
         assert_eq!(h["x-forwarded-for"], "192.0.2.1, 192.0.2.2, 10.0.0.7");
         assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn a_proxy_in_fronts_forwarded_host_and_proto_are_kept() {
+        let mut h = map(&[
+            ("host", "router.internal"),
+            ("x-forwarded-host", "loom.example.com"),
+            ("x-forwarded-proto", "https"),
+            ("x-loom-served-by", "forged"),
+        ]);
+        let via = HeaderValue::from_static("1.1 loom-router-us-east");
+        prepare_upstream(&mut h, CLIENT, &via, false);
+        assert_eq!(h["x-forwarded-host"], "loom.example.com");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert!(!h.contains_key("host"));
+        assert!(!h.contains_key("x-loom-served-by"));
     }
 
     #[test]

@@ -993,7 +993,7 @@ impl Proxy {
             match outcome.served_by {
                 Some(dc) if error.is_none() => {
                     // A forwarded response already names the owner's DC; keep the owner's word.
-                    if !h.contains_key(headers::SERVED_BY) || dc == config.local {
+                    if dc == config.local || !h.contains_key(headers::SERVED_BY) {
                         h.insert(headers::SERVED_BY, snap.dc_names[dc].clone());
                     }
                 }
