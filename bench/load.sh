@@ -41,7 +41,7 @@ cargo build --release --quiet
 
 work=$(mktemp -d)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2> /dev/null || true; done; wait 2> /dev/null || true; rm -rf "$work"; }
+cleanup() { for p in "${pids[@]}" $(cat "$work/swapper.pid" 2> /dev/null); do kill "$p" 2> /dev/null || true; done; wait 2> /dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 trap "exit 130" INT TERM
 # Seven distinct free ports, all bound at once so none is handed out twice.
@@ -148,6 +148,8 @@ for _ in $(seq 100); do
         && curl -fs "http://127.0.0.1:$west_admin/readyz" > /dev/null && break
     sleep 0.1
 done
+curl -fs "http://127.0.0.1:$east_admin/readyz" > /dev/null && curl -fs "http://127.0.0.1:$west_admin/readyz" > /dev/null \
+    || { echo "the routers did not become ready:" >&2; cat "$work/east.log" "$work/west.log" >&2; exit 1; }
 
 # --- memory: RSS per idle keep-alive client connection, before any load ---------------------
 conns=${LOAD_IDLE_CONNS:-10000}
@@ -220,7 +222,9 @@ run() { # scenario mode(capacity|latency) -> one JSON line
     [ "$mode" = latency ] && args+=(-q "$rate" --latency-correction)
     local swap_pid="" swaps_before swaps_after
     swaps_before=$(reloads)
-    if [ -n "$swap" ]; then swapper & swap_pid=$!; fi
+    # The swapper runs inside this function's command substitution: keep it off its stdout, and
+    # note its pid so that cleanup stops it if this run dies first.
+    if [ -n "$swap" ]; then swapper > /dev/null & swap_pid=$!; echo "$swap_pid" > "$work/swapper.pid"; fi
     # Warm up pools and pages, then measure.
     taskset -c 1 oha -z 2s -c 32 --no-tui --output-format quiet -m "$method" "${hdr[@]}" "$url" > /dev/null
     local before; before=$(cpu_ticks "$pid")

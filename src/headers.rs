@@ -72,7 +72,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if present == [false; HOP_BY_HOP_COUNT] {
         return;
     }
-    if let Some(conn) = headers.get(CONNECTION) {
+    // HOP_BY_HOP[0] is `Connection`: the scan already says whether it is there.
+    if let Some(conn) = present[0].then(|| headers.get(CONNECTION)).flatten() {
         // Names listed in Connection are hop-by-hop too. Collect first: we cannot remove while
         // borrowing the value. `keep-alive` and `close`, the usual tokens, are skipped without
         // parsing: the first is in HOP_BY_HOP, the second names no header.
@@ -141,8 +142,8 @@ pub fn prepare_upstream(
     strip_hop_by_hop(headers);
     // One pass over the few names present says which of the lookups below are needed; each
     // skipped one is a hashed probe of the map, on every proxied request.
-    let (mut host, mut owned, mut router, mut forwarded_host, mut forwarded_proto) =
-        (false, false, false, false, false);
+    let (mut host, mut owned, mut router) = (false, false, false);
+    let (mut forwarded_host, mut forwarded_for, mut forwarded_proto) = (false, false, false);
     for name in headers.keys() {
         if name == HOST {
             host = true;
@@ -150,6 +151,8 @@ pub fn prepare_upstream(
             owned = true;
         } else if name == FORWARDED_HOST {
             forwarded_host = true;
+        } else if name == FORWARDED_FOR {
+            forwarded_for = true;
         } else if name == FORWARDED_PROTO {
             forwarded_proto = true;
         } else if name.as_str().starts_with(ROUTER_PREFIX) {
@@ -171,7 +174,12 @@ pub fn prepare_upstream(
         strip_router_headers(headers);
     }
     headers.append(VIA, via.clone());
-    append_forwarded_for(headers, client.ip);
+    if forwarded_for {
+        append_forwarded_for(headers, client.ip);
+    } else {
+        // Most requests arrive without one: the client's address is the whole value.
+        headers.insert(FORWARDED_FOR, client.ip.clone());
+    }
     // The load balancer in front of the router may terminate TLS and say so; keep its word,
     // and the origin router's on a hop.
     if !forwarded_proto {
@@ -182,15 +190,9 @@ pub fn prepare_upstream(
     }
 }
 
-/// Remove every `X-Loom-Router-*` header.
-pub fn strip_router_headers(headers: &mut HeaderMap) {
-    // Fast path: most requests carry none, and finding that out allocates nothing.
-    if !headers
-        .keys()
-        .any(|k| k.as_str().starts_with(ROUTER_PREFIX))
-    {
-        return;
-    }
+/// Remove every `X-Loom-Router-*` header. Called only when [`prepare_upstream`]'s scan found
+/// one.
+fn strip_router_headers(headers: &mut HeaderMap) {
     let names: Vec<HeaderName> = headers
         .keys()
         .filter(|k| k.as_str().starts_with(ROUTER_PREFIX))
@@ -201,12 +203,8 @@ pub fn strip_router_headers(headers: &mut HeaderMap) {
     }
 }
 
+/// Join the `X-Forwarded-For` values a request arrived with, and the client's address.
 fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
-    // Most requests arrive without one: the client's address is the whole value.
-    if !headers.contains_key(FORWARDED_FOR) {
-        headers.insert(FORWARDED_FOR, ip.clone());
-        return;
-    }
     let mut value = String::new();
     for prior in headers.get_all(FORWARDED_FOR) {
         if let Ok(prior) = prior.to_str() {
