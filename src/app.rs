@@ -36,8 +36,11 @@ pub enum AppError {
     Tls(#[from] crate::tls::TlsError),
     #[error("coordination.backend: \"memory\" needs an in-process store; it exists only for the demo and tests")]
     NoMemoryStore,
+    /// Config validation refuses this first (`check` and `run` both say so before anything
+    /// starts); kept for a config built in code.
     #[error(
-        "coordination.backend: the etcd backend is not available in this build yet; use \"static\""
+        "coordination.backend: this binary was built without the etcd backend; build with \
+         `--features etcd` (needs protoc) or use the Docker image"
     )]
     EtcdUnavailable,
     #[error("coordination: {0}")]

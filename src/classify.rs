@@ -1,8 +1,8 @@
 //! Classification: method + path → which route a request takes and which shard key it names.
 //!
 //! This is spec section 3 as a pure function. It owns the cluster-ID grammar (section 2), the
-//! path rules (`bad_path`) and the routing table rows for both API generations (`/v1/loom` and
-//! `/v2`). It must not look at the ownership table, the body or the network: rows that need the
+//! path rule (`bad_path`: every path must be in the normal form Loom routes on, see
+//! [`normal_path`]) and the routing table rows for both API generations (`/v1/loom` and `/v2`). It must not look at the ownership table, the body or the network: rows that need the
 //! body (`/v2/nodes`) or a lookup (`DELETE /v2/nodes/{node}`) come back as a [`Key`] that tells
 //! the proxy what to read, and `ownership.rs` decides where the request goes.
 //!
@@ -81,13 +81,11 @@ const V1: &str = "/v1/loom";
 const V2: &str = "/v2";
 
 /// Classify a request by method and raw (still percent-encoded) path, without its query.
+///
+/// The path must be in normal form ([`normal_path`]); the route is decided on its decoded form,
+/// which is the path Loom routes on.
 pub fn classify(method: &Method, raw_path: &str) -> Result<Class, ClassifyError> {
-    let encoded = raw_path.contains('%');
-    let path: Cow<'_, str> = if encoded {
-        percent_encoding::percent_decode_str(raw_path).decode_utf8_lossy()
-    } else {
-        Cow::Borrowed(raw_path)
-    };
+    let path = normal_path(raw_path)?;
     if path == READYZ_PATH || path == DRAINED_PATH {
         // Never passed on, whatever the method (the proxy answers 405 to anything but GET).
         let route = if path == READYZ_PATH {
@@ -103,16 +101,79 @@ pub fn classify(method: &Method, raw_path: &str) -> Result<Class, ClassifyError>
     let Some(generation) = generation(&path) else {
         return Ok(PASSTHROUGH);
     };
-    // Under {B} the decoded path names the resource, so every segment of the raw path must decode
-    // to exactly one segment: no encoded '/', no dot-segments, no empty segments. Otherwise a write
-    // could reach a DC that the plain path would not name.
-    if encoded {
-        check_segments(raw_path)?;
-    } else if !plain_segments_ok(raw_path.as_bytes()) {
+    // Loom drops one trailing '/' before it matches a route, so `PUT /v2/nodes/n1/` is a node
+    // write there; refusing it keeps the segments below the ones Loom sees.
+    if path.ends_with('/') {
         return Err(ClassifyError::BadPath);
     }
     let rest = &path[generation.prefix().len()..];
     classify_under_base(method, generation, rest)
+}
+
+/// The decoded path a request is routed on, if its raw path is in normal form (spec section 3).
+///
+/// Loom's HTTP layer (netty-http) routes on `java.net.URI.create(uri).normalize().getPath()`:
+/// dot-segments are removed, repeated slashes merged, and then percent-escapes decoded, `%2F`
+/// into a real `/`. A path that any of those steps would change could reach Loom as a request
+/// the router classified differently, so a path is in normal form only when:
+/// - it starts with `/`;
+/// - no segment is empty (`//`, leading or not); a trailing `/` is checked by [`classify`];
+/// - no segment is `.` or `..`, plain or percent-encoded;
+/// - no percent-escape decodes to `/` or `\`, and there is no raw `\` (some servers treat it as
+///   `/`).
+///
+/// Then decoding changes no segment boundary, and the decoded path is the one Loom routes on.
+/// The common path, with no `%`, is checked in one pass over its bytes and not copied.
+pub fn normal_path(raw_path: &str) -> Result<Cow<'_, str>, ClassifyError> {
+    let bytes = raw_path.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return Err(ClassifyError::BadPath);
+    }
+    let mut encoded = false;
+    // `start` is where the current segment begins; byte 0 is the leading '/'.
+    let mut start = 1;
+    for i in 1..=bytes.len() {
+        let end = i == bytes.len();
+        match if end { b'/' } else { bytes[i] } {
+            b'/' => {
+                let segment = &bytes[start..i];
+                let bad = match segment {
+                    // A trailing '/' leaves an empty last segment; classify judges it.
+                    b"" => !end,
+                    b"." | b".." => true,
+                    _ => encoded && !encoded_segment_ok(segment),
+                };
+                if bad {
+                    return Err(ClassifyError::BadPath);
+                }
+                start = i + 1;
+            }
+            b'%' => encoded = true,
+            b'\\' => return Err(ClassifyError::BadPath),
+            _ => {}
+        }
+    }
+    Ok(if encoded {
+        percent_encoding::percent_decode(bytes).decode_utf8_lossy()
+    } else {
+        Cow::Borrowed(raw_path)
+    })
+}
+
+/// Whether a segment with percent-escapes decodes to one ordinary segment: not `.` or `..`, and
+/// with no `/` or `\`. Decoded byte by byte, without allocating.
+fn encoded_segment_ok(segment: &[u8]) -> bool {
+    let mut len = 0;
+    let mut dots = 0;
+    for b in percent_encoding::percent_decode(segment) {
+        match b {
+            b'/' | b'\\' => return false,
+            b'.' => dots += 1,
+            _ => {}
+        }
+        len += 1;
+    }
+    !(len == dots && len <= 2)
 }
 
 const PASSTHROUGH: Class = Class {
@@ -150,41 +211,9 @@ fn generation(path: &str) -> Option<Generation> {
     }
 }
 
-/// The common case of [`check_segments`], a path with no `%`, in one pass over its bytes: no
-/// empty segment (`//` or a trailing `/`) and no `.` or `..` segment.
-fn plain_segments_ok(path: &[u8]) -> bool {
-    // Byte 0 is the leading '/'; `start` is where the current segment begins.
-    let mut start = 1;
-    for i in 1..=path.len() {
-        if i == path.len() || path[i] == b'/' {
-            if matches!(&path[start..i], b"" | b"." | b"..") {
-                return false;
-            }
-            start = i + 1;
-        }
-    }
-    true
-}
-
-/// Reject encoded slashes, dot-segments (plain or encoded) and empty segments in a raw path.
-fn check_segments(raw_path: &str) -> Result<(), ClassifyError> {
-    // The path starts with '/', so the first split item is the empty string before it.
-    for segment in raw_path.split('/').skip(1) {
-        if segment.is_empty() {
-            return Err(ClassifyError::BadPath);
-        }
-        if !segment.contains('%') {
-            if segment == "." || segment == ".." {
-                return Err(ClassifyError::BadPath);
-            }
-            continue;
-        }
-        let decoded = percent_encoding::percent_decode_str(segment).collect::<Vec<u8>>();
-        if decoded.contains(&b'/') || decoded == b"." || decoded == b".." || decoded.is_empty() {
-            return Err(ClassifyError::BadPath);
-        }
-    }
-    Ok(())
+/// Whether a decoded path is under `{B}` (`/v1/loom` or `/v2`).
+pub fn under_base(path: &str) -> bool {
+    generation(path).is_some()
 }
 
 fn is_read_method(method: &Method) -> bool {
@@ -607,7 +636,7 @@ mod tests {
         }
     }
 
-    // === bad_path ===
+    // === bad_path: the normal form, for every path ===
 
     #[test]
     fn dot_segments_encoded_slashes_and_empty_segments_are_bad_paths() {
@@ -616,46 +645,229 @@ mod tests {
             "/v2/clusters/./00000012",
             "/v2/clusters/%2e%2e/00000012",
             "/v2/clusters/%2E/00000012",
+            "/v2/clusters/.%2e/00000012",
             "/v2/clusters%2F00000012",
             "/v2%2Fclusters%2F00000012",
+            "/v2/clusters%5C00000012",
+            "/v2/clusters\\00000012",
             "/v2/clusters//00000012",
             "/v2/clusters/00000012/",
             "/v1/loom/clusters/00000012/%2fabort",
             "/v2/clusters/..",
             "/v2/.",
+            "/v2/",
             "/v2/clusters/00000012/.",
         ] {
             assert_eq!(c("POST", p), Err(ClassifyError::BadPath), "{p}");
             assert_eq!(c("GET", p), Err(ClassifyError::BadPath), "{p}");
         }
-        // Outside {B} the router has no opinion about the path.
-        assert_eq!(route("GET", "/foo/../status"), Route::Passthrough);
     }
 
     #[test]
-    fn the_plain_path_scan_agrees_with_the_segment_check() {
+    fn paths_that_normalise_into_the_api_are_bad_paths_too() {
+        // Loom merges the slashes and removes the dot-segments of these, and routes them as
+        // writes under {B}; the router refuses them instead of calling them passthrough.
         for p in [
-            "/v2",
-            "/v2/",
-            "/v2//",
-            "/v2/clusters",
-            "/v2/clusters/",
-            "/v2/./x",
-            "/v2/../x",
-            "/v2/.x",
-            "/v2/x.",
-            "/v2/...",
-            "/v2/..x/y",
-            "/v2/a/b/c",
-            "/v2/a//b",
-            "/",
-            "//",
+            "//v1/loom/clusters/00000013",
+            "/v1//loom/clusters/00000013",
+            "/x/../v1/loom/clusters/00000013",
+            "/./v2/clusters/00000013",
+            "/%2e/v2/clusters/00000013",
+            "/x/%2E%2E/v2/clusters/00000013",
+            "/v2x/..%2fv2/clusters/00000013",
+            "/foo/../status",
+            "//status",
+            "/status//",
         ] {
-            assert_eq!(
-                plain_segments_ok(p.as_bytes()),
-                check_segments(p).is_ok(),
-                "{p}"
-            );
+            assert_eq!(c("DELETE", p), Err(ClassifyError::BadPath), "{p}");
+        }
+    }
+
+    #[test]
+    fn a_path_must_start_with_a_slash() {
+        assert_eq!(c("OPTIONS", "*"), Err(ClassifyError::BadPath));
+        assert_eq!(c("GET", ""), Err(ClassifyError::BadPath));
+    }
+
+    #[test]
+    fn passthrough_paths_in_normal_form_keep_working() {
+        for p in [
+            "/status",
+            "/",
+            "/status/",
+            "/a/b.c/..d/.e",
+            "/x%20y/z",
+            "/%2e%2e%2e",
+        ] {
+            assert_eq!(route("GET", p), Route::Passthrough, "{p}");
+        }
+    }
+
+    #[test]
+    fn the_routing_path_is_decoded_once() {
+        assert_eq!(normal_path("/v2/a%2520b").as_deref(), Ok("/v2/a%20b"));
+        assert_eq!(normal_path("/v2/%63lusters").as_deref(), Ok("/v2/clusters"));
+        assert!(matches!(normal_path("/v2/clusters"), Ok(Cow::Borrowed(_))));
+    }
+
+    // === The property: the router decides on the path Loom routes on ===
+
+    /// RFC 3986 section 5.2.4 dot removal on a path whose repeated slashes are merged.
+    fn rfc3986_normalise(path: &str) -> String {
+        let mut merged = String::with_capacity(path.len());
+        for ch in path.chars() {
+            if !(ch == '/' && merged.ends_with('/')) {
+                merged.push(ch);
+            }
+        }
+        let mut input = merged.as_str();
+        let mut output = String::new();
+        while !input.is_empty() {
+            if let Some(rest) = input.strip_prefix("../") {
+                input = rest;
+            } else if let Some(rest) = input.strip_prefix("./") {
+                input = rest;
+            } else if input.starts_with("/./") {
+                input = &input[2..];
+            } else if input == "/." {
+                input = "/";
+            } else if input.starts_with("/../") || input == "/.." {
+                input = if input == "/.." { "/" } else { &input[3..] };
+                match output.rfind('/') {
+                    Some(i) => output.truncate(i),
+                    None => output.clear(),
+                }
+            } else if input == "." || input == ".." {
+                input = "";
+            } else {
+                let from = usize::from(input.starts_with('/'));
+                let end = input[from..].find('/').map_or(input.len(), |i| i + from);
+                output.push_str(&input[..end]);
+                input = &input[end..];
+            }
+        }
+        output
+    }
+
+    /// `java.net.URI` reads a request target that starts with `//` as an authority and a path.
+    fn java_authority_stripped(raw: &str) -> &str {
+        match raw.strip_prefix("//") {
+            Some(rest) => rest.find('/').map_or("", |i| &rest[i..]),
+            None => raw,
+        }
+    }
+
+    fn decode(path: &str) -> String {
+        percent_encoding::percent_decode_str(path)
+            .decode_utf8_lossy()
+            .into_owned()
+    }
+
+    /// Tokens an attacker builds paths from: API words, dots, slashes and their encodings.
+    const TOKENS: &[&str] = &[
+        "v1",
+        "loom",
+        "v2",
+        "clusters",
+        "00000013",
+        "00000013-001",
+        "nodes",
+        "n1",
+        "tasks",
+        "status",
+        "x",
+        "",
+        ".",
+        "..",
+        "...",
+        "%2e",
+        "%2E",
+        "%2e%2E",
+        ".%2e",
+        "%2e.",
+        "%2f",
+        "%2F",
+        "%5c",
+        "%5C",
+        "\\",
+        "%63lusters",
+        "%76%32",
+        "%25",
+        "%252e",
+        "v%32",
+        "l%6fom",
+    ];
+
+    fn method() -> impl proptest::strategy::Strategy<Value = Method> {
+        proptest::sample::select(vec![
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::PATCH,
+        ])
+    }
+
+    fn raw_path() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let piece = (
+            prop_oneof![4 => Just("/"), 1 => Just("//")],
+            proptest::sample::select(TOKENS),
+        );
+        (proptest::collection::vec(piece, 0..7), any::<bool>()).prop_map(|(pieces, slash)| {
+            let mut path: String = pieces.iter().map(|(sep, t)| format!("{sep}{t}")).collect();
+            if slash || path.is_empty() {
+                path.push('/');
+            }
+            path
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4096))]
+
+        /// Whenever a path normalises (dot removal and merged slashes, before or after decoding,
+        /// as a server could do either) into `{B}`, the router refuses it or routes it by exactly
+        /// that normalised path.
+        #[test]
+        fn paths_that_normalise_under_the_api_are_refused_or_routed_by_that_path(
+            method in method(),
+            raw in raw_path(),
+        ) {
+            for normalised in [
+                rfc3986_normalise(&decode(&raw)),
+                decode(&rfc3986_normalise(&raw)),
+                decode(&rfc3986_normalise(java_authority_stripped(&raw))),
+            ] {
+                if !under_base(&normalised) {
+                    continue;
+                }
+                match classify(&method, &raw) {
+                    Err(ClassifyError::BadPath) => {}
+                    got => {
+                        let routed_on = normal_path(&raw).map(Cow::into_owned);
+                        proptest::prop_assert_eq!(routed_on, Ok(normalised.clone()));
+                        let generation = generation(&normalised).expect("under {B}");
+                        let rest = &normalised[generation.prefix().len()..];
+                        let via_normalised = if normalised.ends_with('/') {
+                            Err(ClassifyError::BadPath)
+                        } else {
+                            classify_under_base(&method, generation, rest)
+                        };
+                        proptest::prop_assert_eq!(got, via_normalised);
+                    }
+                }
+            }
+        }
+
+        /// A path the router accepts is one no normaliser changes.
+        #[test]
+        fn accepted_paths_are_already_normal(raw in raw_path()) {
+            if let Ok(path) = normal_path(&raw) {
+                proptest::prop_assert_eq!(&rfc3986_normalise(&path), &path);
+                proptest::prop_assert_eq!(rfc3986_normalise(&decode(&raw)), decode(&raw));
+                proptest::prop_assert_eq!(decode(&rfc3986_normalise(&raw)), decode(&raw));
+            }
         }
     }
 }

@@ -116,6 +116,7 @@ struct RawTls {
     cert: PathBuf,
     key: PathBuf,
     client_ca: Option<PathBuf>,
+    client_auth: Option<String>,
     handshake_timeout: Option<String>,
 }
 
@@ -194,6 +195,7 @@ struct RawLimits {
     max_retry_body_bytes: Option<i64>,
     max_concurrent_requests: Option<i64>,
     header_read_timeout: Option<String>,
+    body_read_timeout: Option<String>,
     idle_timeout: Option<String>,
 }
 
@@ -264,7 +266,19 @@ pub struct Tls {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: Option<PathBuf>,
+    pub client_auth: ClientAuth,
     pub handshake_timeout: Duration,
+}
+
+/// Whether the https listener requires a client certificate from `client_ca` (`[tls]
+/// client_auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// A client without a certificate (the load balancer) is served, but is no peer.
+    Optional,
+    /// The handshake fails without a certificate from `client_ca` (nginx's
+    /// `ssl_verify_client on`).
+    Required,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -367,6 +381,7 @@ pub struct Limits {
     pub max_retry_body_bytes: usize,
     pub max_concurrent_requests: usize,
     pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
     pub idle_timeout: Duration,
 }
 
@@ -408,6 +423,8 @@ pub const DEFAULT_MAX_READ_BODY_BYTES: usize = 65536;
 pub const DEFAULT_MAX_RETRY_BODY_BYTES: usize = 65536;
 pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 10000;
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// As nginx's `client_body_timeout`.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// The largest `max_concurrent_requests`: far above what one process can serve, and well inside
@@ -853,6 +870,7 @@ impl TryFrom<RawConfig> for Config {
             cert: t.cert.clone(),
             key: t.key.clone(),
             client_ca: t.client_ca.clone(),
+            client_auth: client_auth(&mut p, t),
             handshake_timeout: p.duration(
                 "tls.handshake_timeout",
                 t.handshake_timeout.as_deref(),
@@ -929,7 +947,12 @@ impl TryFrom<RawConfig> for Config {
         let backend = match c.backend.as_deref() {
             None | Some("static") => Backend::Static,
             Some("memory") => Backend::Memory,
-            Some("etcd") => Backend::Etcd,
+            Some("etcd") => {
+                if let Some(problem) = etcd_unavailable(cfg!(feature = "etcd")) {
+                    p.push("coordination.backend", problem);
+                }
+                Backend::Etcd
+            }
             Some(other) => {
                 p.push(
                     "coordination.backend",
@@ -1070,6 +1093,11 @@ impl TryFrom<RawConfig> for Config {
                 l.header_read_timeout.as_deref(),
                 DEFAULT_HEADER_READ_TIMEOUT,
             ),
+            body_read_timeout: p.duration(
+                "limits.body_read_timeout",
+                l.body_read_timeout.as_deref(),
+                DEFAULT_BODY_READ_TIMEOUT,
+            ),
             idle_timeout: p.duration(
                 "limits.idle_timeout",
                 l.idle_timeout.as_deref(),
@@ -1128,6 +1156,38 @@ impl TryFrom<RawConfig> for Config {
             drain_timeout,
         })
     }
+}
+
+/// `[tls] client_auth`: "optional" (the default) or "required", which needs `client_ca`.
+fn client_auth(p: &mut Problems, tls: &RawTls) -> ClientAuth {
+    match tls.client_auth.as_deref() {
+        None | Some("optional") => ClientAuth::Optional,
+        Some("required") => {
+            if tls.client_ca.is_none() {
+                p.push(
+                    "tls.client_auth",
+                    "\"required\" needs tls.client_ca, the CA whose certificates it requires",
+                );
+            }
+            ClientAuth::Required
+        }
+        Some(other) => {
+            p.push(
+                "tls.client_auth",
+                format!("unknown value {other:?}; use \"optional\" or \"required\""),
+            );
+            ClientAuth::Optional
+        }
+    }
+}
+
+/// Why `backend = "etcd"` cannot run in this binary, if it cannot: said by `check` and by `run`
+/// before anything starts, not after the router claims to be serving.
+fn etcd_unavailable(built_with_etcd: bool) -> Option<&'static str> {
+    (!built_with_etcd).then_some(
+        "this binary was built without the etcd backend; build with `--features etcd` (needs \
+         protoc) or use the Docker image",
+    )
 }
 
 fn threshold(p: &mut Problems, key: &str, value: Option<i64>, default: u32) -> u32 {
@@ -1354,6 +1414,57 @@ replicas = ["us-east"]
         );
     }
 
+    #[test]
+    fn a_build_without_etcd_says_how_to_get_it() {
+        assert_eq!(etcd_unavailable(true), None);
+        let problem = etcd_unavailable(false).unwrap();
+        assert!(problem.starts_with("this binary was built without the etcd backend"));
+        assert!(problem.contains("--features etcd"));
+        let text = format!(
+            "{GOOD}\n[coordination]\nbackend = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\n"
+        );
+        let got = Config::from_toml(&text)
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        if cfg!(feature = "etcd") {
+            assert_eq!(got, Ok(()));
+        } else {
+            assert_eq!(got, Err(format!("coordination.backend: {problem}")));
+        }
+    }
+
+    #[test]
+    fn client_auth_is_optional_or_required_and_required_needs_a_ca() {
+        let tls = |extra: &str| {
+            GOOD.replace(
+                "[loom]",
+                &format!("[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n{extra}\n[loom]"),
+            )
+        };
+        let auth = |extra: &str| {
+            Config::from_toml(&tls(extra))
+                .unwrap()
+                .tls
+                .unwrap()
+                .client_auth
+        };
+        assert_eq!(auth(""), ClientAuth::Optional);
+        assert_eq!(auth("client_ca = \"ca.pem\""), ClientAuth::Optional);
+        assert_eq!(
+            auth("client_ca = \"ca.pem\"\nclient_auth = \"required\""),
+            ClientAuth::Required
+        );
+        assert_error(
+            &tls("client_auth = \"required\""),
+            "tls.client_auth: \"required\" needs tls.client_ca, the CA whose certificates it requires",
+        );
+        assert_error(
+            &tls("client_ca = \"ca.pem\"\nclient_auth = \"on\""),
+            "tls.client_auth: unknown value \"on\"; use \"optional\" or \"required\"",
+        );
+    }
+
+    #[cfg(feature = "etcd")]
     #[test]
     fn etcd_with_fewer_than_three_datacenters_is_warned_about() {
         let two = Config::from_toml(&format!(

@@ -273,6 +273,67 @@ impl Ctx<'_> {
 }
 
 /// Splits off the API base: `(is_v2, rest)`, where rest is `""` or starts with `/`.
+/// The path Loom's HTTP layer routes a request target on. netty-http's `HttpResourceHandler`
+/// takes `java.net.URI.create(uri).normalize().getPath()`, and its path router then drops one
+/// trailing '/'. So, in order:
+/// - a target that starts with `//` is a network-path reference: `//a/b` has authority `a` and
+///   path `/b`;
+/// - `normalize()` works on the still-encoded path: it merges repeated slashes, removes `.`
+///   segments and `x/..` pairs, and keeps a `..` it cannot resolve;
+/// - `getPath()` decodes percent-escapes, `%2F` into `/`; a malformed escape is an exception
+///   (500);
+/// - one trailing '/' is dropped.
+pub fn netty_path(target: &str) -> Result<String, String> {
+    let path = match target.strip_prefix("//") {
+        Some(rest) => rest.find('/').map_or("", |i| &rest[i..]),
+        None => target,
+    };
+    check_escapes(target)?;
+    let absolute = path.starts_with('/');
+    let mut trailing = path.len() > 1 && path.ends_with('/');
+    let mut kept: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    for (i, segment) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        match *segment {
+            "." => trailing |= last,
+            ".." if kept.last().is_some_and(|k| *k != "..") => {
+                kept.pop();
+                trailing |= last;
+            }
+            other => kept.push(other),
+        }
+    }
+    let mut normal = String::with_capacity(path.len());
+    if absolute {
+        normal.push('/');
+    }
+    normal.push_str(&kept.join("/"));
+    if trailing && !kept.is_empty() {
+        normal.push('/');
+    }
+    let mut decoded = percent_encoding::percent_decode_str(&normal)
+        .decode_utf8_lossy()
+        .into_owned();
+    if decoded.len() > 1 && decoded.ends_with('/') {
+        decoded.pop();
+    }
+    Ok(decoded)
+}
+
+/// `java.net.URI.create` refuses a `%` not followed by two hex digits.
+fn check_escapes(target: &str) -> Result<(), String> {
+    let bytes = target.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        if b == b'%'
+            && !(bytes.len() > i + 2 && bytes[i + 1..i + 3].iter().all(u8::is_ascii_hexdigit))
+        {
+            return Err(format!("Malformed escape pair at index {i}: {target}"));
+        }
+    }
+    Ok(())
+}
+
 fn split_base(path: &str) -> Option<(bool, &str)> {
     let (v2, rest) = match path.strip_prefix("/v1/loom") {
         Some(rest) => (false, rest),
@@ -1087,7 +1148,15 @@ impl Emulator {
     }
 
     fn handle(&self, method: &Method, uri: &Uri, headers: &HeaderMap, body: &Bytes) -> Reply {
-        let path = uri.path();
+        // Route on the path netty-http routes on, not on the raw one.
+        let routed = match netty_path(uri.path()) {
+            Ok(path) => path,
+            Err(reason) => {
+                let reason = format!("Caught exception processing request. Reason: {reason}");
+                return Reply::text(StatusCode::INTERNAL_SERVER_ERROR, reason);
+            }
+        };
+        let path = routed.as_str();
         if path == "/status" && method == Method::GET {
             return Reply::text(StatusCode::OK, "OK\n");
         }
@@ -1265,6 +1334,32 @@ mod tests {
     type Headers = &'static [(&'static str, &'static str)];
     const V1_USER: Headers = &[("X-Loom-UserID", "alice")];
     const V2_USER: Headers = &[("Coopr-UserID", "alice"), ("Coopr-TenantID", "acme")];
+
+    #[test]
+    fn loom_routes_on_the_normalised_decoded_path() {
+        for (target, routed) in [
+            ("/v2/clusters/00000013", "/v2/clusters/00000013"),
+            ("/v1//loom/clusters/00000013", "/v1/loom/clusters/00000013"),
+            (
+                "/x/../v1/loom/clusters/00000013",
+                "/v1/loom/clusters/00000013",
+            ),
+            ("/./v2/clusters/00000013/", "/v2/clusters/00000013"),
+            ("/v2/clusters%2F00000013", "/v2/clusters/00000013"),
+            ("/v2/%63lusters/00000013", "/v2/clusters/00000013"),
+            // Encoded dots are decoded after normalize(): a literal ".." segment.
+            ("/v2/x/%2e%2e/clusters", "/v2/x/../clusters"),
+            // A leading "//" starts an authority.
+            ("//v1/loom/clusters/00000013", "/loom/clusters/00000013"),
+            ("/../v2/clusters/1", "/../v2/clusters/1"),
+            ("/a/b/..", "/a"),
+            ("/", "/"),
+        ] {
+            assert_eq!(netty_path(target).as_deref(), Ok(routed), "{target}");
+        }
+        assert!(netty_path("/v2/clusters/%zz").is_err());
+        assert!(netty_path("/v2/clusters/%4").is_err());
+    }
 
     fn emulator(dc: &str, id_start: u64) -> Emulator {
         let replication_delay = Duration::from_millis(50);

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
 use crate::body::Body;
@@ -28,6 +28,9 @@ pub enum UpstreamKind {
     /// The client's own request body failed while it was being sent on: not the upstream's
     /// fault, and not counted against it.
     ClientBody,
+    /// The client stopped sending its request body for `body_read_timeout`: also the client's
+    /// fault.
+    ClientStalled,
 }
 
 impl UpstreamKind {
@@ -38,6 +41,15 @@ impl UpstreamKind {
             Self::Reset => "reset",
             Self::Tls => "tls",
             Self::ClientBody => "client_body",
+            Self::ClientStalled => "client_stalled",
+        }
+    }
+
+    /// Whether the client, not the upstream, broke the exchange.
+    pub fn is_client(self) -> bool {
+        match self {
+            Self::ClientBody | Self::ClientStalled => true,
+            Self::Connect | Self::Timeout | Self::Reset | Self::Tls => false,
         }
     }
 }
@@ -51,6 +63,12 @@ pub enum RouterError {
     BadClusterId,
     #[error("bad path")]
     BadPath,
+    #[error("no valid Host: none, several, or not host[:port]")]
+    BadHost,
+    #[error("a hop request that names no shard")]
+    HopWithoutShard,
+    #[error("the client stalled its request body for {0:?}")]
+    ClientTimeout(Duration),
     #[error("hop headers without a verified peer certificate")]
     PeerUnauthenticated,
     #[error("shard {0} is unassigned")]
@@ -109,7 +127,12 @@ impl From<ClassifyError> for RouterError {
 impl RouterError {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::BadRequest | Self::BadClusterId | Self::BadPath => StatusCode::BAD_REQUEST,
+            Self::BadRequest
+            | Self::BadClusterId
+            | Self::BadPath
+            | Self::BadHost
+            | Self::HopWithoutShard => StatusCode::BAD_REQUEST,
+            Self::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::PeerUnauthenticated => StatusCode::FORBIDDEN,
             Self::UnassignedShard(_) => StatusCode::NOT_FOUND,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -130,7 +153,8 @@ impl RouterError {
     /// The `X-Loom-Router-Error` code.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::BadRequest => "bad_request",
+            Self::BadRequest | Self::BadHost | Self::HopWithoutShard => "bad_request",
+            Self::ClientTimeout(_) => "client_timeout",
             Self::BadClusterId => "bad_cluster_id",
             Self::BadPath => "bad_path",
             Self::PeerUnauthenticated => "peer_unauthenticated",
@@ -160,9 +184,20 @@ impl RouterError {
             Self::BadClusterId => "The cluster ID in the path is not a Loom cluster ID (1 to 19 \
                  decimal digits, at most 9223372036854775807); check the URL."
                 .to_owned(),
-            Self::BadPath => "The path has a dot-segment, an encoded '/' or an empty segment; \
-                 send the plain path of the resource."
+            Self::BadPath => "The path is not in normal form (it has a dot-segment, an empty \
+                 segment, or an encoded '/' or '\\'); send the plain path of the resource."
                 .to_owned(),
+            Self::BadHost => "The request needs exactly one Host header of the form host[:port]; \
+                 check the Host header."
+                .to_owned(),
+            Self::HopWithoutShard => "A request between routers must name a shard, and this \
+                 one names none; send it without X-Loom-Router-* headers."
+                .to_owned(),
+            Self::ClientTimeout(after) => format!(
+                "The request body stopped arriving for {}; nothing was applied, so send the \
+                 request again with its whole body.",
+                humantime::format_duration(*after)
+            ),
             Self::PeerUnauthenticated => "Router hop headers are only accepted from peer routers \
                  with a verified client certificate; remove X-Loom-Router-* headers."
                 .to_owned(),
@@ -228,6 +263,9 @@ impl RouterError {
             Self::BadRequest
             | Self::BadClusterId
             | Self::BadPath
+            | Self::BadHost
+            | Self::HopWithoutShard
+            | Self::ClientTimeout(_)
             | Self::PeerUnauthenticated
             | Self::UnassignedShard(_)
             | Self::BodyTooLarge { .. }
@@ -238,6 +276,33 @@ impl RouterError {
             | Self::UpstreamTimeout(_)
             | Self::PeerTimeout { .. }
             | Self::LoopDetected => None,
+        }
+    }
+
+    /// Whether the client's request is at fault (counted in `client_errors_total`, never as an
+    /// upstream error). A 421 is one router's answer to another, not a client's fault.
+    pub fn is_client_fault(&self) -> bool {
+        match self {
+            Self::BadRequest
+            | Self::BadClusterId
+            | Self::BadPath
+            | Self::BadHost
+            | Self::HopWithoutShard
+            | Self::ClientTimeout(_)
+            | Self::PeerUnauthenticated
+            | Self::UnassignedShard(_)
+            | Self::BodyTooLarge { .. }
+            | Self::HeadersTooLarge { .. } => true,
+            Self::Misdirected { .. }
+            | Self::UpstreamUnreachable { .. }
+            | Self::PeerUnreachable { .. }
+            | Self::OwnerUnavailable { .. }
+            | Self::Fenced(_)
+            | Self::OwnershipConflict(_)
+            | Self::Overloaded { .. }
+            | Self::UpstreamTimeout(_)
+            | Self::PeerTimeout { .. }
+            | Self::LoopDetected => false,
         }
     }
 
@@ -271,6 +336,10 @@ impl RouterError {
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, content_type);
         headers.insert(ROUTER_ERROR, HeaderValue::from_static(self.code()));
+        if matches!(self, Self::ClientTimeout(_)) {
+            // The rest of the body may still come; the connection cannot carry another request.
+            headers.insert(CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some(secs) = self.retry_after() {
             headers.insert(RETRY_AFTER, HeaderValue::from(secs));
         }

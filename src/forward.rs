@@ -17,7 +17,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::body::Body;
+use crate::body::{Body, ClientBody};
 use crate::error::{BoxError, UpstreamKind};
 
 /// Idle pooled connections kept per upstream host. Enough for a burst of concurrent writes to
@@ -83,7 +83,11 @@ impl Forwarder {
                 } else if e.is_connect() {
                     UpstreamKind::Connect
                 } else if client_body_failed(&e) {
-                    UpstreamKind::ClientBody
+                    if crate::body::is_client_timeout(&e) {
+                        UpstreamKind::ClientStalled
+                    } else {
+                        UpstreamKind::ClientBody
+                    }
                 } else {
                     UpstreamKind::Reset
                 };
@@ -160,14 +164,15 @@ pub enum Buffered {
     Partial(Body),
 }
 
-/// Read a body into memory if it is at most `limit` bytes. A body whose declared length is over
-/// the limit is not read at all; one that turns out too big while reading keeps streaming.
-pub async fn buffer_up_to(mut body: Incoming, limit: usize) -> Result<Buffered, hyper::Error> {
+/// Read a client's body into memory if it is at most `limit` bytes. A body whose declared length
+/// is over the limit is not read at all; one that turns out too big while reading keeps
+/// streaming.
+pub async fn buffer_up_to(mut body: ClientBody, limit: usize) -> Result<Buffered, BoxError> {
     if body.is_end_stream() {
         return Ok(Buffered::Complete(Bytes::new()));
     }
     if body.size_hint().lower() > limit as u64 {
-        return Ok(Buffered::Partial(Body::Incoming(body)));
+        return Ok(Buffered::Partial(Body::Client(body)));
     }
     let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {
@@ -190,18 +195,26 @@ pub async fn buffer_up_to(mut body: Incoming, limit: usize) -> Result<Buffered, 
 pub enum ReadBodyError {
     #[error("body over the limit")]
     TooLarge,
-    #[error("client body error")]
-    Client(#[source] BoxError),
+    #[error("the client stalled its body")]
+    ClientTimeout,
+    #[error("body error")]
+    Broken(#[source] BoxError),
 }
 
-/// Read a whole body the router needs to look into (a `/v2/nodes` write), at most `limit` bytes.
-pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ReadBodyError> {
+/// Read a whole body the router needs to look into (a `/v2/nodes` write, an upstream's small
+/// answer), at most `limit` bytes.
+pub async fn read_body<B>(body: B, limit: usize) -> Result<Bytes, ReadBodyError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     if body.size_hint().lower() > limit as u64 {
         return Err(ReadBodyError::TooLarge);
     }
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ReadBodyError::TooLarge),
-        Err(e) => Err(ReadBodyError::Client(e)),
+        Err(e) if crate::body::is_client_timeout(e.as_ref()) => Err(ReadBodyError::ClientTimeout),
+        Err(e) => Err(ReadBodyError::Broken(e)),
     }
 }

@@ -8,6 +8,8 @@
 use std::net::IpAddr;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, VIA};
+use http::uri::Authority;
+use http::Version;
 
 /// The route a request took (spec section 5).
 pub const ROUTE: HeaderName = HeaderName::from_static("x-loom-route");
@@ -72,18 +74,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if present == [false; HOP_BY_HOP_COUNT] {
         return;
     }
-    // HOP_BY_HOP[0] is `Connection`: the scan already says whether it is there.
-    if let Some(conn) = present[0].then(|| headers.get(CONNECTION)).flatten() {
-        // Names listed in Connection are hop-by-hop too. Collect first: we cannot remove while
-        // borrowing the value. `keep-alive` and `close`, the usual tokens, are skipped without
-        // parsing: the first is in HOP_BY_HOP, the second names no header.
-        let named: Vec<HeaderName> = conn
-            .to_str()
-            .unwrap_or("")
-            .split(',')
-            .map(str::trim)
-            .filter(|n| !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close"))
-            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+    // HOP_BY_HOP[0] is `Connection`: the scan already says whether it is there. Every
+    // `Connection` field line counts, not only the first (RFC 9110 section 7.6.1): a second line
+    // naming `X-Secret` must not let it through.
+    if present[0] {
+        // Collect first: we cannot remove while borrowing the values. `keep-alive` and `close`,
+        // the usual tokens, are skipped without parsing: the first is in HOP_BY_HOP, the second
+        // names no header.
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            // Bytes, not `to_str`: one non-ASCII byte must not hide the names beside it.
+            .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|n| !n.eq_ignore_ascii_case(b"keep-alive") && !n.eq_ignore_ascii_case(b"close"))
+            .filter_map(|n| HeaderName::from_bytes(n).ok())
             .collect();
         for name in named {
             headers.remove(name);
@@ -94,6 +99,76 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
+}
+
+/// Whether a request names its host as RFC 9112 section 3.2 requires: exactly one `Host` field,
+/// holding `host[:port]`. An HTTP/2 request may name it in `:authority` instead, which hyper
+/// puts in the URI. The router never routes on the host; it refuses what a server must refuse,
+/// so that no later hop reads a different host from the same request.
+pub fn host_ok(headers: &HeaderMap, version: Version, authority: Option<&Authority>) -> bool {
+    let mut hosts = headers.get_all(HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(host), None) => valid_host(host.as_bytes()),
+        (None, None) => {
+            version == Version::HTTP_2
+                && authority.is_some_and(|a| valid_host(a.as_str().as_bytes()))
+        }
+        _ => false,
+    }
+}
+
+/// `uri-host [ ":" port ]` (RFC 3986 section 3.2.2): a bracketed IP literal, or a name of
+/// unreserved characters, sub-delims and percent-escapes; then at most five port digits. No
+/// userinfo, path, query, space or backslash.
+pub fn valid_host(value: &[u8]) -> bool {
+    let (host, port) = if value.first() == Some(&b'[') {
+        let Some(close) = value.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &value[1..close];
+        let ok = !literal.is_empty()
+            && literal
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'));
+        if !ok {
+            return false;
+        }
+        match &value[close + 1..] {
+            [] => return true,
+            [b':', port @ ..] => (&value[..=close], Some(port)),
+            _ => return false,
+        }
+    } else {
+        match value.iter().position(|&b| b == b':') {
+            Some(colon) => (&value[..colon], Some(&value[colon + 1..])),
+            None => (value, None),
+        }
+    };
+    let name_ok = !host.is_empty()
+        && (host.first() == Some(&b'[')
+            || host.iter().all(|&b| {
+                b.is_ascii_alphanumeric()
+                    || matches!(
+                        b,
+                        b'-' | b'.'
+                            | b'_'
+                            | b'~'
+                            | b'%'
+                            | b'!'
+                            | b'$'
+                            | b'&'
+                            | b'\''
+                            | b'('
+                            | b')'
+                            | b'*'
+                            | b'+'
+                            | b','
+                            | b';'
+                            | b'='
+                    )
+            }));
+    let port_ok = port.is_none_or(|p| p.len() <= 5 && p.iter().all(u8::is_ascii_digit));
+    name_ok && port_ok
 }
 
 /// Whether any `Via` entry names `token` as its receiver (`<protocol> <token> [comment]`).
@@ -330,6 +405,81 @@ mod tests {
         prepare_upstream(&mut h, CLIENT, &via, true);
         assert_eq!(h["x-loom-router-hop"], "1");
         assert_eq!(h["x-loom-router-origin"], "us-west");
+    }
+
+    #[test]
+    fn every_connection_line_names_hop_by_hop_headers() {
+        let mut h = map(&[
+            ("connection", "keep-alive"),
+            ("connection", "X-Secret, close"),
+            ("x-secret", "1"),
+            ("x-loom-router-epoch", "7"),
+            ("connection", "x-loom-router-epoch"),
+            ("x-loom-userid", "admin"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-loom-userid"], "admin");
+    }
+
+    #[test]
+    fn a_non_ascii_connection_line_still_names_its_headers() {
+        let mut h = map(&[("x-secret", "1"), ("x-other", "2")]);
+        h.append(
+            CONNECTION,
+            HeaderValue::from_bytes(b"x-secret, \xe9t\xe9, x-other").unwrap(),
+        );
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "{h:?}");
+    }
+
+    #[test]
+    fn hosts_are_host_and_optional_port() {
+        for ok in [
+            "loom.example.com",
+            "loom.example.com:8080",
+            "10.0.0.1:80",
+            "[::1]:8080",
+            "[2001:db8::1]",
+            "a-b_c~d%41",
+            "host:",
+        ] {
+            assert!(valid_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            ":80",
+            "a b",
+            "user@host",
+            "host/path",
+            "host?q",
+            "host#f",
+            "host\\x",
+            "host:80:90",
+            "host:8o",
+            "host:123456",
+            "[::1",
+            "[]",
+            "[::1]x",
+            "[zz::1]",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn exactly_one_host_is_required_except_for_http2_authority() {
+        let one = map(&[("host", "a:1")]);
+        let two = map(&[("host", "a:1"), ("host", "b:2")]);
+        let none = HeaderMap::new();
+        let authority = Authority::from_static("a:1");
+        assert!(host_ok(&one, Version::HTTP_11, None));
+        assert!(!host_ok(&two, Version::HTTP_11, None));
+        assert!(!host_ok(&none, Version::HTTP_11, Some(&authority)));
+        assert!(!host_ok(&none, Version::HTTP_10, None));
+        assert!(host_ok(&none, Version::HTTP_2, Some(&authority)));
+        assert!(!host_ok(&none, Version::HTTP_2, None));
+        assert!(!host_ok(&two, Version::HTTP_2, Some(&authority)));
     }
 
     #[test]

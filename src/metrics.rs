@@ -31,6 +31,7 @@ pub const BUILD_INFO: &str = "loom_router_build_info";
 pub const RETRIES_TOTAL: &str = "loom_router_retries_total";
 pub const OPEN_CONNECTIONS: &str = "loom_router_open_connections";
 pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "loom_router_tls_handshake_failures_total";
+pub const CLIENT_ERRORS_TOTAL: &str = "loom_router_client_errors_total";
 
 /// Latency buckets, in seconds: fine-grained below 10 ms where a local proxy hop lives, coarse
 /// up to the 30 s default request timeout.
@@ -118,6 +119,10 @@ pub fn describe() {
         "TLS handshakes on the https listener that failed or timed out."
     );
     describe_counter!(
+        CLIENT_ERRORS_TOTAL,
+        "Client faults the router answered itself, by error code (bad_path, client_timeout...)."
+    );
+    describe_counter!(
         RETRIES_TOTAL,
         "Requests sent again, by reason (misdirected or reset)."
     );
@@ -195,6 +200,12 @@ pub fn set_table_epoch(epoch: u64) {
 
 pub fn set_datacenter_up(dc: &str, up: bool) {
     gauge!(DATACENTER_UP, "datacenter" => dc.to_owned()).set(if up { 1.0 } else { 0.0 });
+}
+
+/// A client fault the router answered itself (`kind` is the error code). Never an upstream
+/// error: a client must not be able to trip the alerts on Loom's health.
+pub fn client_error(kind: &'static str) {
+    counter!(CLIENT_ERRORS_TOTAL, "kind" => kind).increment(1);
 }
 
 pub fn fenced_write() {

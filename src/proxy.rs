@@ -23,7 +23,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use tokio::sync::Semaphore;
 
-use crate::body::Body;
+use crate::body::{Body, BodyProgress};
 use crate::classify::{self, Class, Key, Route};
 use crate::config::{AccessLog, DcId, ShardKey, ShardState};
 use crate::control::{Control, Snapshot};
@@ -358,7 +358,11 @@ impl Proxy {
         conn: &ConnInfo,
         notes: &Notes,
     ) -> Outcome {
-        let class = match classify::classify(request.method(), request.uri().path()) {
+        let uri = request.uri();
+        if !headers::host_ok(request.headers(), request.version(), uri.authority()) {
+            return Outcome::error(Label::Unrouted, RouterError::BadHost);
+        }
+        let class = match classify::classify(request.method(), uri.path()) {
             Ok(class) => class,
             Err(e) => return Outcome::error(Label::Unrouted, e.into()),
         };
@@ -410,6 +414,7 @@ impl Proxy {
         let local = snap.config.local;
         let label = Label::local(class.route);
         let (parts, body) = request.into_parts();
+        let body = Body::from_client(body, snap.config.limits.body_read_timeout);
         let (shard, body) = match self
             .shard_of_request(snap, class, &parts, body, conn, notes)
             .await
@@ -489,39 +494,39 @@ impl Proxy {
         snap: &Snapshot,
         class: Class,
         parts: &Parts,
-        body: Incoming,
+        body: Body,
         conn: &ConnInfo,
         notes: &Notes,
     ) -> Result<(Option<ShardKey>, Body), RouterError> {
         let table = &snap.table;
         match class.key {
-            Key::None => Ok((None, Body::Incoming(body))),
+            Key::None => Ok((None, body)),
             Key::Cluster(id) => {
                 notes.set_cluster(id);
-                Ok((Some(table.shard_key_of_cluster(id)), Body::Incoming(body)))
+                Ok((Some(table.shard_key_of_cluster(id)), body))
             }
-            Key::Global => Ok((Some(ShardKey::Global), Body::Incoming(body))),
+            Key::Global => Ok((Some(ShardKey::Global), body)),
             Key::Home => {
                 let home = table
                     .home_shard_of(snap.config.local)
                     .ok_or(RouterError::UnassignedShard(ShardKey::Global))?;
-                Ok((Some(home), Body::Incoming(body)))
+                Ok((Some(home), body))
             }
             Key::NodeBody => {
-                let limit = snap.config.limits.max_read_body_bytes;
-                // A client that sends the body slower than it may send its head is cut off.
-                let read = tokio::time::timeout(
-                    snap.config.limits.header_read_timeout,
-                    forward::read_body(body, limit),
-                );
+                let limits = &snap.config.limits;
+                let limit = limits.max_read_body_bytes;
+                // The body stalls after body_read_timeout without a byte (the body's own timer);
+                // a client that trickles it is cut off at the same bound for the whole body.
+                let stalled = RouterError::ClientTimeout(limits.body_read_timeout);
+                let read =
+                    tokio::time::timeout(limits.body_read_timeout, forward::read_body(body, limit));
                 let bytes = match read.await {
                     Ok(Ok(bytes)) => bytes,
                     Ok(Err(ReadBodyError::TooLarge)) => {
                         return Err(RouterError::BodyTooLarge { limit })
                     }
-                    Ok(Err(ReadBodyError::Client(_))) | Err(_) => {
-                        return Err(RouterError::BadRequest)
-                    }
+                    Ok(Err(ReadBodyError::ClientTimeout)) | Err(_) => return Err(stalled),
+                    Ok(Err(ReadBodyError::Broken(_))) => return Err(RouterError::BadRequest),
                 };
                 let cluster = classify::cluster_from_node_body(&bytes)?;
                 if let Some(id) = cluster {
@@ -537,10 +542,7 @@ impl Proxy {
                 if let Some(id) = cluster {
                     notes.set_cluster(id);
                 }
-                Ok((
-                    cluster.map(|id| table.shard_key_of_cluster(id)),
-                    Body::Incoming(body),
-                ))
+                Ok((cluster.map(|id| table.shard_key_of_cluster(id)), body))
             }
         }
     }
@@ -586,12 +588,13 @@ impl Proxy {
         let label = Label::local(class.route);
         let local = snap.config.local;
         let (parts, body) = request.into_parts();
+        let body = Body::from_client(body, snap.config.limits.body_read_timeout);
         let shard = if class.route == Route::Create {
             // The origin names its home shard; the path cannot.
             header_u64(&parts.headers, &headers::SHARD)
                 .map(ShardKey::Residue)
                 .or_else(|| snap.table.home_shard_of(local))
-                .map(|k| (Some(k), Body::Incoming(body)))
+                .map(|k| (Some(k), body))
                 .ok_or(RouterError::UnassignedShard(ShardKey::Global))
         } else {
             self.shard_of_request(snap, class, &parts, body, conn, notes)
@@ -602,9 +605,9 @@ impl Proxy {
             Err(e) => return Outcome::error(Label::Unrouted, e),
         };
         let Some(shard) = shard else {
-            return self
-                .serve_local(snap, label, None, parts, body, None, conn, true)
-                .await;
+            // Routers forward only writes that name a shard. Anything else that claims to be a
+            // hop would reach Loom carrying router headers nobody vouches for.
+            return Outcome::error(label, RouterError::HopWithoutShard);
         };
         let epoch = header_u64(&parts.headers, &headers::EPOCH).unwrap_or(0);
         let create = class.route == Route::Create;
@@ -709,6 +712,7 @@ impl Proxy {
             }
             _ => None,
         };
+        let progress = body.progress();
         let result = self
             .inner
             .forwarder
@@ -721,12 +725,14 @@ impl Proxy {
                 headers::prepare_downstream(response.headers_mut(), &snap.via);
                 Ok(response)
             }
-            Err(e) if e.kind == UpstreamKind::ClientBody => Err(RouterError::BadRequest),
-            Err(e) => {
-                let name = &config.datacenters[local].name;
-                metrics::upstream_error(name, e.kind.as_str());
-                Err(local_error(e, timeout))
-            }
+            Err(e) => Err(match client_fault(&e, progress.as_ref(), &config.limits) {
+                Some(error) => error,
+                None => {
+                    let name = &config.datacenters[local].name;
+                    metrics::upstream_error(name, e.kind.as_str());
+                    local_error(e, timeout)
+                }
+            }),
         };
         Outcome {
             label,
@@ -785,17 +791,27 @@ impl Proxy {
         // time out on a write the owner applied.
         let timeout = config.loom.write_timeout + Duration::from_secs(1);
 
+        let stalled = RouterError::ClientTimeout(config.limits.body_read_timeout);
         let buffered = match body {
-            Body::Incoming(incoming) => {
+            Body::Client(streamed) => {
                 let buffering = tokio::time::timeout(
                     config.loom.write_timeout,
-                    forward::buffer_up_to(incoming, config.limits.max_retry_body_bytes),
+                    forward::buffer_up_to(streamed, config.limits.max_retry_body_bytes),
                 );
                 match buffering.await {
                     Ok(Ok(b)) => b,
-                    // A broken or stalled client body: nothing was sent anywhere.
-                    Ok(Err(_)) | Err(_) => return Outcome::error(label, RouterError::BadRequest),
+                    // The client stalled, or trickled its body past the write's deadline:
+                    // nothing was sent anywhere.
+                    Ok(Err(e)) if crate::body::is_client_timeout(e.as_ref()) => {
+                        return Outcome::error(label, stalled)
+                    }
+                    Err(_) => return Outcome::error(label, stalled),
+                    Ok(Err(_)) => return Outcome::error(label, RouterError::BadRequest),
                 }
+            }
+            Body::Incoming(empty) => {
+                drop(empty);
+                Buffered::Complete(Bytes::new())
             }
             Body::Full(bytes) => Buffered::Complete(bytes.unwrap_or_default()),
             prefixed @ Body::Prefixed { .. } => Buffered::Partial(prefixed),
@@ -820,13 +836,14 @@ impl Proxy {
                     return Outcome::error(label, RouterError::OwnershipConflict(shard))
                 }
             };
+            let progress = body.progress();
             let request = rebuild(&parts, body);
             let response = match self.inner.forwarder.send(request, timeout).await {
                 Ok(r) => r,
-                Err(e) if e.kind == UpstreamKind::ClientBody => {
-                    return Outcome::error(label, RouterError::BadRequest)
-                }
                 Err(e) => {
+                    if let Some(error) = client_fault(&e, progress.as_ref(), &config.limits) {
+                        return Outcome::error(label, error);
+                    }
                     let name = config.datacenters[dc].name.clone();
                     metrics::upstream_error(&name, e.kind.as_str());
                     return Outcome {
@@ -1016,6 +1033,9 @@ impl Proxy {
             .metrics
             .request(outcome.label.as_str(), status, elapsed);
         if let Some(error) = &error {
+            if error.is_client_fault() {
+                metrics::client_error(error.code());
+            }
             if status >= 500 {
                 tracing::warn!(%method, path, code = error.code(), error = %error, source = ?std::error::Error::source(error), "router error");
             } else {
@@ -1084,10 +1104,31 @@ fn rebuild(parts: &Parts, body: Body) -> Request<Body> {
     request
 }
 
+/// The client's fault in a failed send, if it was the client's: its body broke, stalled, or was
+/// still awaited from the client when the deadline passed.
+fn client_fault(
+    e: &SendError,
+    progress: Option<&BodyProgress>,
+    limits: &crate::config::Limits,
+) -> Option<RouterError> {
+    let stalled = RouterError::ClientTimeout(limits.body_read_timeout);
+    match e.kind {
+        UpstreamKind::ClientBody => Some(RouterError::BadRequest),
+        UpstreamKind::ClientStalled => Some(stalled),
+        UpstreamKind::Timeout if progress.is_some_and(BodyProgress::waiting_on_client) => {
+            Some(stalled)
+        }
+        UpstreamKind::Timeout | UpstreamKind::Connect | UpstreamKind::Reset | UpstreamKind::Tls => {
+            None
+        }
+    }
+}
+
 fn local_error(e: SendError, timeout: Duration) -> RouterError {
     match e.kind {
         UpstreamKind::Timeout => RouterError::UpstreamTimeout(timeout),
         UpstreamKind::ClientBody => RouterError::BadRequest,
+        UpstreamKind::ClientStalled => RouterError::ClientTimeout(timeout),
         UpstreamKind::Connect | UpstreamKind::Reset | UpstreamKind::Tls => {
             RouterError::UpstreamUnreachable {
                 kind: e.kind,
@@ -1101,6 +1142,7 @@ fn peer_error(e: SendError, dc: String, timeout: Duration) -> RouterError {
     match e.kind {
         UpstreamKind::Timeout => RouterError::PeerTimeout { dc, after: timeout },
         UpstreamKind::ClientBody => RouterError::BadRequest,
+        UpstreamKind::ClientStalled => RouterError::ClientTimeout(timeout),
         UpstreamKind::Connect | UpstreamKind::Reset | UpstreamKind::Tls => {
             RouterError::PeerUnreachable {
                 dc,

@@ -1,9 +1,10 @@
 //! TLS material: PEM files → rustls configs, for the https listener and for https upstreams.
 //!
 //! The server side offers HTTP/2 and HTTP/1.1 by ALPN and, with `[tls] client_ca`, verifies
-//! client certificates signed by that CA. A client without a certificate may still connect (the
-//! load balancer has none); it is just not a verified peer, so hop headers from it are refused
-//! (spec section 4). The client side, toward peer routers and the Loom whose URLs are
+//! client certificates signed by that CA. With `client_auth = "optional"` (the default) a client
+//! without a certificate may still connect (the load balancer has none); it is just not a
+//! verified peer, so hop headers from it are refused (spec section 4). With `"required"` its
+//! handshake fails. The client side, toward peer routers and the Loom whose URLs are
 //! `https://`, presents this router's own certificate and trusts `client_ca` (peers) and
 //! `[loom] ca` (Loom). Both use the ring provider, explicitly, so no process-wide default is
 //! needed.
@@ -19,7 +20,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::config::Config;
+use crate::config::{ClientAuth, Config};
 
 /// Why TLS material could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -92,10 +93,14 @@ pub fn server_config(config: &Config) -> Result<Option<Arc<ServerConfig>>, TlsEr
         Some(ca) => {
             let mut store = RootCertStore::empty();
             roots("tls.client_ca", ca, &mut store)?;
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider())
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider());
+            let verifier = match tls.client_auth {
                 // The load balancer connects without a certificate; only peers present one.
-                .allow_unauthenticated()
-                .build()?;
+                ClientAuth::Optional => verifier.allow_unauthenticated(),
+                // nginx's `ssl_verify_client on`: no certificate from client_ca, no handshake.
+                ClientAuth::Required => verifier,
+            }
+            .build()?;
             builder
                 .with_client_cert_verifier(verifier)
                 .with_single_cert(chain, key)?

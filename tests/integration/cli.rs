@@ -3,6 +3,8 @@
 use std::process::Command;
 use std::time::Duration;
 
+use crate::support::ChildRouter;
+
 fn router(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_loom-router"))
         .args(args)
@@ -201,72 +203,4 @@ fn the_json_access_log_has_every_field() {
     assert_eq!(fields["status"], 200);
     assert!(fields["duration_us"].as_u64().unwrap() >= fields["upstream_us"].as_u64().unwrap());
     assert!(fields["upstream_us"].as_u64().unwrap() >= 5_000, "{line}");
-}
-
-/// A `loom-router run` child process: one DC (`a`) around `loom`, plus `extra` TOML tables.
-struct ChildRouter {
-    child: std::process::Child,
-    http: u16,
-    admin: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl ChildRouter {
-    fn start(
-        loom: std::net::SocketAddr,
-        extra: &str,
-        log: &str,
-        stderr: std::process::Stdio,
-    ) -> Self {
-        let (http, admin) = (crate::support::free_port(), crate::support::free_port());
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("router.toml");
-        std::fs::write(
-            &path,
-            format!(
-                "datacenter = \"a\"\nglobal_home = \"a\"\n[listen]\nhttp = \"127.0.0.1:{http}\"\n\
-                 admin = \"127.0.0.1:{admin}\"\n[loom]\nupstream = \"http://{loom}\"\n[ids]\n\
-                 increment = 10\n{extra}\n[[datacenters]]\nname = \"a\"\nid_start = 1\n\
-                 router = \"http://127.0.0.1:{http}\"\n"
-            ),
-        )
-        .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_loom-router"))
-            .args(["run", "--config", path.to_str().unwrap()])
-            .env("RUST_LOG", log)
-            .stdout(std::process::Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
-        Self {
-            child,
-            http,
-            admin,
-            _dir: dir,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.http)
-    }
-
-    fn admin_url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.admin)
-    }
-
-    /// Wait until `/readyz` on the admin listener answers `status`.
-    fn until_readyz(&self, rt: &tokio::runtime::Runtime, status: u16) {
-        let readyz = self.admin_url("/readyz");
-        rt.block_on(crate::support::eventually(|| async {
-            crate::support::client()
-                .get(readyz.parse().unwrap())
-                .await
-                .is_ok_and(|r| r.status() == status)
-        }));
-    }
-
-    fn signal(&self, signal: nix::sys::signal::Signal) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
-        nix::sys::signal::kill(pid, signal).unwrap();
-    }
 }

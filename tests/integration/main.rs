@@ -11,6 +11,7 @@ mod certs;
 mod cli;
 mod demo;
 mod docker;
+mod edge;
 mod endpoints;
 mod errors;
 #[cfg(feature = "etcd")]

@@ -170,6 +170,8 @@ pub struct Options {
     pub hook: Option<String>,
     /// Serve https too, with certificates from this CA, and reach peers over https (mTLS).
     pub tls: bool,
+    /// `[tls] client_auth` with `tls`: "optional" or "required".
+    pub client_auth: &'static str,
     /// Give each router its config as a file, which it reloads (file change, POST
     /// /admin/reload).
     pub config_files: bool,
@@ -188,6 +190,7 @@ impl Default for Options {
             external_router: [false, false, false],
             hook: None,
             tls: false,
+            client_auth: "optional",
             config_files: false,
         }
     }
@@ -255,8 +258,9 @@ impl Cluster {
                     .replace(
                         "[ids]",
                         &format!(
-                            "[tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {:?}\nhandshake_timeout = \"1s\"\n\n[ids]",
-                            ca.ca_pem
+                            "[tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {:?}\n\
+                             client_auth = \"{}\"\nhandshake_timeout = \"1s\"\n\n[ids]",
+                            ca.ca_pem, options.client_auth
                         ),
                     );
             }
@@ -760,4 +764,84 @@ pub async fn cluster_with_misdirecting_west() -> (Cluster, Seen) {
     let mut options = Options::default();
     options.router_override[WEST] = Some(stub_addr);
     (Cluster::start_with(options).await, seen)
+}
+
+/// A `loom-router run` child process: one DC (`a`) around `loom`, plus `extra` TOML tables.
+/// Its metrics are its own, not shared with the routers of other tests in this process.
+#[derive(Debug)]
+pub struct ChildRouter {
+    pub child: std::process::Child,
+    http: u16,
+    admin: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl ChildRouter {
+    pub fn start(
+        loom: std::net::SocketAddr,
+        extra: &str,
+        log: &str,
+        stderr: std::process::Stdio,
+    ) -> Self {
+        let (http, admin) = (free_port(), free_port());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("router.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "datacenter = \"a\"\nglobal_home = \"a\"\n[listen]\nhttp = \"127.0.0.1:{http}\"\n\
+                 admin = \"127.0.0.1:{admin}\"\n[loom]\nupstream = \"http://{loom}\"\n[ids]\n\
+                 increment = 10\n{extra}\n[[datacenters]]\nname = \"a\"\nid_start = 1\n\
+                 router = \"http://127.0.0.1:{http}\"\n"
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_loom-router"))
+            .args(["run", "--config", path.to_str().unwrap()])
+            .env("RUST_LOG", log)
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            http,
+            admin,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin)
+    }
+
+    /// Wait until `/readyz` on the admin listener answers `status`.
+    pub fn until_readyz(&self, rt: &tokio::runtime::Runtime, status: u16) {
+        let readyz = self.admin_url("/readyz");
+        rt.block_on(eventually(|| async {
+            client()
+                .get(readyz.parse().unwrap())
+                .await
+                .is_ok_and(|r| r.status() == status)
+        }));
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        nix::sys::signal::kill(pid, signal).unwrap();
+    }
+}
+
+impl Drop for ChildRouter {
+    fn drop(&mut self) {
+        // A test that failed half-way must not leave a router running.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }

@@ -163,3 +163,36 @@ async fn hop_headers_need_a_verified_peer_certificate() {
     assert_eq!(headers["x-loom-route"], "write-local");
     assert_eq!(c.who_saw("POST", path), vec!["us-west"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_client_auth_fails_the_handshake_without_a_certificate_from_the_ca() {
+    let c = Cluster::start_with(Options {
+        client_auth: "required",
+        ..tls_options()
+    })
+    .await;
+    let (dir, ca) = c.certs.as_ref().unwrap();
+    let url = format!("https://127.0.0.1:{}/status", c.dc(EAST).https.port());
+    // No certificate: no handshake, so no request.
+    let anonymous = https_client(client_config(&ca.ca_pem, None), false);
+    assert!(https(&anonymous, "GET", &url, &[]).await.is_err());
+    // A certificate from another CA: no handshake either.
+    let rogue_ca = TestCa::new(dir.path(), "rogue-ca");
+    let (cert, key) = rogue_ca.issue("rogue");
+    let rogue = https_client(client_config(&ca.ca_pem, Some((&cert, &key))), false);
+    assert!(https(&rogue, "GET", &url, &[]).await.is_err());
+    assert!(c.dc(EAST).seen().is_empty());
+    // A certificate from client_ca: served.
+    let (cert, key) = ca.issue("lb");
+    let client = https_client(client_config(&ca.ca_pem, Some((&cert, &key))), false);
+    let (status, _, headers, body) = https(&client, "GET", &url, &[]).await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "OK\n"));
+    assert_eq!(headers["x-loom-served-by"], "us-east");
+    // Routers still reach each other: they present their certificates.
+    let id = create_cluster(c.dc(WEST), "m").await;
+    c.clear();
+    let path = format!("/v2/clusters/{id}/abort");
+    let r = send("POST", &c.dc(EU).url(&path), &COOPR, b"").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(c.who_saw("POST", &path), vec!["us-west"]);
+}
