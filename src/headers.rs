@@ -15,6 +15,8 @@ use http::Version;
 pub const ROUTE: HeaderName = HeaderName::from_static("x-loom-route");
 /// The DC whose Loom produced the response.
 pub const SERVED_BY: HeaderName = HeaderName::from_static("x-loom-served-by");
+/// Set by a router on a read it served locally because the owner could not be reached.
+pub const STALE: HeaderName = HeaderName::from_static("x-loom-stale");
 /// The code of an error the router produced.
 pub const ROUTER_ERROR: HeaderName = HeaderName::from_static("x-loom-router-error");
 /// Set to `1` on a write forwarded by a router: the receiver never forwards it again.
@@ -222,7 +224,7 @@ pub fn prepare_upstream(
     for name in headers.keys() {
         if name == HOST {
             host = true;
-        } else if name == ROUTE || name == SERVED_BY {
+        } else if name == ROUTE || name == SERVED_BY || name == STALE {
             owned = true;
         } else if name == FORWARDED_HOST {
             forwarded_host = true;
@@ -244,6 +246,7 @@ pub fn prepare_upstream(
     if owned {
         headers.remove(ROUTE);
         headers.remove(SERVED_BY);
+        headers.remove(STALE);
     }
     if router && !keep_router_headers {
         strip_router_headers(headers);
@@ -347,6 +350,7 @@ mod tests {
             ("x-loom-custom", "v"),
             ("x-loom-route", "forged"),
             ("x-loom-served-by", "forged"),
+            ("x-loom-stale", "1"),
             ("x-loom-router-hop", "1"),
             ("x-loom-router-epoch", "99"),
             ("x-forwarded-for", "192.0.2.1"),
@@ -361,6 +365,7 @@ mod tests {
         assert_eq!(h["x-loom-custom"], "v");
         assert!(!h.contains_key("x-loom-route"));
         assert!(!h.contains_key("x-loom-served-by"));
+        assert!(!h.contains_key("x-loom-stale"));
         assert!(!h.contains_key("x-loom-router-hop"));
         assert!(!h.contains_key("x-loom-router-epoch"));
         assert!(!h.contains_key("host"));

@@ -35,16 +35,18 @@
 //! - `operator`: the CLI side of the admin API.
 //! - `app`: wiring; bind, run, drain.
 //! - `emulator`, `demo`: an emulated Loom and the three-DC sandbox of `loom-router demo`.
-//! - `body`: the body type requests and responses travel in.
+//! - `body`: the body type requests and responses travel in, and the client body's stall timer.
 //!
 //! # The life of a request
 //!
 //! 1. `listener` accepts a connection; hyper parses each request head within the header size
 //!    and time limits (hyper's own 400 and 431 are rewritten into router errors with codes).
-//! 2. `proxy` loads the current snapshot (config + table) once, with one `ArcSwap` load.
-//! 3. `classify` names the route (read, write, create, global-write, provisioner, passthrough)
-//!    and the shard key: a cluster ID from the path, the global shard, this DC's home shard, or
-//!    a `/v2/nodes` body or lookup.
+//! 2. `proxy` loads the current snapshot (config + table) once, with one `ArcSwap` load, and
+//!    refuses a request without exactly one valid `Host`.
+//! 3. `classify` refuses a path that is not in the normal form Loom routes on (no `//`, no
+//!    dot-segments, no encoded `/` or `\`: `docs/routing.md`), then names the route (read,
+//!    write, create, global-write, provisioner, passthrough) and the shard key: a cluster ID
+//!    from the path, the global shard, this DC's home shard, or a `/v2/nodes` body or lookup.
 //! 4. `ownership` resolves the key against the table: the local Loom, or the owner DC's router.
 //!    A request from a peer router (`X-Loom-Router-Hop`) is instead admitted or answered 421.
 //! 5. `forward` sends it over a pooled keep-alive connection, with hop headers for peers, and

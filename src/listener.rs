@@ -298,6 +298,7 @@ impl<T: AsyncWrite + Unpin> RewriteErrors<T> {
             },
             _ => RouterError::BadRequest,
         };
+        crate::metrics::client_error(error.code());
         self.pending = Some((
             error.raw_http1(&self.via, self.route_headers),
             0,
