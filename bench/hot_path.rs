@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the request path's pure middle (issue 5): classify plus resolve over a
-//! mix of real Loom requests, and the header rewrite every forwarded request gets. Reports
+//! mix of real Loom requests, the Host check, and the header rewrite every forwarded request
+//! gets. Reports
 //! criterion's time per request, and heap allocations per request (counted with
 //! allocation-counter, which installs a counting allocator in this benchmark binary).
 //!
@@ -9,10 +10,10 @@ use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use http::{HeaderMap, HeaderValue, Method};
+use http::{HeaderMap, HeaderValue, Method, Version};
 use loom_router::classify::{classify, Key};
 use loom_router::config::{Config, ShardKey};
-use loom_router::headers::{ip_value, prepare_downstream, prepare_upstream, Client};
+use loom_router::headers::{host_ok, ip_value, prepare_downstream, prepare_upstream, Client};
 use loom_router::ownership::Table;
 
 /// A mix of the requests a Loom front door sees, reads first (they dominate).
@@ -115,6 +116,10 @@ fn bench(c: &mut Criterion) {
             |headers| rewrite(black_box(headers)),
             criterion::BatchSize::SmallInput,
         );
+    });
+    // The Host check every request gets before it is classified (RFC 9112 section 3.2).
+    group.bench_function("host_check", |b| {
+        b.iter(|| host_ok(black_box(&template), Version::HTTP_11, None));
     });
     group.finish();
 }

@@ -74,6 +74,8 @@ pub enum ClassifyError {
     BadPath,
     #[error("the cluster ID is not 1 to 19 decimal digits of at most 9223372036854775807")]
     BadClusterId,
+    #[error("a node body that is not strict JSON but may name a clusterId")]
+    AmbiguousNodeBody,
 }
 
 /// API generation prefixes, as (prefix, number of segments it spans).
@@ -322,8 +324,14 @@ pub fn parse_owning_cluster(s: &str) -> Result<u64, ClassifyError> {
 }
 
 /// The cluster ID in a `/v2/nodes` JSON body: `clusterId` as a string or an integer. `None` when
-/// the body is not JSON or has no usable `clusterId`, which routes the write locally (Loom then
-/// answers for it). A present but malformed string ID is an error.
+/// the body has no usable `clusterId`, or is not JSON and cannot name one, which routes the write
+/// locally (Loom then answers for it). A present but malformed string ID is an error.
+///
+/// Coopr reads bodies with Gson, which is lenient: it takes single quotes, unquoted names, a
+/// repeated key (the last wins), a byte-order mark, `\u` escapes in names. A body that strict
+/// JSON refuses but that mentions `clusterId`, or has an escape that could spell it, might be a
+/// node write for a cluster the router cannot see; it is refused rather than sent to the local
+/// Loom, which could then write another DC's shard.
 pub fn cluster_from_node_body(body: &[u8]) -> Result<Option<u64>, ClassifyError> {
     #[derive(serde::Deserialize)]
     struct NodeBody {
@@ -331,7 +339,12 @@ pub fn cluster_from_node_body(body: &[u8]) -> Result<Option<u64>, ClassifyError>
         cluster_id: Option<serde_json::Value>,
     }
     let Ok(node) = serde_json::from_slice::<NodeBody>(body) else {
-        return Ok(None);
+        let may_name_cluster = contains(body, b"clusterId") || contains(body, b"\\u");
+        return if may_name_cluster {
+            Err(ClassifyError::AmbiguousNodeBody)
+        } else {
+            Ok(None)
+        };
     };
     match node.cluster_id {
         Some(serde_json::Value::String(s)) => parse_cluster_id(&s).map(Some),
@@ -342,6 +355,10 @@ pub fn cluster_from_node_body(body: &[u8]) -> Result<Option<u64>, ClassifyError>
         Some(serde_json::Value::Null) | None => Ok(None),
         Some(_) => Err(ClassifyError::BadClusterId),
     }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// The shard of a cluster ID: `id mod increment`.
@@ -562,6 +579,36 @@ mod tests {
             cluster_from_node_body(br#"{"clusterId":-3}"#),
             Err(ClassifyError::BadClusterId)
         );
+    }
+
+    #[test]
+    fn a_node_body_only_a_lenient_parser_reads_is_refused_if_it_may_name_a_cluster() {
+        // Gson would read clusterId 13 from each of these.
+        for body in [
+            &br#"{"clusterId":"00000013","clusterId":"00000013"}"#[..],
+            br#"{clusterId:'00000013'}"#,
+            b"\xef\xbb\xbf{\"clusterId\":\"00000013\"}",
+            br#"{'\u0063lusterId':'00000013'}"#,
+        ] {
+            assert_eq!(
+                cluster_from_node_body(body),
+                Err(ClassifyError::AmbiguousNodeBody),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        // Invalid UTF-8 in another field: read past, as Gson would, and routed by its cluster.
+        assert_eq!(
+            cluster_from_node_body(b"{\"clusterId\":\"00000013\",\"name\":\"\xff\"}"),
+            Ok(Some(13))
+        );
+        // Strict JSON decodes the escape itself.
+        assert_eq!(
+            cluster_from_node_body(br#"{"\u0063lusterId":"00000013"}"#),
+            Ok(Some(13))
+        );
+        // Not JSON, and cannot name a cluster: local, as the contract says.
+        assert_eq!(cluster_from_node_body(b"hostname=h1"), Ok(None));
     }
 
     // === Row 8: global writes ===

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
 use crate::body::Body;
@@ -67,6 +67,8 @@ pub enum RouterError {
     BadHost,
     #[error("a hop request that names no shard")]
     HopWithoutShard,
+    #[error("a node body that is not strict JSON but may name a clusterId")]
+    AmbiguousNodeBody,
     #[error("the client stalled its request body for {0:?}")]
     ClientTimeout(Duration),
     #[error("hop headers without a verified peer certificate")]
@@ -120,6 +122,7 @@ impl From<ClassifyError> for RouterError {
         match e {
             ClassifyError::BadPath => Self::BadPath,
             ClassifyError::BadClusterId => Self::BadClusterId,
+            ClassifyError::AmbiguousNodeBody => Self::AmbiguousNodeBody,
         }
     }
 }
@@ -131,7 +134,8 @@ impl RouterError {
             | Self::BadClusterId
             | Self::BadPath
             | Self::BadHost
-            | Self::HopWithoutShard => StatusCode::BAD_REQUEST,
+            | Self::HopWithoutShard
+            | Self::AmbiguousNodeBody => StatusCode::BAD_REQUEST,
             Self::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::PeerUnauthenticated => StatusCode::FORBIDDEN,
             Self::UnassignedShard(_) => StatusCode::NOT_FOUND,
@@ -153,7 +157,9 @@ impl RouterError {
     /// The `X-Loom-Router-Error` code.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::BadRequest | Self::BadHost | Self::HopWithoutShard => "bad_request",
+            Self::BadRequest | Self::BadHost | Self::HopWithoutShard | Self::AmbiguousNodeBody => {
+                "bad_request"
+            }
             Self::ClientTimeout(_) => "client_timeout",
             Self::BadClusterId => "bad_cluster_id",
             Self::BadPath => "bad_path",
@@ -192,6 +198,9 @@ impl RouterError {
                 .to_owned(),
             Self::HopWithoutShard => "A request between routers must name a shard, and this \
                  one names none; send it without X-Loom-Router-* headers."
+                .to_owned(),
+            Self::AmbiguousNodeBody => "The node body is not plain JSON, so the router cannot \
+                 tell which cluster it belongs to; send it as strict JSON."
                 .to_owned(),
             Self::ClientTimeout(after) => format!(
                 "The request body stopped arriving for {}; nothing was applied, so send the \
@@ -265,6 +274,7 @@ impl RouterError {
             | Self::BadPath
             | Self::BadHost
             | Self::HopWithoutShard
+            | Self::AmbiguousNodeBody
             | Self::ClientTimeout(_)
             | Self::PeerUnauthenticated
             | Self::UnassignedShard(_)
@@ -288,6 +298,7 @@ impl RouterError {
             | Self::BadPath
             | Self::BadHost
             | Self::HopWithoutShard
+            | Self::AmbiguousNodeBody
             | Self::ClientTimeout(_)
             | Self::PeerUnauthenticated
             | Self::UnassignedShard(_)
@@ -336,10 +347,6 @@ impl RouterError {
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, content_type);
         headers.insert(ROUTER_ERROR, HeaderValue::from_static(self.code()));
-        if matches!(self, Self::ClientTimeout(_)) {
-            // The rest of the body may still come; the connection cannot carry another request.
-            headers.insert(CONNECTION, HeaderValue::from_static("close"));
-        }
         if let Some(secs) = self.retry_after() {
             headers.insert(RETRY_AFTER, HeaderValue::from(secs));
         }

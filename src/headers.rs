@@ -119,11 +119,21 @@ pub fn host_ok(headers: &HeaderMap, version: Version, authority: Option<&Authori
     }
 }
 
+/// Give a request that names its host only in the URI (HTTP/2's `:authority`) a `Host` field.
+pub fn host_from_authority(headers: &mut HeaderMap, authority: Option<&Authority>) {
+    if headers.contains_key(HOST) {
+        return;
+    }
+    if let Some(value) = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+        headers.insert(HOST, value);
+    }
+}
+
 /// `uri-host [ ":" port ]` (RFC 3986 section 3.2.2): a bracketed IP literal, or a name of
 /// unreserved characters, sub-delims and percent-escapes; then at most five port digits. No
 /// userinfo, path, query, space or backslash.
 pub fn valid_host(value: &[u8]) -> bool {
-    let (host, port) = if value.first() == Some(&b'[') {
+    let (host_ok, port) = if value.first() == Some(&b'[') {
         let Some(close) = value.iter().position(|&b| b == b']') else {
             return false;
         };
@@ -132,46 +142,54 @@ pub fn valid_host(value: &[u8]) -> bool {
             && literal
                 .iter()
                 .all(|&b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'));
-        if !ok {
-            return false;
-        }
         match &value[close + 1..] {
-            [] => return true,
-            [b':', port @ ..] => (&value[..=close], Some(port)),
+            [] => (ok, None),
+            [b':', port @ ..] => (ok, Some(port)),
             _ => return false,
         }
     } else {
-        match value.iter().position(|&b| b == b':') {
-            Some(colon) => (&value[..colon], Some(&value[colon + 1..])),
-            None => (value, None),
+        // One pass: name bytes, looked up in a table, up to the first byte that is not one.
+        match value.iter().position(|&b| !REG_NAME[usize::from(b)]) {
+            None => (!value.is_empty(), None),
+            Some(i) if value[i] == b':' => (i > 0, Some(&value[i + 1..])),
+            Some(_) => return false,
         }
     };
-    let name_ok = !host.is_empty()
-        && (host.first() == Some(&b'[')
-            || host.iter().all(|&b| {
-                b.is_ascii_alphanumeric()
-                    || matches!(
-                        b,
-                        b'-' | b'.'
-                            | b'_'
-                            | b'~'
-                            | b'%'
-                            | b'!'
-                            | b'$'
-                            | b'&'
-                            | b'\''
-                            | b'('
-                            | b')'
-                            | b'*'
-                            | b'+'
-                            | b','
-                            | b';'
-                            | b'='
-                    )
-            }));
     let port_ok = port.is_none_or(|p| p.len() <= 5 && p.iter().all(u8::is_ascii_digit));
-    name_ok && port_ok
+    host_ok && port_ok
 }
+
+/// The bytes of a reg-name: unreserved, sub-delims, and the `%` of a percent-escape.
+static REG_NAME: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = matches!(
+            b as u8,
+            b'a'..=b'z'
+                | b'A'..=b'Z'
+                | b'0'..=b'9'
+                | b'-'
+                | b'.'
+                | b'_'
+                | b'~'
+                | b'%'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b';'
+                | b'='
+        );
+        b += 1;
+    }
+    table
+};
 
 /// Whether any `Via` entry names `token` as its receiver (`<protocol> <token> [comment]`).
 pub fn via_names(headers: &HeaderMap, token: &str) -> bool {

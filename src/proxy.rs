@@ -88,6 +88,10 @@ struct Inner {
     in_flight_writes: DashMap<ShardKey, usize>,
     /// Request counts, latencies and the in-flight gauge, through cached handles.
     metrics: metrics::RequestMetrics,
+    /// `[tls] client_ca` was set at start-up, so hop headers need a verified peer certificate.
+    /// Read once: the https listener keeps its start-up verifier until a restart, and trust must
+    /// follow what the listener verifies, not a reloaded file.
+    peers_need_certificates: bool,
 }
 
 /// Counts one owned write in [`Inner::in_flight_writes`] until dropped.
@@ -197,6 +201,7 @@ impl Notes {
 /// The request as it arrived, for the access log.
 struct Seen<'a> {
     method: &'a Method,
+    version: Version,
     path: &'a str,
     request_id: Option<&'a HeaderValue>,
     cluster: Option<u64>,
@@ -235,7 +240,14 @@ impl Proxy {
         forwarder: Forwarder,
         coordination: Option<(Arc<Gate>, Handle)>,
     ) -> Self {
-        let limit = control.snapshot().config.limits.max_concurrent_requests;
+        let snap = control.snapshot();
+        let limit = snap.config.limits.max_concurrent_requests;
+        let peers_need_certificates = snap
+            .config
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca.is_some());
+        drop(snap);
         Self {
             inner: Arc::new(Inner {
                 control,
@@ -247,6 +259,7 @@ impl Proxy {
                 coordination,
                 in_flight_writes: DashMap::new(),
                 metrics: metrics::RequestMetrics::default(),
+                peers_need_certificates,
             }),
         }
     }
@@ -331,6 +344,7 @@ impl Proxy {
         let start = Instant::now();
         let snap = self.inner.control.snapshot();
         let method = request.method().clone();
+        let version = request.version();
         // The URI's parts are shared bytes: cloning it copies no path.
         let uri = request.uri().clone();
         let request_id = request.headers().get(headers::REQUEST_ID).cloned();
@@ -342,6 +356,7 @@ impl Proxy {
         };
         let seen = Seen {
             method: &method,
+            version,
             path: uri.path(),
             request_id: request_id.as_ref(),
             cluster: notes.cluster(),
@@ -354,7 +369,7 @@ impl Proxy {
     async fn route(
         &self,
         snap: &Arc<Snapshot>,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         conn: &ConnInfo,
         notes: &Notes,
     ) -> Outcome {
@@ -362,6 +377,13 @@ impl Proxy {
         if !headers::host_ok(request.headers(), request.version(), uri.authority()) {
             return Outcome::error(Label::Unrouted, RouterError::BadHost);
         }
+        if request.version() == Version::HTTP_2 {
+            // An HTTP/2 client names its host in `:authority`; give it the `Host` an HTTP/1.1
+            // request would have had, so upstreams see the same `X-Forwarded-Host` either way.
+            let authority = request.uri().authority().cloned();
+            headers::host_from_authority(request.headers_mut(), authority.as_ref());
+        }
+        let uri = request.uri();
         let class = match classify::classify(request.method(), uri.path()) {
             Ok(class) => class,
             Err(e) => return Outcome::error(Label::Unrouted, e.into()),
@@ -385,13 +407,7 @@ impl Proxy {
             return Outcome::error(label, RouterError::LoopDetected);
         }
         if headers::has_hop(request.headers()) {
-            if snap
-                .config
-                .tls
-                .as_ref()
-                .is_some_and(|t| t.client_ca.is_some())
-                && !conn.peer_verified
-            {
+            if self.inner.peers_need_certificates && !conn.peer_verified {
                 return Outcome::error(label, RouterError::PeerUnauthenticated);
             }
             return self
@@ -605,6 +621,14 @@ impl Proxy {
             Err(e) => return Outcome::error(Label::Unrouted, e),
         };
         let Some(shard) = shard else {
+            if class.key == Key::NodeLookup {
+                // A node delete whose node this DC's Loom does not know (any more): Loom's own
+                // 404 is the true answer. Served as from a client: the hop's router headers are
+                // stripped, as nothing here vouches for them.
+                return self
+                    .serve_local(snap, label, None, parts, body, None, conn, false)
+                    .await;
+            }
             // Routers forward only writes that name a shard. Anything else that claims to be a
             // hop would reach Loom carrying router headers nobody vouches for.
             return Outcome::error(label, RouterError::HopWithoutShard);
@@ -725,14 +749,16 @@ impl Proxy {
                 headers::prepare_downstream(response.headers_mut(), &snap.via);
                 Ok(response)
             }
-            Err(e) => Err(match client_fault(&e, progress.as_ref(), &config.limits) {
-                Some(error) => error,
-                None => {
-                    let name = &config.datacenters[local].name;
-                    metrics::upstream_error(name, e.kind.as_str());
-                    local_error(e, timeout)
-                }
-            }),
+            Err(e) => Err(
+                match client_fault(&e, progress.as_ref(), &config.limits, timeout) {
+                    Some(error) => error,
+                    None => {
+                        let name = &config.datacenters[local].name;
+                        metrics::upstream_error(name, e.kind.as_str());
+                        local_error(e, timeout)
+                    }
+                },
+            ),
         };
         Outcome {
             label,
@@ -791,7 +817,6 @@ impl Proxy {
         // time out on a write the owner applied.
         let timeout = config.loom.write_timeout + Duration::from_secs(1);
 
-        let stalled = RouterError::ClientTimeout(config.limits.body_read_timeout);
         let buffered = match body {
             Body::Client(streamed) => {
                 let buffering = tokio::time::timeout(
@@ -803,9 +828,13 @@ impl Proxy {
                     // The client stalled, or trickled its body past the write's deadline:
                     // nothing was sent anywhere.
                     Ok(Err(e)) if crate::body::is_client_timeout(e.as_ref()) => {
-                        return Outcome::error(label, stalled)
+                        let stalled = RouterError::ClientTimeout(config.limits.body_read_timeout);
+                        return Outcome::error(label, stalled);
                     }
-                    Err(_) => return Outcome::error(label, stalled),
+                    Err(_) => {
+                        let deadline = RouterError::ClientTimeout(config.loom.write_timeout);
+                        return Outcome::error(label, deadline);
+                    }
                     Ok(Err(_)) => return Outcome::error(label, RouterError::BadRequest),
                 }
             }
@@ -841,7 +870,9 @@ impl Proxy {
             let response = match self.inner.forwarder.send(request, timeout).await {
                 Ok(r) => r,
                 Err(e) => {
-                    if let Some(error) = client_fault(&e, progress.as_ref(), &config.limits) {
+                    if let Some(error) =
+                        client_fault(&e, progress.as_ref(), &config.limits, timeout)
+                    {
                         return Outcome::error(label, error);
                     }
                     let name = config.datacenters[dc].name.clone();
@@ -1022,10 +1053,14 @@ impl Proxy {
             response.headers_mut().remove(headers::ROUTE);
             response.headers_mut().remove(headers::SERVED_BY);
         }
-        if error.is_some() {
-            response
-                .headers_mut()
-                .append(http::header::VIA, snap.via.clone());
+        if let Some(error) = &error {
+            let h = response.headers_mut();
+            h.append(http::header::VIA, snap.via.clone());
+            if matches!(error, RouterError::ClientTimeout(_)) && seen.version != Version::HTTP_2 {
+                // The rest of the body may still come: the connection cannot carry another
+                // request. (HTTP/2 has no `Connection`; its stream is simply reset.)
+                h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
         }
         let elapsed = start.elapsed();
         let status = response.status().as_u16();
@@ -1104,19 +1139,20 @@ fn rebuild(parts: &Parts, body: Body) -> Request<Body> {
     request
 }
 
-/// The client's fault in a failed send, if it was the client's: its body broke, stalled, or was
-/// still awaited from the client when the deadline passed.
+/// The client's fault in a failed send, if it was the client's: its body broke, stalled for
+/// `body_read_timeout`, or was still awaited from the client when the send's `deadline` passed.
+/// Each names the time that ran out.
 fn client_fault(
     e: &SendError,
     progress: Option<&BodyProgress>,
     limits: &crate::config::Limits,
+    deadline: Duration,
 ) -> Option<RouterError> {
-    let stalled = RouterError::ClientTimeout(limits.body_read_timeout);
     match e.kind {
         UpstreamKind::ClientBody => Some(RouterError::BadRequest),
-        UpstreamKind::ClientStalled => Some(stalled),
+        UpstreamKind::ClientStalled => Some(RouterError::ClientTimeout(limits.body_read_timeout)),
         UpstreamKind::Timeout if progress.is_some_and(BodyProgress::waiting_on_client) => {
-            Some(stalled)
+            Some(RouterError::ClientTimeout(deadline))
         }
         UpstreamKind::Timeout | UpstreamKind::Connect | UpstreamKind::Reset | UpstreamKind::Tls => {
             None

@@ -405,6 +405,8 @@ async fn a_trickled_body_still_incomplete_at_the_write_deadline_is_the_clients_f
     trickle.abort();
     let r = Wire::parse(&String::from_utf8_lossy(&out));
     r.assert_router_error(408, "client_timeout", "write-local");
+    // The sentence names the time that ran out: the write's deadline, not the stall timer.
+    assert!(r.body.contains(" 2s;"), "{r:?}");
     assert!(c.dc(WEST).loom.applied_writes().is_empty());
 }
 
@@ -452,4 +454,74 @@ fn client_timeouts_are_counted_as_client_errors_not_upstream_errors() {
         .collect();
     assert!(upstream.iter().all(|l| l.ends_with(" 0")), "{upstream:?}");
     assert!(emulator.applied_writes().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_body_only_a_lenient_parser_reads_is_refused() {
+    let c = Cluster::start().await;
+    // Coopr's Gson would read clusterId 13 (eu-central's shard) from each of these; strict JSON
+    // refuses them, so the router would have sent them to us-west's own Loom.
+    for body in [
+        &br#"{"clusterId":"00000013","clusterId":"00000013","id":"n1"}"#[..],
+        br#"{clusterId:'00000013',id:'n1'}"#,
+        b"\xef\xbb\xbf{\"clusterId\":\"00000013\",\"id\":\"n1\"}",
+    ] {
+        let mut request = format!(
+            "POST /v2/nodes HTTP/1.1\r\nhost: loom\r\n{IDENTITY}connection: close\r\n\
+             content-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(body);
+        let out = raw(c.dc(WEST).router, &request).await;
+        Wire::parse(&out).assert_router_error(400, "bad_request", "unrouted");
+    }
+    for dc in &c.dcs {
+        assert!(dc.seen().is_empty(), "{} saw {:?}", dc.name, dc.seen());
+    }
+    // A body that is not JSON and cannot name a cluster still goes to the local Loom.
+    let r = send("POST", &c.dc(WEST).url("/v2/nodes"), &COOPR, b"hostname=h1").await;
+    assert_eq!(
+        r.header("x-loom-route"),
+        Some("write-local"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(r.header("x-loom-served-by"), Some("us-west"));
+    assert_eq!(c.who_saw("POST", "/v2/nodes"), vec!["us-west"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hop_node_delete_for_a_node_unknown_here_gets_looms_answer_without_router_headers() {
+    let c = Cluster::start().await;
+    let hop = [
+        ("x-loom-router-hop", "1"),
+        ("x-loom-router-origin", "us-east"),
+        ("x-loom-router-epoch", "77"),
+        ("coopr-userid", "admin"),
+        ("coopr-tenantid", "tenant1"),
+    ];
+    let r = send(
+        "DELETE",
+        &c.dc(WEST).url("/v2/nodes/no-such-node"),
+        &hop,
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.header("x-loom-router-error"), None);
+    assert_eq!(r.header("x-loom-served-by"), Some("us-west"));
+    let deletes: Vec<_> = c
+        .dc(WEST)
+        .received()
+        .into_iter()
+        .filter(|r| r.method == http::Method::DELETE)
+        .collect();
+    assert_eq!(deletes.len(), 1);
+    let router_headers: Vec<_> = deletes[0]
+        .headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-loom-router-"))
+        .collect();
+    assert!(router_headers.is_empty(), "{router_headers:?}");
 }

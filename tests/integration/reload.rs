@@ -149,3 +149,40 @@ async fn a_change_to_the_file_is_picked_up_without_being_asked() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_trust_follows_the_listener_until_a_restart_not_a_reloaded_client_ca() {
+    let c = Cluster::start_with(with_files()).await;
+    let west = c.dc(WEST);
+    let path = west.config_path.clone().unwrap();
+    // Add [tls] with client_ca. TLS applies at the next restart: the running listener verifies
+    // no certificates, so peers reaching it over plain HTTP stay peers until then.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = crate::certs::TestCa::new(dir.path(), "ca");
+    let (cert, key) = ca.issue("us-west");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "[ids]",
+        &format!(
+            "[tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {:?}\n\n[ids]",
+            ca.ca_pem
+        ),
+    );
+    std::fs::write(&path, text).unwrap();
+    let r = send("POST", &west.admin_url("/admin/reload"), &[], b"").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("tls"), "{}", r.text());
+    let hop = [
+        ("x-loom-router-hop", "1"),
+        ("x-loom-router-origin", "us-east"),
+        ("x-loom-router-epoch", "1"),
+        ("coopr-userid", "admin"),
+        ("coopr-tenantid", "tenant1"),
+    ];
+    let r = send("POST", &west.url("/v2/clusters/00000002/abort"), &hop, b"").await;
+    assert_eq!(r.header("x-loom-router-error"), None, "{}", r.text());
+    assert_eq!(r.header("x-loom-route"), Some("write-local"));
+    assert_eq!(
+        c.who_saw("POST", "/v2/clusters/00000002/abort"),
+        vec!["us-west"]
+    );
+}
