@@ -34,12 +34,15 @@ pub enum Body {
     Full(Option<Bytes>),
     /// Streamed from an upstream as it arrives (or a request body that is empty).
     Incoming(Incoming),
-    /// Streamed from a client as it arrives, under the stall timer.
-    Client(ClientBody),
+    /// Streamed from a client as it arrives, under the stall timer. Boxed: only requests with
+    /// a body pay for the timer's state, and every `Body` moved on the request path (reads
+    /// included) stays as small as hyper's own (callgrind: 364 more instructions of copying
+    /// per proxied read with it inline).
+    Client(Box<ClientBody>),
     /// The first bytes of a client body were read into memory, the rest still streams.
     Prefixed {
         prefix: Option<Bytes>,
-        rest: ClientBody,
+        rest: Box<ClientBody>,
     },
 }
 
@@ -63,7 +66,7 @@ impl Body {
             // Nothing to wait for: no timer, no allocation.
             Self::Incoming(body)
         } else {
-            Self::Client(ClientBody::new(body, stall))
+            Self::Client(Box::new(ClientBody::new(body, stall)))
         }
     }
 
@@ -93,10 +96,10 @@ impl http_body::Body for Body {
         match self.get_mut() {
             Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Self::Incoming(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            Self::Client(body) => Pin::new(body).poll_frame(cx),
+            Self::Client(body) => Pin::new(body.as_mut()).poll_frame(cx),
             Self::Prefixed { prefix, rest } => match prefix.take() {
                 Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
-                None => Pin::new(rest).poll_frame(cx),
+                None => Pin::new(rest.as_mut()).poll_frame(cx),
             },
         }
     }

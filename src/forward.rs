@@ -167,7 +167,7 @@ pub enum Buffered {
 /// Read a client's body into memory if it is at most `limit` bytes. A body whose declared length
 /// is over the limit is not read at all; one that turns out too big while reading keeps
 /// streaming.
-pub async fn buffer_up_to(mut body: ClientBody, limit: usize) -> Result<Buffered, BoxError> {
+pub async fn buffer_up_to(mut body: Box<ClientBody>, limit: usize) -> Result<Buffered, BoxError> {
     if body.is_end_stream() {
         return Ok(Buffered::Complete(Bytes::new()));
     }

@@ -204,3 +204,52 @@ fn the_json_access_log_has_every_field() {
     assert!(fields["duration_us"].as_u64().unwrap() >= fields["upstream_us"].as_u64().unwrap());
     assert!(fields["upstream_us"].as_u64().unwrap() >= 5_000, "{line}");
 }
+
+/// A config with the etcd backend, the local example's DCs otherwise.
+fn etcd_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("etcd.toml");
+    let text = std::fs::read_to_string(format!(
+        "{}/config/local/us-east.toml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+    .replace(
+        "[health]",
+        "[coordination]\nbackend = \"etcd\"\nendpoints = [\"http://127.0.0.1:1\"]\n\n[health]",
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Without the etcd feature, `check` and `run` both refuse an etcd config before anything
+/// starts, and say how to get a binary that has it.
+#[cfg(not(feature = "etcd"))]
+#[test]
+fn a_build_without_etcd_refuses_an_etcd_config_in_check_and_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = etcd_config(dir.path());
+    let expected = "coordination.backend: this binary was built without the etcd backend; build \
+                    with `--features etcd` (needs protoc) or use the Docker image\n";
+    for command in ["check", "run"] {
+        let out = router(&[command, "--config", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{command}");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), expected, "{command}");
+    }
+}
+
+/// With the etcd feature, the same config is valid (a warning: etcd wants three DCs' worth of
+/// failure domains, and this config has three).
+#[cfg(feature = "etcd")]
+#[test]
+fn a_build_with_etcd_accepts_an_etcd_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = etcd_config(dir.path());
+    let out = router(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("built without"));
+}
