@@ -99,17 +99,7 @@ fn usage_errors_exit_2_and_version_prints() {
 #[test]
 fn run_refuses_the_memory_backend() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("mem.toml");
-    let text = std::fs::read_to_string(format!(
-        "{}/config/local/us-east.toml",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap()
-    .replace(
-        "[health]",
-        "[coordination]\nbackend = \"memory\"\n\n[health]",
-    );
-    std::fs::write(&path, text).unwrap();
+    let path = local_config_with(dir.path(), "backend = \"memory\"");
     let out = router(&["run", "--config", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("coordination.backend"));
@@ -205,9 +195,9 @@ fn the_json_access_log_has_every_field() {
     assert!(fields["upstream_us"].as_u64().unwrap() >= 5_000, "{line}");
 }
 
-/// A config with the etcd backend, the local example's DCs otherwise.
-fn etcd_config(dir: &std::path::Path) -> std::path::PathBuf {
-    let path = dir.join("etcd.toml");
+/// `config/local/us-east.toml` with `coordination` as its `[coordination]` table, in `dir`.
+fn local_config_with(dir: &std::path::Path, coordination: &str) -> std::path::PathBuf {
+    let path = dir.join("router.toml");
     let text = std::fs::read_to_string(format!(
         "{}/config/local/us-east.toml",
         env!("CARGO_MANIFEST_DIR")
@@ -215,10 +205,18 @@ fn etcd_config(dir: &std::path::Path) -> std::path::PathBuf {
     .unwrap()
     .replace(
         "[health]",
-        "[coordination]\nbackend = \"etcd\"\nendpoints = [\"http://127.0.0.1:1\"]\n\n[health]",
+        &format!("[coordination]\n{coordination}\n\n[health]"),
     );
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// A config with the etcd backend, the local example's DCs otherwise.
+fn etcd_config(dir: &std::path::Path) -> std::path::PathBuf {
+    local_config_with(
+        dir,
+        "backend = \"etcd\"\nendpoints = [\"http://127.0.0.1:1\"]",
+    )
 }
 
 /// Without the etcd feature, `check` and `run` both refuse an etcd config before anything

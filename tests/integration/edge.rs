@@ -104,6 +104,16 @@ fn decoded(path: &str) -> String {
         .into_owned()
 }
 
+/// A request reached Loom without any `X-Loom-Router-*` header.
+fn assert_no_router_headers(received: &loom_router::emulator::Received) {
+    let router: Vec<_> = received
+        .headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-loom-router-"))
+        .collect();
+    assert!(router.is_empty(), "{router:?}");
+}
+
 /// What became of one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fate {
@@ -307,12 +317,7 @@ async fn forged_router_headers_never_reach_loom_and_a_shardless_hop_is_refused()
     assert_eq!(r.header("x-loom-route"), Some("write-local"), "{r:?}");
     let got = c.dc(WEST).received();
     assert_eq!(got.len(), 1);
-    let forged: Vec<_> = got[0]
-        .headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("x-loom-router-"))
-        .collect();
-    assert!(forged.is_empty(), "{forged:?}");
+    assert_no_router_headers(&got[0]);
     // The same write claiming to be a hop: refused, and no Loom saw it.
     c.clear();
     let request = request.replace(
@@ -518,10 +523,5 @@ async fn a_hop_node_delete_for_a_node_unknown_here_gets_looms_answer_without_rou
         .filter(|r| r.method == http::Method::DELETE)
         .collect();
     assert_eq!(deletes.len(), 1);
-    let router_headers: Vec<_> = deletes[0]
-        .headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("x-loom-router-"))
-        .collect();
-    assert!(router_headers.is_empty(), "{router_headers:?}");
+    assert_no_router_headers(&deletes[0]);
 }
