@@ -8,7 +8,10 @@ RUN apt-get update \
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
-RUN cargo build --release --locked --features etcd --bin loom-router
+# The workspace's other member (the emulated Loom) must be present for Cargo to read the
+# workspace, but the production binary leaves it out: no default features, so no `demo`.
+COPY crates ./crates
+RUN cargo build --release --locked --no-default-features --features etcd --bin loom-router
 
 FROM debian:bookworm-slim
 # curl for the HEALTHCHECK only.

@@ -1,6 +1,6 @@
 //! `loom-router demo`: three DCs in one process, with nothing to install or configure.
 //!
-//! Each DC gets an emulated Loom (`emulator.rs`) and a real router built from a generated
+//! Each DC gets an emulated Loom (the `loom-emulator` crate) and a real router built from a generated
 //! config, exactly as `run` would build it, coordinating through one in-process memory store
 //! (leases, election, automatic failover). The emulated Looms replicate completed writes to each
 //! other after a short delay, as the seed design describes.
@@ -25,6 +25,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use loom_emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
@@ -33,7 +34,6 @@ use tokio_util::sync::CancellationToken;
 use crate::app::App;
 use crate::config::Config;
 use crate::coord::Store;
-use crate::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use crate::headers::TEXT_PLAIN;
 use crate::memory_store::MemoryStore;
 

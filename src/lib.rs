@@ -34,7 +34,9 @@
 //! - `hook`: the become-owner hook calls.
 //! - `operator`: the CLI side of the admin API.
 //! - `app`: wiring; bind, run, drain.
-//! - `emulator`, `demo`: an emulated Loom and the three-DC sandbox of `loom-router demo`.
+//! - `demo` (cargo feature `demo`, on by default): the three-DC sandbox of `loom-router demo`,
+//!   each DC an emulated Loom from the `loom-emulator` workspace crate (`crates/loom-emulator`)
+//!   and a real router. The production build leaves both out.
 //! - `body`: the body type requests and responses travel in, and the client body's stall timer.
 //!
 //! # The life of a request
@@ -75,8 +77,8 @@ pub mod config;
 pub mod control;
 pub mod coord;
 pub mod coordinator;
+#[cfg(feature = "demo")]
 pub mod demo;
-pub mod emulator;
 pub mod error;
 #[cfg(feature = "etcd")]
 pub mod etcd_store;

@@ -9,10 +9,15 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use loom_router::app::App;
 use loom_router::config::{AccessLog, Backend, Config, DEFAULT_CONFIG_PATH};
+#[cfg(feature = "demo")]
 use loom_router::demo::{Demo, DEFAULT_PORT_BASE};
 use loom_router::operator::{self, Call};
 use loom_router::ownership::Table;
 use tokio_util::sync::CancellationToken;
+
+/// Without the `demo` feature, `demo` still parses, and says what is missing.
+#[cfg(not(feature = "demo"))]
+const DEFAULT_PORT_BASE: u16 = 8080;
 
 /// mimalloc's thread-local free lists serve the request path's many small, short-lived blocks
 /// in fewer instructions than glibc malloc (3 % of a proxied read; see `Cargo.toml`).
@@ -225,6 +230,17 @@ fn call_name(call: &Call) -> &'static str {
     }
 }
 
+/// The production build (the Dockerfile's) carries no emulated Loom, so no demo: a usage error.
+#[cfg(not(feature = "demo"))]
+fn demo(_port_base: u16) -> ExitCode {
+    eprintln!(
+        "this binary was built without the demo (cargo feature `demo`, on by default); \
+         run `cargo run --release -- demo` from the source tree"
+    );
+    ExitCode::from(2)
+}
+
+#[cfg(feature = "demo")]
 fn demo(port_base: u16) -> ExitCode {
     init_logging(AccessLog::Text);
     let runtime = match tokio::runtime::Runtime::new() {

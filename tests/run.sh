@@ -3,7 +3,8 @@
 #
 # Those need two Debian packages: protobuf-compiler (etcd-client runs protoc when it builds) and
 # etcd-server (the tests start etcd on free loopback ports). This script installs whichever is
-# missing with apt-get, then runs `cargo test --features etcd`. Extra arguments go to cargo test.
+# missing with apt-get, then runs the tests of the whole workspace (the router, with the etcd
+# feature, and the emulated Loom in crates/loom-emulator). Extra arguments go to cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,4 +18,4 @@ if [ ${#need[@]} -gt 0 ]; then
     $sudo apt-get update
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y "${need[@]}"
 fi
-exec cargo test --features etcd "$@"
+exec cargo test --workspace --features loom-router/etcd "$@"

@@ -12,10 +12,16 @@ fn the_dockerfile_matches_the_code() {
     let binary = env!("CARGO_PKG_NAME");
     assert_eq!(binary, "loom-router");
 
-    // Multi-stage, locked, with the etcd backend.
+    // Multi-stage, locked, with the etcd backend and without the demo's emulated Loom.
     let froms: Vec<&&str> = lines.iter().filter(|l| l.starts_with("FROM ")).collect();
     assert_eq!(froms.len(), 2, "{froms:?}");
-    assert!(text.contains("cargo build --release --locked --features etcd --bin loom-router"));
+    assert!(text.contains(
+        "cargo build --release --locked --no-default-features --features etcd --bin loom-router"
+    ));
+    assert!(
+        lines.contains(&"COPY crates ./crates"),
+        "the workspace needs its members"
+    );
     assert!(text.contains(&format!(
         "COPY --from=build /src/target/release/{binary} /usr/local/bin/{binary}"
     )));

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use loom_router::emulator::{Emulator, EmulatorConfig};
+use loom_emulator::{Emulator, EmulatorConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -105,7 +105,7 @@ fn decoded(path: &str) -> String {
 }
 
 /// A request reached Loom without any `X-Loom-Router-*` header.
-fn assert_no_router_headers(received: &loom_router::emulator::Received) {
+fn assert_no_router_headers(received: &loom_emulator::Received) {
     let router: Vec<_> = received
         .headers
         .keys()

@@ -9,6 +9,7 @@
 mod admin;
 mod certs;
 mod cli;
+#[cfg(feature = "demo")]
 mod demo;
 mod docker;
 mod edge;

@@ -1,21 +1,24 @@
-//! An emulated Loom/Coopr server, for integration tests and for `loom-router demo` (three data
-//! centres in one process).
+//! An emulated Loom/Coopr server, for loom-router's integration tests and for
+//! `loom-router demo` (three data centres in one process).
 //!
 //! What it owns: an in-memory Loom that answers both API generations (`/v1/loom` and `/v2`) for
-//! the endpoints in the routing table (spec/router.md section 3), faithful to
-//! reference/loom-api.md: identity headers and their 401 texts, `%08d` cluster IDs from
-//! `ids.start.num` and `ids.increment.by`, plain-text errors. It records every request it
-//! receives and every write it applies, so tests can see where the router sent what. Like the
-//! hot-hot custom-replication design, it copies a cluster's or node's state to its peers only
-//! once a write has completed, and only after a delay.
+//! the endpoints in the router's routing table (`docs/routing.md` at the workspace root), as
+//! Loom's sources have them: identity headers and their 401 texts, `%08d` cluster IDs from
+//! `ids.start.num` and `ids.increment.by`, plain-text errors, and routing on the path netty-http
+//! routes on ([`netty_path`]). It records every request it receives and every write it applies,
+//! so tests can see where the router sent what. Like Loom's hot-hot custom-replication design, it
+//! copies a cluster's or node's state to its peers only once a write has completed, and only
+//! after a delay.
 //!
-//! It also answers the router's become-owner hook (spec/router.md section 10 item 4), which is
+//! It also answers the router's become-owner hook (`[coordination] become_owner_hook`), which is
 //! where a DC takes over a shard it gained: replication from the old owner is cut off for that
-//! shard and the replicated in-progress jobs are restarted, as the seed describes for failover.
+//! shard and the replicated in-progress jobs are restarted, as the design does on failover.
 //! A stopped emulator keeps its data and can be served again, as a restored DC.
 //!
-//! What it must not do: take part in the request path. `run` never builds one. It does not model
-//! per-user visibility, tenant lookup, jobs, tasks or plugins beyond what tests need.
+//! What it must not do: know anything of the router. It is its own crate so that the router's
+//! production build carries none of it; the router depends on it only through its `demo`
+//! feature and its tests. It does not model per-user visibility, tenant lookup, jobs, tasks or
+//! plugins beyond what tests need.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -38,7 +41,7 @@ use tokio::task::{JoinHandle, JoinSet};
 /// Bodies are buffered whole so that `received()` holds the exact bytes; this bounds the buffer.
 const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 const EPOCH_HEADER: &str = "x-loom-router-epoch";
-/// Where the router's `become_owner_hook` points (spec/router.md section 7).
+/// Where the router's `become_owner_hook` points (`[coordination] become_owner_hook`).
 const BECOME_OWNER_PATH: &str = "/replication/become-owner";
 const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
 /// Admin and tenant entities, all kept alike in one map keyed by full path.
