@@ -21,6 +21,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -143,7 +144,9 @@ fn authorize(proxy: &Proxy, request: &Request<Incoming>) -> Option<Response<Body
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    if presented == Some(token) {
+    // Constant-time, so that response timing does not tell how much of a guess was right.
+    let matches = presented.is_some_and(|p| bool::from(p.as_bytes().ct_eq(token.as_bytes())));
+    if matches {
         None
     } else {
         let mut response = text(

@@ -152,6 +152,8 @@ impl App {
         let board = Arc::new(HealthBoard::new());
         // Background tasks stop only after the listeners have drained.
         let background = CancellationToken::new();
+        // Every early return below stops what was started so far; so does the end of `run`.
+        let _stop_background = background.clone().drop_guard();
         // Health probes run in generations: a reload that changes DCs or health settings
         // replaces them (see the settings applier below).
         let mut probes = background.child_token();
@@ -173,16 +175,10 @@ impl App {
                 .await;
                 match joined {
                     Ok(joined) => Some(joined),
-                    Err(e) => {
-                        background.cancel();
-                        return Err(e.into());
-                    }
+                    Err(e) => return Err(e.into()),
                 }
             }
-            (Backend::Memory, None) => {
-                background.cancel();
-                return Err(AppError::NoMemoryStore);
-            }
+            (Backend::Memory, None) => return Err(AppError::NoMemoryStore),
             (Backend::Etcd, store) => {
                 let store = match store {
                     Some(store) => Ok(store),
@@ -202,10 +198,7 @@ impl App {
                 };
                 match joined {
                     Ok(joined) => Some(joined),
-                    Err(e) => {
-                        background.cancel();
-                        return Err(e);
-                    }
+                    Err(e) => return Err(e),
                 }
             }
         };
@@ -274,10 +267,7 @@ impl App {
                         data_stop.clone(),
                     )));
                 }
-                _ => {
-                    background.cancel();
-                    return Err(AppError::Tls(crate::tls::TlsError::NoServerConfig));
-                }
+                _ => return Err(AppError::Tls(crate::tls::TlsError::NoServerConfig)),
             }
         }
         let admin = tokio::spawn(admin::serve(

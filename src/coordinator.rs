@@ -238,7 +238,11 @@ async fn follow(
             Ok((kvs, revision)) => View::from_range(&keys, kvs, revision),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the coordination store; keeping the current table");
-                if pause(retry, &cancel).await {
+                if cancel
+                    .run_until_cancelled(tokio::time::sleep(retry))
+                    .await
+                    .is_none()
+                {
                     return;
                 }
                 continue;
@@ -249,7 +253,11 @@ async fn follow(
             Ok(stream) => stream,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot watch the coordination store");
-                if pause(retry, &cancel).await {
+                if cancel
+                    .run_until_cancelled(tokio::time::sleep(retry))
+                    .await
+                    .is_none()
+                {
                     return;
                 }
                 continue;
@@ -272,16 +280,12 @@ async fn follow(
                 None => break,
             }
         }
-        if pause(retry, &cancel).await {
+        if cancel
+            .run_until_cancelled(tokio::time::sleep(retry))
+            .await
+            .is_none()
+        {
             return;
         }
-    }
-}
-
-/// Sleep, or return `true` if cancelled first.
-async fn pause(d: Duration, cancel: &CancellationToken) -> bool {
-    tokio::select! {
-        () = tokio::time::sleep(d) => false,
-        () = cancel.cancelled() => true,
     }
 }

@@ -177,7 +177,11 @@ pub async fn run(
             Ok(lease) => lease,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot get a lease; writes for owned shards are fenced");
-                if sleep_or_cancel(every, &cancel).await {
+                if cancel
+                    .run_until_cancelled(tokio::time::sleep(every))
+                    .await
+                    .is_none()
+                {
                     return;
                 }
                 continue;
@@ -264,14 +268,6 @@ pub async fn run(
                 (false, None) => {}
             }
         }
-    }
-}
-
-/// Sleep, or return `true` if cancelled first.
-async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
-    tokio::select! {
-        () = tokio::time::sleep(d) => false,
-        () = cancel.cancelled() => true,
     }
 }
 

@@ -977,11 +977,11 @@ impl Proxy {
     fn drained(&self, snap: &Snapshot, method: &Method, query: Option<&str>) -> Outcome {
         let mut shard = None;
         let mut epoch = None;
-        for pair in query.unwrap_or("").split('&') {
-            match pair.split_once('=') {
-                Some(("shard", "global")) => shard = Some(ShardKey::Global),
-                Some(("shard", r)) => shard = r.parse().ok().map(ShardKey::Residue),
-                Some(("epoch", e)) => epoch = e.parse::<u64>().ok(),
+        for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            match (name.as_ref(), value.as_ref()) {
+                ("shard", "global") => shard = Some(ShardKey::Global),
+                ("shard", r) => shard = r.parse().ok().map(ShardKey::Residue),
+                ("epoch", e) => epoch = e.parse::<u64>().ok(),
                 _ => {}
             }
         }

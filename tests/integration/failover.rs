@@ -275,6 +275,10 @@ async fn a_router_says_when_it_has_seen_a_fence_and_drained_its_writes() {
     let r = get(&url(&format!("?shard=1&epoch={}", epoch + 100))).await;
     assert_eq!(r.status, 503, "an epoch it has not seen yet");
     assert_eq!(get(&url("")).await.status, 400);
+    // The query is form-encoded, as any client may send it: "%3" and the epoch's digits decode
+    // to the epoch, and "%31" to shard 1.
+    let r = get(&url(&format!("?epoch=%3{epoch}&shard=%31"))).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "drained\n"));
     // Answered by the router, never by Loom.
     assert!(c.dc(EAST).seen().is_empty());
 }
@@ -328,6 +332,9 @@ async fn the_operator_cli_shows_the_table_and_moves_freezes_and_unfreezes() {
     let (code, _, err) = cli(&["freeze", "--admin", &admin, "3"]).await;
     assert_eq!(code, 1);
     assert!(err.starts_with("freeze (401): "), "{err}");
+    let (code, _, err) = cli(&["freeze", "--admin", &admin, "--token", "s3creT", "3"]).await;
+    assert_eq!(code, 1);
+    assert!(err.starts_with("freeze (401): "), "a wrong token: {err}");
     let (code, out, _) = cli(&["freeze", "--admin", &admin, "--token", "s3cret", "3"]).await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("\"frozen\":true"), "{out}");
