@@ -12,9 +12,10 @@ use std::net::{IpAddr, Ipv4Addr};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use http::{HeaderMap, HeaderValue, Method, Version};
 use loom_router::classify::{classify, Key};
-use loom_router::config::{Config, ShardKey};
+use loom_router::config::Config;
 use loom_router::headers::{host_ok, ip_value, prepare_downstream, prepare_upstream, Client};
 use loom_router::ownership::Table;
+use loom_router::shard::ShardKey;
 
 /// A mix of the requests a Loom front door sees, reads first (they dominate).
 const MIX: [(&str, &str); 10] = [

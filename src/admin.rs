@@ -26,11 +26,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::Body;
-use crate::config::ShardKey;
 use crate::failover::{self, ControlError};
 use crate::headers::TEXT_PLAIN;
 use crate::health::Status;
 use crate::proxy::Proxy;
+use crate::shard::ShardKey;
 
 /// Largest admin request body read (a move's `{"to": ...}`).
 const MAX_ADMIN_BODY: usize = 4096;
@@ -167,12 +167,8 @@ async fn shard_control(proxy: &Proxy, request: Request<Incoming>) -> Response<Bo
     let Some((shard, action)) = rest.split_once('/') else {
         return text(StatusCode::NOT_FOUND, "no such admin endpoint\n");
     };
-    let shard = match shard {
-        "global" => ShardKey::Global,
-        r => match r.parse() {
-            Ok(r) => ShardKey::Residue(r),
-            Err(_) => return text(StatusCode::NOT_FOUND, "no such shard\n"),
-        },
+    let Ok(shard) = shard.parse::<ShardKey>() else {
+        return text(StatusCode::NOT_FOUND, "no such shard\n");
     };
     if !matches!(action, "move" | "freeze" | "unfreeze") {
         return text(StatusCode::NOT_FOUND, "no such admin endpoint\n");
@@ -214,7 +210,7 @@ async fn shard_control(proxy: &Proxy, request: Request<Incoming>) -> Response<Bo
                 Ok(done) => json_response(
                     StatusCode::OK,
                     &json!({
-                        "shard": shard_json(done.shard),
+                        "shard": done.shard,
                         "from": done.from,
                         "to": done.to,
                         "epoch": done.epoch,
@@ -229,7 +225,7 @@ async fn shard_control(proxy: &Proxy, request: Request<Incoming>) -> Response<Bo
             match failover::set_frozen(&coord.store, &coord.keys, &view, shard, frozen, &by).await {
                 Ok(epoch) => json_response(
                     StatusCode::OK,
-                    &json!({"shard": shard_json(shard), "frozen": frozen, "epoch": epoch}),
+                    &json!({"shard": shard, "frozen": frozen, "epoch": epoch}),
                 ),
                 Err(e) => control_error(&e),
             }
@@ -295,13 +291,6 @@ fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
     response
 }
 
-fn shard_json(key: ShardKey) -> Value {
-    match key {
-        ShardKey::Residue(r) => json!(r),
-        ShardKey::Global => json!("global"),
-    }
-}
-
 /// `/admin/table`: the table as this router serves it, with DC health and alerts.
 pub fn table_json(proxy: &Proxy) -> Value {
     let snap = proxy.control().snapshot();
@@ -312,7 +301,7 @@ pub fn table_json(proxy: &Proxy) -> Value {
         .shards()
         .map(|s| {
             json!({
-                "shard": shard_json(s.key),
+                "shard": s.key,
                 "home": s.home.map(name),
                 "owner": name(s.owner),
                 "replicas": s.replicas.iter().map(|&r| name(r)).collect::<Vec<_>>(),

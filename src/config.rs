@@ -18,6 +18,8 @@ use std::time::Duration;
 use http::Uri;
 use serde::Deserialize;
 
+use crate::shard::{DcId, ShardKey, ShardState};
+
 /// Where `run` and `check` look when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/loom-router/loom-router.toml";
 
@@ -225,10 +227,6 @@ struct RawShutdown {
 
 // === The validated config ===
 
-/// Index of a data center in [`Config::datacenters`]. Routing state refers to DCs by index so
-/// that the request path compares integers, not names.
-pub type DcId = usize;
-
 /// A validated config. Built only by [`Config::from_toml`] / [`Config::load`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -301,39 +299,6 @@ pub struct Datacenter {
     pub router: Uri,
     /// Failover order for the shards homed here.
     pub replicas: Vec<DcId>,
-}
-
-/// Which shard a `[[shards]]` entry is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum ShardKey {
-    Residue(u64),
-    Global,
-}
-
-impl fmt::Display for ShardKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Residue(r) => write!(f, "{r}"),
-            Self::Global => f.write_str("global"),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ShardState {
-    /// The owner admits writes.
-    Active,
-    /// Nobody admits writes: the first step of a hand move under `static`.
-    Fenced,
-}
-
-impl ShardState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Active => "active",
-            Self::Fenced => "fenced",
-        }
-    }
 }
 
 /// A `[[shards]]` entry: maps an unhomed residue, or moves a shard by hand.

@@ -20,12 +20,13 @@ use http::HeaderValue;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ShardKey};
+use crate::config::Config;
 use crate::coord::{Keys, Store, View};
 use crate::headers::via_token;
 use crate::hook::HookJob;
 use crate::metrics;
 use crate::ownership::Table;
+use crate::shard::ShardKey;
 
 /// One consistent view of configuration and ownership.
 #[derive(Debug)]

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ShardKey;
 use crate::memory_store::MemoryClient;
+use crate::shard::ShardKey;
 
 /// A store revision: grows by one with every committed change.
 pub type Revision = i64;
@@ -210,12 +210,7 @@ impl Keys {
 
     /// The shard a key under [`Keys::shards`] is about.
     pub fn parse_shard(&self, key: &str) -> Option<ShardKey> {
-        let rest = key.strip_prefix(&self.shards())?;
-        if rest == "global" {
-            Some(ShardKey::Global)
-        } else {
-            rest.parse().ok().map(ShardKey::Residue)
-        }
+        key.strip_prefix(&self.shards())?.parse().ok()
     }
 
     /// The registrations of one DC's routers: empty means the DC is not alive.

@@ -15,8 +15,8 @@ use http::{Response, StatusCode};
 
 use crate::body::Body;
 use crate::classify::ClassifyError;
-use crate::config::ShardKey;
 use crate::headers::{ROUTER_ERROR, TEXT_PLAIN};
+use crate::shard::ShardKey;
 
 /// Which upstream a transport error is about, for codes and the `kind` metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -327,10 +327,6 @@ impl RouterError {
                 owner,
                 epoch,
             } => {
-                let shard = match shard {
-                    ShardKey::Residue(r) => serde_json::Value::from(*r),
-                    ShardKey::Global => serde_json::Value::from("global"),
-                };
                 let json = serde_json::json!({"shard": shard, "owner": owner, "epoch": epoch});
                 (
                     HeaderValue::from_static("application/json"),

@@ -19,13 +19,14 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ShardKey};
+use crate::config::Config;
 use crate::coord::{
     now_rfc3339, Compare, CoordError, Keys, Op, Revision, ShardRecord, Store, View,
 };
 use crate::forward::Forwarder;
 use crate::lease::Gate;
 use crate::metrics;
+use crate::shard::ShardKey;
 
 /// One shard to move.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -17,8 +17,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::Body;
-use crate::config::ShardKey;
 use crate::forward::Forwarder;
+use crate::shard::ShardKey;
 
 /// First retry delay; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -34,12 +34,8 @@ pub struct HookJob {
 
 /// The hook's JSON body.
 pub fn body(job: &HookJob) -> String {
-    let shard = match job.shard {
-        ShardKey::Residue(r) => serde_json::Value::from(r),
-        ShardKey::Global => serde_json::Value::from("global"),
-    };
     serde_json::json!({
-        "shard": shard,
+        "shard": job.shard,
         "epoch": job.epoch,
         "previous_owner": job.previous_owner,
     })

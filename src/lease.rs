@@ -23,10 +23,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::DcId;
 use crate::coord::{CoordError, Keys, LeaseId, Op, Revision, Store};
 use crate::health::{HealthBoard, Status};
 use crate::metrics;
+use crate::shard::DcId;
 
 /// Assumed bound on clock rate difference between this router and the store (1 %).
 pub const DRIFT: f64 = 0.01;

@@ -9,6 +9,8 @@
 //! # Layout
 //!
 //! Pure, no I/O:
+//! - `shard`: the leaf domain types, `DcId`, `ShardKey`, `ShardState`, `Epoch`; imports nothing
+//!   from the rest of the crate.
 //! - `classify`: method + path → route and shard key (spec section 3); the cluster-ID grammar.
 //! - `ownership`: the immutable ownership [`Table`](ownership::Table); resolving a request to
 //!   the local Loom or a peer; admitting a forwarded write.
@@ -95,4 +97,5 @@ pub mod operator;
 pub mod ownership;
 pub mod proxy;
 pub mod reload;
+pub mod shard;
 pub mod tls;

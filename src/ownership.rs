@@ -14,8 +14,9 @@
 use std::time::SystemTime;
 
 use crate::classify::shard_of;
-use crate::config::{Config, DcId, ShardKey, ShardState};
+use crate::config::Config;
 use crate::coord::{ShardRecord, View};
+use crate::shard::{DcId, ShardKey, ShardState};
 
 /// One shard's entry.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -25,7 +25,7 @@ use tokio::sync::Semaphore;
 
 use crate::body::{Body, BodyProgress};
 use crate::classify::{self, Class, Key, Route};
-use crate::config::{AccessLog, DcId, ShardKey, ShardState};
+use crate::config::AccessLog;
 use crate::control::{Control, Snapshot};
 use crate::coordinator::Handle;
 use crate::error::{RouterError, UpstreamKind};
@@ -35,6 +35,7 @@ use crate::health::{HealthBoard, Status};
 use crate::lease::Gate;
 use crate::metrics;
 use crate::ownership::{Admission, Target};
+use crate::shard::{DcId, ShardKey, ShardState};
 
 /// How many times the origin re-sends a write that a peer answered with 421.
 const MAX_MISDIRECTED_RETRIES: usize = 2;
@@ -979,8 +980,7 @@ impl Proxy {
         let mut epoch = None;
         for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
             match (name.as_ref(), value.as_ref()) {
-                ("shard", "global") => shard = Some(ShardKey::Global),
-                ("shard", r) => shard = r.parse().ok().map(ShardKey::Residue),
+                ("shard", s) => shard = s.parse().ok(),
                 ("epoch", e) => epoch = e.parse::<u64>().ok(),
                 _ => {}
             }

@@ -5,8 +5,9 @@
 
 use http::Method;
 use loom_router::classify::{classify, Key};
-use loom_router::config::{Config, ShardKey};
+use loom_router::config::Config;
 use loom_router::ownership::Table;
+use loom_router::shard::ShardKey;
 
 #[test]
 fn classify_and_resolve_allocate_nothing_for_plain_paths() {

@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use loom_router::config::ShardKey;
+use loom_router::shard::ShardKey;
 use std::sync::Arc;
 
 use loom_router::coord::{Batch, Event, Keys, ShardRecord};
