@@ -4,7 +4,7 @@
 //! [`join`] checks the shared-settings fingerprint, seeds an empty store with the config's table,
 //! and starts:
 //! - the lease task (`lease.rs`): liveness registration and the self-fencing gate;
-//! - the watch ([`follow`]): a full read, then changes from the next revision, re-reading in full
+//! - the watch (`follow`): a full read, then changes from the next revision, re-reading in full
 //!   after any watch error, publishing each [`View`] to the snapshot writer and the manager;
 //! - the failover manager campaign (`failover.rs`);
 //! - the become-owner hook runner (`hook.rs`), if a hook is configured.

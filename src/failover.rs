@@ -265,7 +265,7 @@ pub struct Switchover {
 }
 
 /// Planned switchover (spec section 8): fence the shard, wait until writes in flight under the
-/// old epoch have finished ([`drain`]), then move it.
+/// old epoch have finished (`drain`), then move it.
 #[allow(clippy::too_many_arguments)]
 pub async fn switchover(
     store: &Store,

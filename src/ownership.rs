@@ -2,8 +2,9 @@
 //!
 //! A [`Table`] is an immutable snapshot. `control.rs` builds the next one to one side and
 //! publishes it with a single `ArcSwap::store`; the request path loads it once per request and
-//! calls the pure functions here: [`Table::resolve`] for a request this router routes, and
-//! [`Table::admit_forwarded`] for a write another router forwarded to it.
+//! calls the pure functions here: [`Table::resolve_write`] and [`Table::resolve_create`] for a
+//! request this router routes, and [`Table::admit_forwarded`] for a write another router
+//! forwarded to it.
 //!
 //! A table comes from the config ([`Table::from_config`], the `static` backend and the seed of
 //! an empty store) or from a coordination store's view ([`Table::from_view`]).
