@@ -975,11 +975,7 @@ impl TryFrom<RawConfig> for Config {
         // admits a write only if write_timeout ends before lease·(1 − 2ρ) − δ after the last
         // keepalive was sent, and the next keepalive may be up to one interval away.
         if backend != Backend::Static {
-            let usable = coordination
-                .lease
-                .mul_f64(1.0 - 2.0 * crate::lease::DRIFT)
-                .saturating_sub(crate::lease::MARGIN)
-                .saturating_sub(coordination.keepalive);
+            let usable = crate::fence::usable_lease(coordination.lease, coordination.keepalive);
             if loom.write_timeout > usable {
                 p.push(
                     "loom.write_timeout",

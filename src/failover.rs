@@ -352,7 +352,7 @@ async fn drain(
     epoch: Revision,
     write_timeout: Duration,
 ) -> Vec<String> {
-    let deadline = Instant::now() + write_timeout + crate::lease::MARGIN;
+    let deadline = Instant::now() + write_timeout + crate::fence::MARGIN;
     let query = format!(
         "{}?shard={shard}&epoch={epoch}",
         crate::classify::DRAINED_PATH

@@ -13,7 +13,7 @@
 //!
 //! The store expires a lease no earlier than `ttl` after it acknowledged the keepalive, which is
 //! after it was sent; so a router fences itself before any other DC can take its shards. The
-//! arithmetic is pure ([`fence_deadline`], [`Gate::admits`]) and tested with a clock we control;
+//! arithmetic is pure (`fence.rs`, [`Gate::admits`]) and tested with a clock we control;
 //! [`run`] is the task that feeds it. This file does not decide ownership.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -24,22 +24,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::coord::{CoordError, Keys, LeaseId, Op, Revision, Store};
+use crate::fence::fence_deadline;
 use crate::health::{HealthBoard, Status};
 use crate::metrics;
 use crate::shard::DcId;
-
-/// Assumed bound on clock rate difference between this router and the store (1 %).
-pub const DRIFT: f64 = 0.01;
-/// Safety margin for scheduling jitter on top of the drift bound.
-pub const MARGIN: Duration = Duration::from_millis(250);
-
-/// The last moment a write may still be running under a lease whose keepalive was sent at `sent`
-/// and acknowledged with `ttl`: `sent + ttl·(1 − 2ρ) − δ`.
-pub fn fence_deadline(sent: Instant, ttl: Duration) -> Instant {
-    (sent + ttl.mul_f64(1.0 - 2.0 * DRIFT))
-        .checked_sub(MARGIN)
-        .unwrap_or(sent)
-}
 
 /// The write gate. Written by the lease task; read by the request path on every owned write.
 #[derive(Debug)]

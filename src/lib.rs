@@ -15,6 +15,8 @@
 //! - `ownership`: the immutable ownership [`Table`](ownership::Table); resolving a request to
 //!   the local Loom or a peer; admitting a forwarded write.
 //! - `config`: the TOML file, its validation, and errors that name the key.
+//! - `fence`: the fence arithmetic (how long a lease lets a router admit writes), shared by the
+//!   lease task and config validation.
 //! - `headers`: header names the router owns and proxy header rewrites (hop-by-hop, `Via`).
 //! - `error`: every error the router answers itself, mapped to status and code in one place.
 //!
@@ -85,6 +87,7 @@ pub mod error;
 #[cfg(feature = "etcd")]
 pub mod etcd_store;
 pub mod failover;
+pub mod fence;
 pub mod forward;
 pub mod headers;
 pub mod health;
