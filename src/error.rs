@@ -54,6 +54,25 @@ impl UpstreamKind {
     }
 }
 
+/// A transport failure talking to an upstream (the local Loom or a peer router).
+#[derive(Debug, thiserror::Error)]
+#[error("{} error", kind.as_str())]
+pub struct SendError {
+    pub kind: UpstreamKind,
+    #[source]
+    pub source: Option<BoxError>,
+}
+
+/// The body of a 421 `misdirected`: the receiver's view of the shard. Written by the receiver
+/// and read by the origin, through this one type.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MisdirectedView {
+    pub shard: ShardKey,
+    /// `None` when no DC owns the shard in the receiver's view.
+    pub owner: Option<String>,
+    pub epoch: u64,
+}
+
 /// An error the router answers itself.
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
@@ -128,6 +147,37 @@ impl From<ClassifyError> for RouterError {
 }
 
 impl RouterError {
+    /// A failed send to the local Loom, bounded by `timeout`.
+    pub fn from_local(e: SendError, timeout: Duration) -> Self {
+        match e.kind {
+            UpstreamKind::Timeout => Self::UpstreamTimeout(timeout),
+            UpstreamKind::ClientBody => Self::BadRequest,
+            UpstreamKind::ClientStalled => Self::ClientTimeout(timeout),
+            UpstreamKind::Connect | UpstreamKind::Reset | UpstreamKind::Tls => {
+                Self::UpstreamUnreachable {
+                    kind: e.kind,
+                    source: e.source,
+                }
+            }
+        }
+    }
+
+    /// A failed send to the router of DC `dc`, bounded by `timeout`.
+    pub fn from_peer(e: SendError, dc: String, timeout: Duration) -> Self {
+        match e.kind {
+            UpstreamKind::Timeout => Self::PeerTimeout { dc, after: timeout },
+            UpstreamKind::ClientBody => Self::BadRequest,
+            UpstreamKind::ClientStalled => Self::ClientTimeout(timeout),
+            UpstreamKind::Connect | UpstreamKind::Reset | UpstreamKind::Tls => {
+                Self::PeerUnreachable {
+                    dc,
+                    kind: e.kind,
+                    source: e.source,
+                }
+            }
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest
@@ -327,10 +377,15 @@ impl RouterError {
                 owner,
                 epoch,
             } => {
-                let json = serde_json::json!({"shard": shard, "owner": owner, "epoch": epoch});
+                let view = MisdirectedView {
+                    shard: *shard,
+                    owner: owner.clone(),
+                    epoch: *epoch,
+                };
+                let json = serde_json::to_vec(&view).unwrap_or_default();
                 (
                     HeaderValue::from_static("application/json"),
-                    Bytes::from(json.to_string()),
+                    Bytes::from(json),
                 )
             }
             _ => (
@@ -397,7 +452,9 @@ mod tests {
         assert_eq!(r.status(), 421);
         assert_eq!(r.headers()[CONTENT_TYPE], "application/json");
         let body = r.into_body().collect().await.unwrap().to_bytes();
-        assert_eq!(&body[..], br#"{"epoch":7,"owner":"us-west","shard":2}"#);
+        assert_eq!(&body[..], br#"{"shard":2,"owner":"us-west","epoch":7}"#);
+        let view: MisdirectedView = serde_json::from_slice(&body).unwrap();
+        assert_eq!(view.owner.as_deref(), Some("us-west"));
     }
 
     #[test]

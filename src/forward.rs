@@ -18,20 +18,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::{Body, ClientBody};
-use crate::error::{BoxError, UpstreamKind};
+use crate::error::{BoxError, SendError, UpstreamKind};
 
 /// Idle pooled connections kept per upstream host. Enough for a burst of concurrent writes to
 /// one peer without reconnecting; the rest are closed when they go idle.
 const POOL_MAX_IDLE_PER_HOST: usize = 256;
-
-/// A transport failure talking to an upstream.
-#[derive(Debug, thiserror::Error)]
-#[error("{} error", kind.as_str())]
-pub struct SendError {
-    pub kind: UpstreamKind,
-    #[source]
-    pub source: Option<BoxError>,
-}
 
 /// Plain HTTP, or rustls for `https://` upstreams, on one pooled connector.
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;

@@ -28,8 +28,8 @@ use crate::classify::{self, Class, Key, Route};
 use crate::config::AccessLog;
 use crate::control::{Control, Snapshot};
 use crate::coordinator::Handle;
-use crate::error::{RouterError, UpstreamKind};
-use crate::forward::{self, Buffered, Forwarder, ReadBodyError, SendError};
+use crate::error::{MisdirectedView, RouterError, SendError, UpstreamKind};
+use crate::forward::{self, Buffered, Forwarder, ReadBodyError};
 use crate::headers::{self, Client};
 use crate::health::{HealthBoard, Status};
 use crate::lease::Gate;
@@ -756,7 +756,7 @@ impl Proxy {
                     None => {
                         let name = &config.datacenters[local].name;
                         metrics::upstream_error(name, e.kind.as_str());
-                        local_error(e, timeout)
+                        RouterError::from_local(e, timeout)
                     }
                 },
             ),
@@ -882,7 +882,7 @@ impl Proxy {
                         target: Some(dc),
                         shard: Some(shard),
                         upstream_time: Some(sent.elapsed()),
-                        ..Outcome::error(label, peer_error(e, name, timeout))
+                        ..Outcome::error(label, RouterError::from_peer(e, name, timeout))
                     };
                 }
             };
@@ -1160,43 +1160,9 @@ fn client_fault(
     }
 }
 
-fn local_error(e: SendError, timeout: Duration) -> RouterError {
-    match e.kind {
-        UpstreamKind::Timeout => RouterError::UpstreamTimeout(timeout),
-        UpstreamKind::ClientBody => RouterError::BadRequest,
-        UpstreamKind::ClientStalled => RouterError::ClientTimeout(timeout),
-        UpstreamKind::Connect | UpstreamKind::Reset | UpstreamKind::Tls => {
-            RouterError::UpstreamUnreachable {
-                kind: e.kind,
-                source: e.source,
-            }
-        }
-    }
-}
-
-fn peer_error(e: SendError, dc: String, timeout: Duration) -> RouterError {
-    match e.kind {
-        UpstreamKind::Timeout => RouterError::PeerTimeout { dc, after: timeout },
-        UpstreamKind::ClientBody => RouterError::BadRequest,
-        UpstreamKind::ClientStalled => RouterError::ClientTimeout(timeout),
-        UpstreamKind::Connect | UpstreamKind::Reset | UpstreamKind::Tls => {
-            RouterError::PeerUnreachable {
-                dc,
-                kind: e.kind,
-                source: e.source,
-            }
-        }
-    }
-}
-
-/// The `{"shard", "owner", "epoch"}` body of a 421.
+/// The owner and epoch a peer's 421 names (its [`MisdirectedView`]), if it names an owner.
 async fn misdirected_view(response: Response<Incoming>) -> Option<(String, u64)> {
-    #[derive(serde::Deserialize)]
-    struct View {
-        owner: Option<String>,
-        epoch: u64,
-    }
     let bytes: Bytes = forward::read_body(response.into_body(), 4096).await.ok()?;
-    let view: View = serde_json::from_slice(&bytes).ok()?;
+    let view: MisdirectedView = serde_json::from_slice(&bytes).ok()?;
     Some((view.owner?, view.epoch))
 }
