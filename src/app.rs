@@ -14,10 +14,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Backend, Config};
 use crate::control::Control;
-use crate::coord::Store;
 use crate::forward::Forwarder;
 use crate::health::{self, HealthBoard};
 use crate::proxy::Proxy;
+use crate::store::Store;
 use crate::{admin, coordinator, listener, metrics};
 
 /// Why a router could not start.

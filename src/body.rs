@@ -26,7 +26,9 @@ use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::error::BoxError;
+/// The error a body (and a transport carrying one) fails with. Defined here, the lowest layer
+/// that needs it, so that bodies depend on nothing else in the crate.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug)]
 pub enum Body {

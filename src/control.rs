@@ -21,12 +21,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::coord::{Keys, Store, View};
+use crate::coord::{Keys, View};
 use crate::headers::via_token;
 use crate::hook::HookJob;
 use crate::metrics;
 use crate::ownership::Table;
 use crate::shard::ShardKey;
+use crate::store::Store;
 
 /// One consistent view of configuration and ownership.
 #[derive(Debug)]

@@ -2,20 +2,18 @@
 //!
 //! Ownership lives in a linearizable store that decides by compare-and-swap (spec sections 9 and
 //! 10). This file defines what the router needs from such a store (leases with keepalive, a
-//! transaction with compares, range reads, watch-from-revision, and election) as one [`Store`]
-//! type with a variant per backend, plus the store's data model: key layout, the JSON of a shard
-//! record, and a [`View`] of everything a router follows. Election is written once, for every
-//! backend, as a key created on the candidate's lease.
+//! transaction with compares, range reads, watch-from-revision, and election), and the store's
+//! data model: key layout, the JSON of a shard record, and a [`View`] of everything a router
+//! follows. `store.rs` dispatches the interface to the configured backend (`memory_store.rs`,
+//! `etcd_store.rs`), which implement it on these types; this file names no backend.
 //!
 //! It must not decide anything: `lease.rs`, `failover.rs` and `control.rs` do, through this
 //! interface, so their logic does not depend on which backend is configured.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::memory_store::MemoryClient;
 use crate::shard::ShardKey;
 
 /// A store revision: grows by one with every committed change.
@@ -98,86 +96,6 @@ pub enum CoordError {
 /// A stream of watch batches. It ends (returns `None`) or yields an error when the watch breaks;
 /// the caller then re-reads in full and watches again.
 pub type WatchStream = tokio::sync::mpsc::Receiver<Result<Batch, CoordError>>;
-
-/// The configured backend. An enum rather than a trait object: two backends, known at build
-/// time, and no boxing of futures.
-#[derive(Debug, Clone)]
-pub enum Store {
-    Memory(MemoryClient),
-    #[cfg(feature = "etcd")]
-    Etcd(crate::etcd_store::EtcdClient),
-}
-
-impl Store {
-    /// Grant a lease of `ttl`.
-    pub async fn grant(&self, ttl: Duration) -> Result<LeaseId, CoordError> {
-        match self {
-            Self::Memory(m) => m.grant(ttl),
-            #[cfg(feature = "etcd")]
-            Self::Etcd(e) => e.grant(ttl).await,
-        }
-    }
-
-    /// One keepalive round trip; returns the TTL the store reset the lease to.
-    pub async fn keepalive(&self, lease: LeaseId) -> Result<Duration, CoordError> {
-        match self {
-            Self::Memory(m) => m.keepalive(lease),
-            #[cfg(feature = "etcd")]
-            Self::Etcd(e) => e.keepalive(lease).await,
-        }
-    }
-
-    /// Every key under `prefix`, and the revision they were read at.
-    pub async fn range(&self, prefix: &str) -> Result<(Vec<Kv>, Revision), CoordError> {
-        match self {
-            Self::Memory(m) => m.range(prefix),
-            #[cfg(feature = "etcd")]
-            Self::Etcd(e) => e.range(prefix).await,
-        }
-    }
-
-    /// If every compare holds, apply `then`; otherwise apply `otherwise`. Atomic.
-    pub async fn txn(
-        &self,
-        compares: Vec<Compare>,
-        then: Vec<Op>,
-        otherwise: Vec<Op>,
-    ) -> Result<TxnOutcome, CoordError> {
-        match self {
-            Self::Memory(m) => m.txn(&compares, then, otherwise),
-            #[cfg(feature = "etcd")]
-            Self::Etcd(e) => e.txn(&compares, then, otherwise).await,
-        }
-    }
-
-    /// Election: become the holder of `key` unless someone holds it, on `lease` (so the role
-    /// ends with the holder's lease). Returns the key's `create_revision` when elected; the
-    /// holder proves it still leads by comparing that revision in its transactions.
-    pub async fn campaign(
-        &self,
-        key: &str,
-        candidate: &str,
-        lease: LeaseId,
-    ) -> Result<Option<Revision>, CoordError> {
-        let claim = Op::Put {
-            key: key.to_owned(),
-            value: candidate.as_bytes().to_vec(),
-            lease,
-        };
-        let absent = vec![Compare::CreateRevision(key.to_owned(), 0)];
-        let outcome = self.txn(absent, vec![claim], Vec::new()).await?;
-        Ok(outcome.succeeded.then_some(outcome.revision))
-    }
-
-    /// Changes under `prefix` from revision `from` on.
-    pub async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, CoordError> {
-        match self {
-            Self::Memory(m) => m.watch(prefix, from),
-            #[cfg(feature = "etcd")]
-            Self::Etcd(e) => e.watch(prefix, from).await,
-        }
-    }
-}
 
 // === Key layout ===
 

@@ -20,12 +20,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::control::Coordination;
-use crate::coord::{Compare, CoordError, Keys, Op, Store, View};
+use crate::coord::{Compare, CoordError, Keys, Op, View};
 use crate::forward::Forwarder;
 use crate::health::HealthBoard;
 use crate::lease::{Gate, Identity};
 use crate::ownership::Table;
 use crate::shard::ShardKey;
+use crate::store::Store;
 use crate::{failover, hook, lease};
 
 /// Why a router could not join its coordination store.

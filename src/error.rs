@@ -134,7 +134,7 @@ pub enum RouterError {
     LoopDetected,
 }
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::body::BoxError;
 
 impl From<ClassifyError> for RouterError {
     fn from(e: ClassifyError) -> Self {

@@ -20,13 +20,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::coord::{
-    now_rfc3339, Compare, CoordError, Keys, Op, Revision, ShardRecord, Store, View,
-};
+use crate::coord::{now_rfc3339, Compare, CoordError, Keys, Op, Revision, ShardRecord, View};
 use crate::forward::Forwarder;
 use crate::lease::Gate;
 use crate::metrics;
 use crate::shard::ShardKey;
+use crate::store::Store;
 
 /// One shard to move.
 #[derive(Debug, Clone, PartialEq, Eq)]

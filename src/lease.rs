@@ -23,11 +23,12 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::coord::{CoordError, Keys, LeaseId, Op, Revision, Store};
+use crate::coord::{CoordError, Keys, LeaseId, Op, Revision};
 use crate::fence::fence_deadline;
 use crate::health::{HealthBoard, Status};
 use crate::metrics;
 use crate::shard::DcId;
+use crate::store::Store;
 
 /// The write gate. Written by the lease task; read by the request path on every owned write.
 #[derive(Debug)]

@@ -31,7 +31,7 @@
 //! - `admin`: `/healthz`, `/readyz`, `/metrics`, `/admin/table`.
 //! - `metrics`: metric names and the Prometheus recorder.
 //! - `coord`: the coordination store interface (etcd semantics) and its data model;
-//!   `memory_store` and `etcd_store` implement it.
+//!   `memory_store` and `etcd_store` implement it, and `store` dispatches to the configured one.
 //! - `coordinator`: joining the store, following it with a watch, starting the tasks below.
 //! - `lease`: this router's lease, its registration, and the self-fencing write gate.
 //! - `failover`: the failover manager, planned switchover, freeze.
@@ -101,4 +101,5 @@ pub mod ownership;
 pub mod proxy;
 pub mod reload;
 pub mod shard;
+pub mod store;
 pub mod tls;
