@@ -16,6 +16,7 @@ use crate::config::{Backend, Config};
 use crate::control::Control;
 use crate::forward::Forwarder;
 use crate::health::{self, HealthBoard};
+use crate::ownership::Table;
 use crate::proxy::Proxy;
 use crate::store::Store;
 use crate::{admin, coordinator, listener, metrics};
@@ -140,7 +141,10 @@ impl App {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AppError> {
         let metrics = metrics::install();
         let config = self.config;
-        metrics::register(&config);
+        metrics::register(
+            config.datacenters.iter().map(|dc| dc.name.as_str()),
+            Table::from_config(&config).shards().map(|s| s.key),
+        );
         let tls_settings = config.tls.as_ref().map(|t| t.handshake_timeout);
         let drain_timeout = config.drain_timeout;
         let server_tls = crate::tls::server_config(&config)?;

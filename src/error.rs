@@ -458,6 +458,32 @@ mod tests {
     }
 
     #[test]
+    fn every_client_fault_has_a_metric_series_from_the_start() {
+        let faults = [
+            RouterError::BadRequest,
+            RouterError::BadClusterId,
+            RouterError::BadPath,
+            RouterError::BadHost,
+            RouterError::HopWithoutShard,
+            RouterError::AmbiguousNodeBody,
+            RouterError::ClientTimeout(Duration::from_secs(1)),
+            RouterError::PeerUnauthenticated,
+            RouterError::UnassignedShard(ShardKey::Global),
+            RouterError::BodyTooLarge { limit: 1 },
+            RouterError::HeadersTooLarge { limit: 1 },
+        ];
+        for fault in faults {
+            assert!(fault.is_client_fault(), "{fault:?}");
+            assert!(
+                crate::metrics::CLIENT_ERROR_KINDS.contains(&fault.code()),
+                "{}",
+                fault.code()
+            );
+        }
+        assert!(!RouterError::LoopDetected.is_client_fault());
+    }
+
+    #[test]
     fn retry_after_is_whole_seconds_at_least_one() {
         let r = RouterError::OwnerUnavailable {
             dc: "x".to_owned(),

@@ -16,6 +16,8 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use crate::shard::ShardKey;
+
 pub const REQUESTS_TOTAL: &str = "loom_router_requests_total";
 pub const REQUEST_DURATION_SECONDS: &str = "loom_router_request_duration_seconds";
 pub const UPSTREAM_ERRORS_TOTAL: &str = "loom_router_upstream_errors_total";
@@ -32,6 +34,19 @@ pub const RETRIES_TOTAL: &str = "loom_router_retries_total";
 pub const OPEN_CONNECTIONS: &str = "loom_router_open_connections";
 pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "loom_router_tls_handshake_failures_total";
 pub const CLIENT_ERRORS_TOTAL: &str = "loom_router_client_errors_total";
+
+/// The codes of client faults the router answers itself (`RouterError::is_client_fault`), listed
+/// so that every `client_errors_total` series exists before its first error.
+pub const CLIENT_ERROR_KINDS: [&str; 8] = [
+    "bad_request",
+    "bad_cluster_id",
+    "bad_path",
+    "peer_unauthenticated",
+    "unassigned_shard",
+    "client_timeout",
+    "body_too_large",
+    "headers_too_large",
+];
 
 /// Latency buckets, in seconds: fine-grained below 10 ms where a local proxy hop lives, coarse
 /// up to the 30 s default request timeout.
@@ -258,8 +273,12 @@ pub fn set_shard_unprotected(shard: &str, unprotected: bool) {
 
 /// Create every spec metric with its label sets, so `/metrics` lists them from the start (the
 /// exporter only prints series that exist). Adds zero: safe when several routers share the
-/// recorder, as in the demo.
-pub fn register(config: &crate::config::Config) {
+/// recorder, as in the demo. Takes the DC names and shard keys, not the config: this module is a
+/// leaf that everything records into, and depends on nothing that records.
+pub fn register<'a>(
+    datacenters: impl IntoIterator<Item = &'a str>,
+    shards: impl IntoIterator<Item = ShardKey>,
+) {
     counter!(FAILOVERS_TOTAL).increment(0);
     counter!(FENCED_WRITES_TOTAL).increment(0);
     counter!(TLS_HANDSHAKE_FAILURES_TOTAL).increment(0);
@@ -269,18 +288,20 @@ pub fn register(config: &crate::config::Config) {
     for result in ["ok", "error"] {
         counter!(CONFIG_RELOADS_TOTAL, "result" => result).increment(0);
     }
+    for kind in CLIENT_ERROR_KINDS {
+        counter!(CLIENT_ERRORS_TOTAL, "kind" => kind).increment(0);
+    }
     gauge!(INFLIGHT_REQUESTS).increment(0.0);
     gauge!(LEASE_REMAINING_SECONDS).increment(0.0);
     gauge!(TABLE_EPOCH).increment(0.0);
-    for dc in &config.datacenters {
-        gauge!(DATACENTER_UP, "datacenter" => dc.name.clone()).increment(0.0);
+    for dc in datacenters {
+        gauge!(DATACENTER_UP, "datacenter" => dc.to_owned()).increment(0.0);
         for kind in ["connect", "timeout", "reset", "tls"] {
-            counter!(UPSTREAM_ERRORS_TOTAL, "target" => dc.name.clone(), "kind" => kind)
-                .increment(0);
+            counter!(UPSTREAM_ERRORS_TOTAL, "target" => dc.to_owned(), "kind" => kind).increment(0);
         }
     }
-    for shard in crate::ownership::Table::from_config(config).shards() {
-        gauge!(SHARD_UNPROTECTED, "shard" => shard.key.to_string()).increment(0.0);
+    for shard in shards {
+        gauge!(SHARD_UNPROTECTED, "shard" => shard.to_string()).increment(0.0);
     }
 }
 
@@ -387,9 +408,9 @@ mod tests {
 
     #[test]
     fn every_spec_metric_exists_from_the_start() {
-        let config =
-            crate::config::Config::from_toml(include_str!("../config/loom-router.toml")).unwrap();
-        let text = rendered(|| register(&config));
+        let dcs = ["us-east", "us-west", "eu-central"];
+        let shards = [ShardKey::Residue(1), ShardKey::Global];
+        let text = rendered(|| register(dcs, shards));
         for name in [
             UPSTREAM_ERRORS_TOTAL,
             TABLE_EPOCH,
@@ -401,6 +422,7 @@ mod tests {
             LEASE_REMAINING_SECONDS,
             SHARD_UNPROTECTED,
             OPEN_CONNECTIONS,
+            CLIENT_ERRORS_TOTAL,
         ] {
             assert!(
                 text.contains(&format!("# HELP {name} ")),
@@ -416,5 +438,6 @@ mod tests {
             text.contains("loom_router_upstream_errors_total{target=\"us-west\",kind=\"tls\"} 0")
         );
         assert!(text.contains("loom_router_shard_unprotected{shard=\"global\"} 0"));
+        assert!(text.contains("loom_router_client_errors_total{kind=\"client_timeout\"} 0"));
     }
 }
