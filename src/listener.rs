@@ -154,7 +154,7 @@ macro_rules! service {
                     // Boxed per request: hyper keeps room for one service future in every
                     // connection for the connection's whole life, and the proxy's future is
                     // about 5 KiB; boxed, the room is a pointer. Idle connections went from 27
-                    // to 21 KiB of RSS each (README, "Performance").
+                    // to 21 KiB of RSS each (docs/performance.md).
                     Box::pin(async move { Ok::<_, Infallible>(proxy.handle(request, conn).await) })
                 }),
         )
