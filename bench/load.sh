@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Load benchmark (issue 5): loom-router against nginx and HAProxy on the same machine, in one
-# run, as ratios of medians over interleaved rounds. Method: reference/proxy-anchors.md §3.
+# run, as ratios of medians over interleaved rounds. Method: docs/performance.md.
 #
 # One nginx (1 worker) is the backend for everyone: it answers every path and method with a
 # fixed cluster JSON, so no proxy is measured through a slow backend. Scenarios, per round:

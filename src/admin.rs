@@ -1,5 +1,5 @@
-//! The admin listener: health, readiness, metrics, the shard table and operator controls (spec
-//! section 8).
+//! The admin listener: health, readiness, metrics, the shard table and operator controls
+//! (`docs/operations.md`).
 //!
 //! It runs on its own port, never behind the proxy's routing, so an operator can still see the
 //! router when the data path is overloaded. Reads (`/healthz`, `/readyz`, `/metrics`,

@@ -4,7 +4,7 @@
 //! first request; tests and the demo use [`App::from_listeners`] with sockets bound on port 0.
 //! [`App::run`] starts the snapshot writer, the health probes and the listeners, and on shutdown
 //! drains: `/readyz` turns 503 at once, listeners stop accepting, and in-flight requests get
-//! `drain_timeout` to finish (spec section 8). This file makes no routing decisions.
+//! `drain_timeout` to finish (docs/operations.md). This file makes no routing decisions.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

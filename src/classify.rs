@@ -1,6 +1,6 @@
 //! Classification: method + path → which route a request takes and which shard key it names.
 //!
-//! This is spec section 3 as a pure function. It owns the cluster-ID grammar (section 2), the
+//! This is docs/routing.md as a pure function. It owns the cluster-ID grammar, the
 //! path rule (`bad_path`: every path must be in the normal form Loom routes on, see
 //! [`normal_path`]) and the routing table rows for both API generations (`/v1/loom` and `/v2`). It must not look at the ownership table, the body or the network: rows that need the
 //! body (`/v2/nodes`) or a lookup (`DELETE /v2/nodes/{node}`) come back as a [`Key`] that tells
@@ -16,13 +16,13 @@ use http::Method;
 /// The largest cluster ID: Loom's counter is a Java `long`.
 pub const MAX_CLUSTER_ID: u64 = i64::MAX as u64;
 
-/// The router's own probe path on the data listeners (spec section 8).
+/// The router's own probe path on the data listeners (docs/operations.md).
 pub const READYZ_PATH: &str = "/loom-router/readyz";
 /// Asked by a planned switchover of this router's DC's shard: has this router seen the fence,
 /// and finished every write it admitted before it? Answered by the router, never passed on.
 pub const DRAINED_PATH: &str = "/loom-router/drained";
 
-/// What the request is, as the routing table in spec section 3 names it.
+/// What the request is, as the routing table in docs/routing.md names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
     /// Task and provisioner traffic: always the local Loom.
@@ -112,7 +112,7 @@ pub fn classify(method: &Method, raw_path: &str) -> Result<Class, ClassifyError>
     classify_under_base(method, generation, rest)
 }
 
-/// The decoded path a request is routed on, if its raw path is in normal form (spec section 3).
+/// The decoded path a request is routed on, if its raw path is in normal form (docs/routing.md).
 ///
 /// Loom's HTTP layer (netty-http) routes on `java.net.URI.create(uri).normalize().getPath()`:
 /// dot-segments are removed, repeated slashes merged, and then percent-escapes decoded, `%2F`
@@ -294,7 +294,7 @@ const fn class(route: Route, key: Key) -> Class {
     Class { route, key }
 }
 
-/// Parse a cluster ID (spec section 2): 1 to 19 ASCII digits, value at most `i64::MAX`, leading
+/// Parse a cluster ID (docs/routing.md): 1 to 19 ASCII digits, value at most `i64::MAX`, leading
 /// zeros allowed. The input is already percent-decoded.
 pub fn parse_cluster_id(s: &str) -> Result<u64, ClassifyError> {
     let bytes = s.as_bytes();

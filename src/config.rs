@@ -1,4 +1,4 @@
-//! Configuration: the TOML file (spec section 7) and its validation.
+//! Configuration: the TOML file (docs/configuration.md) and its validation.
 //!
 //! Two layers, kept apart on purpose. [`RawConfig`] mirrors the file exactly (serde,
 //! `deny_unknown_fields`, strings for durations and URLs). [`Config`] is what the rest of the
@@ -357,7 +357,7 @@ pub enum AccessLog {
     Off,
 }
 
-// === Defaults (spec section 7) ===
+// === Defaults (docs/configuration.md) ===
 
 /// Client listener.
 pub const DEFAULT_LISTEN_HTTP: &str = "0.0.0.0:8080";
@@ -433,7 +433,7 @@ impl Config {
             || self.loom.health_path != next.loom.health_path
     }
 
-    /// Keys whose change a reload refuses (spec section 7): they need a restart.
+    /// Keys whose change a reload refuses (docs/configuration.md): they need a restart.
     pub fn restart_only_changes(&self, next: &Self) -> Vec<&'static str> {
         let mut out = Vec::new();
         if self.listen.http != next.listen.http {
@@ -852,7 +852,7 @@ impl TryFrom<RawConfig> for Config {
             );
         }
         // Toward an https peer a router presents its own certificate and verifies the peer's
-        // against client_ca (spec section 7).
+        // against client_ca (docs/configuration.md).
         let peers_ca = tls.as_ref().is_some_and(|t| t.client_ca.is_some());
         for (i, dc) in raw.datacenters.iter().enumerate() {
             if dc.router.starts_with("https://")
@@ -971,7 +971,7 @@ impl TryFrom<RawConfig> for Config {
                 .clone()
                 .unwrap_or_else(|| "/loom-router".to_owned()),
         };
-        // With a lease, every owned write must fit inside it (spec section 10, item 3): the gate
+        // With a lease, every owned write must fit inside it (docs/failover.md): the gate
         // admits a write only if write_timeout ends before lease·(1 − 2ρ) − δ after the last
         // keepalive was sent, and the next keepalive may be up to one interval away.
         if backend != Backend::Static {

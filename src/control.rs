@@ -8,7 +8,7 @@
 //! The writer takes its inputs from three places: views of the coordination store (pushed by the
 //! watch in `coordinator.rs`), refresh requests from the request path (a peer knew a newer
 //! epoch), and results of become-owner hooks. It never installs a table older than the one it
-//! serves (spec section 10), and on any error the old snapshot keeps serving.
+//! serves (docs/failover.md), and on any error the old snapshot keeps serving.
 //!
 //! This file must not route requests or probe anything; it only builds and publishes snapshots.
 
@@ -182,7 +182,7 @@ impl Control {
     }
 
     /// Ask the writer to re-read ownership from the coordination store, and wait for it. Used
-    /// when a peer shows a newer epoch than ours (spec section 4).
+    /// when a peer shows a newer epoch than ours (docs/routing.md).
     pub async fn refresh(&self) {
         let (tx, rx) = oneshot::channel();
         if self.events.send(Event::Refresh(tx)).await.is_ok() {

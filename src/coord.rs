@@ -1,7 +1,7 @@
 //! The coordination store interface: etcd's semantics, written once for every backend.
 //!
-//! Ownership lives in a linearizable store that decides by compare-and-swap (spec sections 9 and
-//! 10). This file defines what the router needs from such a store (leases with keepalive, a
+//! Ownership lives in a linearizable store that decides by compare-and-swap
+//! (`docs/failover.md`). This file defines what the router needs from such a store (leases with keepalive, a
 //! transaction with compares, range reads, watch-from-revision, and election), and the store's
 //! data model: key layout, the JSON of a shard record, and a [`View`] of everything a router
 //! follows. `store.rs` dispatches the interface to the configured backend (`memory_store.rs`,
@@ -152,7 +152,7 @@ impl Keys {
         format!("{}/manager", self.prefix)
     }
 
-    /// The settings every router must share (spec section 9).
+    /// The settings every router must share (docs/failover.md).
     pub fn fingerprint(&self) -> String {
         format!("{}/fingerprint", self.prefix)
     }

@@ -67,7 +67,7 @@ pub struct Handle {
     pub fingerprint: String,
 }
 
-/// The settings every router of one installation must share (spec section 9).
+/// The settings every router of one installation must share (docs/failover.md).
 pub fn fingerprint(config: &Config) -> String {
     let mut out = format!(
         "increment={} global_home={}",
@@ -221,7 +221,7 @@ pub async fn join(
 }
 
 /// Keep `views` up to date with the store: read everything, then watch from the next revision.
-/// After any watch error, start over with a full read (spec section 10: a router re-reads the
+/// After any watch error, start over with a full read (docs/failover.md: a router re-reads the
 /// table in full after a watch error).
 async fn follow(
     store: Store,

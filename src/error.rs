@@ -1,4 +1,4 @@
-//! Router errors, and the one place they become HTTP responses (spec section 5).
+//! Router errors, and the one place they become HTTP responses (docs/routing.md).
 //!
 //! Every error the router produces itself is a [`RouterError`]. [`RouterError::status`] and
 //! [`RouterError::code`] are exhaustive matches with no wildcard, so a new variant cannot ship
@@ -371,7 +371,7 @@ impl RouterError {
     /// route.
     pub fn to_response(&self) -> Response<Body> {
         let (content_type, body) = match self {
-            // The one JSON error: only routers read it (spec section 4).
+            // The one JSON error: only routers read it (docs/routing.md).
             Self::Misdirected {
                 shard,
                 owner,

@@ -1,4 +1,4 @@
-//! The `etcd` coordination backend: the real multi-DC mode (spec section 9), on `etcd-client`.
+//! The `etcd` coordination backend: the real multi-DC mode (docs/failover.md), on `etcd-client`.
 //!
 //! It maps the [`Store`](crate::store::Store) interface onto etcd's API one to one: leases with
 //! keepalive, transactions with compares (a prefix compare is etcd's `version == 0` over the

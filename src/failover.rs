@@ -3,7 +3,7 @@
 //! One failover manager is active cluster-wide: the router that holds the election key, created
 //! on its own lease. For each shard owned by a DC that has no registered router, it moves
 //! ownership to the first live DC in the shard's replicas, with one compare-and-swap that checks
-//! the shard is unchanged, the DC is still dead and the manager still leads (spec section 10).
+//! the shard is unchanged, the DC is still dead and the manager still leads (docs/failover.md).
 //! The swap's new revision is the shard's new epoch. Health checks play no part: liveness is
 //! registration under a lease.
 //!
@@ -263,7 +263,7 @@ pub struct Switchover {
     pub write_pause: Duration,
 }
 
-/// Planned switchover (spec section 8): fence the shard, wait until writes in flight under the
+/// Planned switchover (docs/operations.md): fence the shard, wait until writes in flight under the
 /// old epoch have finished (`drain`), then move it.
 #[allow(clippy::too_many_arguments)]
 pub async fn switchover(

@@ -1,5 +1,5 @@
-//! The fence arithmetic: how long a router may keep admitting writes under a lease (spec section
-//! 10, item 3).
+//! The fence arithmetic: how long a router may keep admitting writes under a lease
+//! (`docs/failover.md`, self-fencing).
 //!
 //! Pure and dependency-free, so that both the lease task (`lease.rs`), which feeds the write gate,
 //! and config validation (`config.rs`), which refuses a `write_timeout` that could never fit,

@@ -11,7 +11,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, VIA};
 use http::uri::Authority;
 use http::Version;
 
-/// The route a request took (spec section 5).
+/// The route a request took (docs/routing.md).
 pub const ROUTE: HeaderName = HeaderName::from_static("x-loom-route");
 /// The DC whose Loom produced the response.
 pub const SERVED_BY: HeaderName = HeaderName::from_static("x-loom-served-by");

@@ -5,7 +5,7 @@
 //! [`spawn_probes`] runs one probe task per DC on the `[health]` schedule and writes the verdict
 //! into [`HealthBoard`], which the request path reads to fail fast with `owner_unavailable`.
 //!
-//! Health never moves ownership (spec section 1); this file must not touch the table.
+//! Health never moves ownership (docs/routing.md); this file must not touch the table.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};

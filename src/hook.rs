@@ -2,7 +2,7 @@
 //!
 //! When the table shows this DC owning a shard it did not own before, the router POSTs
 //! `{"shard", "epoch", "previous_owner"}` to `[coordination] become_owner_hook` before admitting
-//! writes for it (spec section 10). That is where replication from the old owner is cut off and
+//! writes for it (docs/failover.md). That is where replication from the old owner is cut off and
 //! in-progress jobs are restarted. A 2xx within `hook_timeout` is success; failures are retried
 //! with backoff, and writes for the shard get 503 `fenced` until then.
 //!

@@ -4,7 +4,7 @@
 //! registers itself under its DC on that lease. When the Loom turns unhealthy the router stops
 //! admitting owned writes at once, and withdraws its registration once the Loom has been
 //! unhealthy for a whole lease. A DC is alive while any of its routers is
-//! registered (spec section 10). The [`Gate`] is what keeps two DCs from writing one shard: a
+//! registered (docs/failover.md). The [`Gate`] is what keeps two DCs from writing one shard: a
 //! router admits a write for a shard it owns only while
 //! - it is registered (a withdrawn router may already have lost its shards), and its table is at
 //!   least as new as its registration (so any failover before it came back is visible), and
@@ -139,7 +139,7 @@ pub struct Identity {
 
 /// Keep a lease, and a registration on it while the local Loom is healthy, until `cancel`.
 /// Never revokes the lease on the way out: a restart quicker than the lease keeps the DC's
-/// shards (spec section 8).
+/// shards (docs/operations.md).
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     store: Store,

@@ -3,15 +3,16 @@
 //!
 //! One router runs in front of each DC's Loom server. Cluster IDs come from per-DC counters
 //! (`start_k, start_k + M, ...`), so `shard(id) = id mod M` names the DC that created a cluster,
-//! and only the shard's owner may write it. The contract is `spec/router.md`; section numbers in
-//! comments refer to it.
+//! and only the shard's owner may write it. What it promises is written down in `docs/`
+//! (`docs/routing.md` for requests, `docs/failover.md` for ownership, `docs/configuration.md` and
+//! `docs/operations.md`); comments cite those pages.
 //!
 //! # Layout
 //!
 //! Pure, no I/O:
 //! - `shard`: the leaf domain types, `DcId`, `ShardKey`, `ShardState`, `Epoch`; imports nothing
 //!   from the rest of the crate.
-//! - `classify`: method + path → route and shard key (spec section 3); the cluster-ID grammar.
+//! - `classify`: method + path → route and shard key (docs/routing.md); the cluster-ID grammar.
 //! - `ownership`: the immutable ownership [`Table`](ownership::Table); resolving a request to
 //!   the local Loom or a peer; admitting a forwarded write.
 //! - `config`: the TOML file, its validation, and errors that name the key.

@@ -1,4 +1,4 @@
-//! The `loom-router` command: `run`, `check` and `demo` (spec section 6).
+//! The `loom-router` command: `run`, `check` and `demo` (docs/configuration.md).
 //!
 //! This file parses arguments, sets up logging, maps outcomes to exit codes and waits for
 //! signals. Everything it runs lives in the library.

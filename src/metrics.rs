@@ -1,4 +1,4 @@
-//! Metric names, descriptions and the Prometheus recorder (spec section 8).
+//! Metric names, descriptions and the Prometheus recorder (docs/operations.md).
 //!
 //! Every metric name is a constant here, and every label set is small and fixed: routes, status
 //! codes, DC names and error kinds, never cluster IDs. Other files record through the helpers

@@ -1,4 +1,4 @@
-//! The ownership table: which DC owns each shard, at which epoch (spec section 2).
+//! The ownership table: which DC owns each shard, at which epoch (docs/routing.md).
 //!
 //! A [`Table`] is an immutable snapshot. `control.rs` builds the next one to one side and
 //! publishes it with a single `ArcSwap::store`; the request path loads it once per request and
@@ -49,7 +49,7 @@ pub struct Table {
     residues: Vec<Shard>,
     pub global: Shard,
     /// Shards this DC gained whose become-owner hook has not succeeded yet on this router:
-    /// writes for them are fenced here (spec section 10). Router-local, never stored.
+    /// writes for them are fenced here (docs/failover.md). Router-local, never stored.
     pub hook_pending: Vec<ShardKey>,
 }
 
@@ -79,7 +79,7 @@ pub enum ResolveError {
     Fenced(ShardKey),
 }
 
-/// The receiver's verdict on a forwarded write (spec section 4).
+/// The receiver's verdict on a forwarded write (docs/routing.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
     /// Serve it from the local Loom, stamped with this epoch.

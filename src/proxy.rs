@@ -4,7 +4,7 @@
 //! snapshot once, asks `classify.rs` what the request is and `ownership.rs` where it goes, then
 //! uses `forward.rs` to send it: to the local Loom, or, for a write this DC does not own, to the
 //! owning DC's router (one hop, never two). A write that arrives from a peer router is checked
-//! against this router's table before its Loom sees it (spec section 4).
+//! against this router's table before its Loom sees it (docs/routing.md).
 //!
 //! This file owns the order of those steps, the 421 retry loop, route headers, and logging and
 //! metrics for each request, once, at the edge. It must not parse paths (classify.rs), compute
@@ -300,7 +300,7 @@ impl Proxy {
         self.inner.coordination.as_ref().map(|(g, _)| g.as_ref())
     }
 
-    /// May this router admit a write for a shard it owns, right now (spec section 10, item 3)?
+    /// May this router admit a write for a shard it owns, right now (docs/failover.md)?
     /// Always under `static`. Otherwise only from a table read from the store, and only while
     /// the lease is certain to outlast `write_timeout`.
     fn may_admit(&self, snap: &Snapshot) -> bool {

@@ -1,4 +1,4 @@
-//! What makes a router re-read its config: SIGHUP, and a change to the file (spec section 8).
+//! What makes a router re-read its config: SIGHUP, and a change to the file (docs/operations.md).
 //! `POST /admin/reload` is the third way (`admin.rs`).
 //!
 //! All three ask the snapshot writer (`control.rs`) to reload, which validates the new file and

@@ -3,7 +3,7 @@
 //! The server side offers HTTP/2 and HTTP/1.1 by ALPN and, with `[tls] client_ca`, verifies
 //! client certificates signed by that CA. With `client_auth = "optional"` (the default) a client
 //! without a certificate may still connect (the load balancer has none); it is just not a
-//! verified peer, so hop headers from it are refused (spec section 4). With `"required"` its
+//! verified peer, so hop headers from it are refused (docs/routing.md). With `"required"` its
 //! handshake fails. The client side, toward peer routers and the Loom whose URLs are
 //! `https://`, presents this router's own certificate and trusts `client_ca` (peers) and
 //! `[loom] ca` (Loom). Both use the ring provider, explicitly, so no process-wide default is

@@ -1,4 +1,4 @@
-//! The admin listener (spec section 8): health, readiness, the shard table and metrics.
+//! The admin listener (docs/operations.md): health, readiness, the shard table and metrics.
 
 use crate::support::*;
 

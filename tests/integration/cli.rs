@@ -1,4 +1,4 @@
-//! `loom-router check` and `--version` (spec section 6), run as the real binary.
+//! `loom-router check` and `--version` (docs/configuration.md), run as the real binary.
 
 use std::process::Command;
 use std::time::Duration;

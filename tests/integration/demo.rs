@@ -1,4 +1,4 @@
-//! `loom-router demo` (spec section 6): the printed walk-through works, in process and as the
+//! `loom-router demo` (docs/configuration.md): the printed walk-through works, in process and as the
 //! real binary.
 
 use std::io::{BufRead, BufReader};

@@ -1,4 +1,4 @@
-//! The HTTP edge under hostile input (spec sections 3 to 5): paths that normalise into the API,
+//! The HTTP edge under hostile input (docs/routing.md): paths that normalise into the API,
 //! `Connection` on several lines, bad `Host` fields, stalled bodies, forged router headers and
 //! client certificates. Each test sends exact request bytes and asserts what reached which Loom.
 

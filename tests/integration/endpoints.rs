@@ -1,4 +1,4 @@
-//! Every endpoint listed in `reference/loom-api.md` (sections 2.1 to 2.5), classified.
+//! Every endpoint of the Loom and Coopr REST APIs (`/v1/loom` and `/v2`), classified.
 //!
 //! Pure: no servers. Each row is (method, path relative to `{B}` or absolute, route). `{id}` is
 //! a cluster in shard 9; rows are checked under both generations where Loom has them.

@@ -1,4 +1,4 @@
-//! Bad input and dead parts (spec section 5): every router error with its status, code, route
+//! Bad input and dead parts (docs/routing.md): every router error with its status, code, route
 //! header and sentence, and nothing reaches a Loom that should not.
 
 use std::time::Duration;

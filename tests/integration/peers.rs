@@ -1,4 +1,4 @@
-//! Between routers (spec section 4): one hop at most, 421 with the receiver's view, retries after
+//! Between routers (docs/routing.md): one hop at most, 421 with the receiver's view, retries after
 //! a 421, and 508 on a loop.
 
 use crate::support::*;

@@ -1,4 +1,4 @@
-//! Every row of the routing table (spec section 3), end to end: which DC's Loom saw the request,
+//! Every row of the routing table (docs/routing.md), end to end: which DC's Loom saw the request,
 //! exactly once, with body bytes and Loom headers unchanged.
 
 use crate::support::*;
