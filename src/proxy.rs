@@ -170,6 +170,49 @@ impl Label {
     }
 }
 
+/// Whose `X-Loom-Router-*` headers a request may carry to this DC's Loom.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trust {
+    /// A client's request, or a hop nothing vouches for: its router headers are stripped and the
+    /// router sends its own.
+    Client,
+    /// A peer's hop this router admitted: origin and shard are kept, the epoch is this router's.
+    Peer,
+}
+
+/// A request on its way to this DC's Loom: how it is labelled, and for an owned write, the shard
+/// and the epoch it was admitted under.
+#[derive(Debug, Clone, Copy)]
+struct ToLocal {
+    label: Label,
+    shard: Option<ShardKey>,
+    epoch: Option<u64>,
+    trust: Trust,
+}
+
+impl ToLocal {
+    /// A request that names no shard this router admits: reads, passthrough, provisioner calls.
+    fn unowned(label: Label) -> Self {
+        Self {
+            label,
+            shard: None,
+            epoch: None,
+            trust: Trust::Client,
+        }
+    }
+}
+
+/// A write on its way to the router of the DC that owns its shard, at the epoch the origin's
+/// table gives.
+#[derive(Debug, Clone, Copy)]
+struct ToPeer {
+    label: Label,
+    route: Route,
+    shard: ShardKey,
+    dc: DcId,
+    epoch: u64,
+}
+
 /// What the request path learns on the way that only the access log needs. Written at most
 /// once per request (atomics only because the request future must be `Send`).
 #[derive(Debug)]
@@ -443,8 +486,9 @@ impl Proxy {
         };
         let Some(shard) = shard else {
             // Reads, passthrough, provisioner traffic and unkeyed node writes: always local.
+            let request = Request::from_parts(parts, body);
             return self
-                .serve_local(snap, label, None, parts, body, None, conn, false)
+                .serve_local(snap, conn, ToLocal::unowned(label), request)
                 .await;
         };
         let resolved = if class.route == Route::Create {
@@ -474,32 +518,25 @@ impl Proxy {
                     metrics::fenced_write();
                     return Outcome::error(label, RouterError::Fenced(resolved.shard));
                 }
-                self.serve_local(
-                    snap,
+                let to = ToLocal {
                     label,
-                    Some(resolved.shard),
-                    parts,
-                    body,
+                    shard: Some(resolved.shard),
                     epoch,
-                    conn,
-                    false,
-                )
-                .await
+                    trust: Trust::Client,
+                };
+                let request = Request::from_parts(parts, body);
+                self.serve_local(snap, conn, to, request).await
             }
             Target::Peer { dc, epoch } => {
-                let label = Label::forwarded(class.route);
-                self.forward_to_peer(
-                    snap,
-                    label,
-                    class.route,
-                    resolved.shard,
+                let to = ToPeer {
+                    label: Label::forwarded(class.route),
+                    route: class.route,
+                    shard: resolved.shard,
                     dc,
                     epoch,
-                    parts,
-                    body,
-                    conn,
-                )
-                .await
+                };
+                let request = Request::from_parts(parts, body);
+                self.forward_to_peer(snap, conn, to, request).await
             }
         }
     }
@@ -626,8 +663,9 @@ impl Proxy {
                 // A node delete whose node this DC's Loom does not know (any more): Loom's own
                 // 404 is the true answer. Served as from a client: the hop's router headers are
                 // stripped, as nothing here vouches for them.
+                let request = Request::from_parts(parts, body);
                 return self
-                    .serve_local(snap, label, None, parts, body, None, conn, false)
+                    .serve_local(snap, conn, ToLocal::unowned(label), request)
                     .await;
             }
             // Routers forward only writes that name a shard. Anything else that claims to be a
@@ -649,17 +687,14 @@ impl Proxy {
                 Outcome::error(label, RouterError::Fenced(shard))
             }
             Admission::Serve { epoch } => {
-                self.serve_local(
-                    &snap,
+                let to = ToLocal {
                     label,
-                    Some(shard),
-                    parts,
-                    body,
-                    Some(epoch),
-                    conn,
-                    true,
-                )
-                .await
+                    shard: Some(shard),
+                    epoch: Some(epoch),
+                    trust: Trust::Peer,
+                };
+                let request = Request::from_parts(parts, body);
+                self.serve_local(&snap, conn, to, request).await
             }
             Admission::Fenced => {
                 metrics::fenced_write();
@@ -682,23 +717,31 @@ impl Proxy {
         }
     }
 
-    /// Send a request to this DC's Loom. `epoch` is stamped on writes; `trusted_hop` keeps the
-    /// `X-Loom-Router-*` headers a verified peer sent.
-    #[allow(clippy::too_many_arguments)]
+    /// Send a request to this DC's Loom. The epoch it was admitted under is stamped on owned
+    /// writes; a peer's `X-Loom-Router-*` headers are kept only for [`Trust::Peer`].
     async fn serve_local(
         &self,
         snap: &Snapshot,
-        label: Label,
-        shard: Option<ShardKey>,
-        mut parts: Parts,
-        body: Body,
-        epoch: Option<u64>,
         conn: &ConnInfo,
-        trusted_hop: bool,
+        to: ToLocal,
+        request: Request<Body>,
     ) -> Outcome {
+        let ToLocal {
+            label,
+            shard,
+            epoch,
+            trust,
+        } = to;
+        let (mut parts, body) = request.into_parts();
         let config = &snap.config;
         let local = config.local;
-        headers::prepare_upstream(&mut parts.headers, client(conn), &snap.via, trusted_hop);
+        let keep_router_headers = trust == Trust::Peer;
+        headers::prepare_upstream(
+            &mut parts.headers,
+            client(conn),
+            &snap.via,
+            keep_router_headers,
+        );
         if let Some(epoch) = epoch {
             parts
                 .headers
@@ -773,19 +816,21 @@ impl Proxy {
 
     /// Send a write to the owning DC's router, with hop, origin, epoch and `Via`. Bodies up to
     /// `max_retry_body_bytes` are kept so that a 421 can be retried (at most twice).
-    #[allow(clippy::too_many_arguments)]
     async fn forward_to_peer(
         &self,
         snap: &Arc<Snapshot>,
-        label: Label,
-        route: Route,
-        shard: ShardKey,
-        mut dc: DcId,
-        mut epoch: u64,
-        mut parts: Parts,
-        body: Body,
         conn: &ConnInfo,
+        to: ToPeer,
+        request: Request<Body>,
     ) -> Outcome {
+        let ToPeer {
+            label,
+            route,
+            shard,
+            mut dc,
+            mut epoch,
+        } = to;
+        let (mut parts, body) = request.into_parts();
         let config = &snap.config;
         let local = config.local;
         if !self.inner.health.usable(&config.datacenters[dc].name) {
@@ -932,18 +977,14 @@ impl Proxy {
                         .unwrap_or_else(Body::empty);
                     let mut parts = parts;
                     parts.headers = original_headers;
-                    return self
-                        .serve_local(
-                            &fresh,
-                            Label::local(route),
-                            Some(shard),
-                            parts,
-                            body,
-                            epoch,
-                            conn,
-                            false,
-                        )
-                        .await;
+                    let to = ToLocal {
+                        label: Label::local(route),
+                        shard: Some(shard),
+                        epoch,
+                        trust: Trust::Client,
+                    };
+                    let request = Request::from_parts(parts, body);
+                    return self.serve_local(&fresh, conn, to, request).await;
                 }
                 Ok(Target::Peer { dc: d, epoch: e }) => {
                     (dc, epoch) = (d, e);
