@@ -830,75 +830,23 @@ impl Proxy {
             mut dc,
             mut epoch,
         } = to;
-        let (mut parts, body) = request.into_parts();
         let config = &snap.config;
-        let local = config.local;
-        if !self.inner.health.usable(&config.datacenters[dc].name) {
-            return Outcome {
-                target: Some(dc),
-                shard: Some(shard),
-                ..Outcome::error(
-                    label,
-                    RouterError::OwnerUnavailable {
-                        dc: config.datacenters[dc].name.clone(),
-                        retry_after: retry_after(config),
-                    },
-                )
-            };
+        if let Some(down) = self.owner_down(config, label, dc, shard) {
+            return down;
         }
+        let (mut parts, body) = request.into_parts();
         // Kept in case a 421 retry ends here, where the local path rewrites them itself.
         let original_headers = parts.headers.clone();
-        headers::prepare_upstream(&mut parts.headers, client(conn), &snap.via, false);
-        parts
-            .headers
-            .insert(headers::HOP, HeaderValue::from_static("1"));
-        parts
-            .headers
-            .insert(headers::ORIGIN, snap.dc_names[local].clone());
-        if let ShardKey::Residue(r) = shard {
-            parts.headers.insert(headers::SHARD, HeaderValue::from(r));
-        }
-        parts.version = Version::HTTP_11;
+        hop_headers(snap, conn, &mut parts, shard);
+        let (replayable, mut once) = match buffer_for_retry(config, body).await {
+            Ok(buffered) => buffered,
+            Err(error) => return Outcome::error(label, error),
+        };
         // The owner bounds the write by write_timeout; wait a second longer so that we do not
         // time out on a write the owner applied.
         let timeout = config.loom.write_timeout + Duration::from_secs(1);
-
-        let buffered = match body {
-            Body::Client(streamed) => {
-                let buffering = tokio::time::timeout(
-                    config.loom.write_timeout,
-                    forward::buffer_up_to(streamed, config.limits.max_retry_body_bytes),
-                );
-                match buffering.await {
-                    Ok(Ok(b)) => b,
-                    // The client stalled, or trickled its body past the write's deadline:
-                    // nothing was sent anywhere.
-                    Ok(Err(e)) if crate::body::is_client_timeout(e.as_ref()) => {
-                        let stalled = RouterError::ClientTimeout(config.limits.body_read_timeout);
-                        return Outcome::error(label, stalled);
-                    }
-                    Err(_) => {
-                        let deadline = RouterError::ClientTimeout(config.loom.write_timeout);
-                        return Outcome::error(label, deadline);
-                    }
-                    Ok(Err(_)) => return Outcome::error(label, RouterError::BadRequest),
-                }
-            }
-            Body::Incoming(empty) => {
-                drop(empty);
-                Buffered::Complete(Bytes::new())
-            }
-            Body::Full(bytes) => Buffered::Complete(bytes.unwrap_or_default()),
-            prefixed @ Body::Prefixed { .. } => Buffered::Partial(prefixed),
-        };
-        let (replayable, mut once) = match buffered {
-            Buffered::Complete(bytes) => (Some(bytes), None),
-            Buffered::Partial(body) => (None, Some(body)),
-        };
-
         let sent = Instant::now();
-        let mut attempt = 0;
-        loop {
+        for attempt in 0..=MAX_MISDIRECTED_RETRIES {
             parts
                 .headers
                 .insert(headers::EPOCH, HeaderValue::from(epoch));
@@ -907,13 +855,15 @@ impl Proxy {
             let body = match (&replayable, once.take()) {
                 (Some(bytes), _) => Body::full(bytes.clone()),
                 (None, Some(body)) => body,
-                (None, None) => {
-                    return Outcome::error(label, RouterError::OwnershipConflict(shard))
-                }
+                (None, None) => break,
             };
             let progress = body.progress();
-            let request = rebuild(&parts, body);
-            let response = match self.inner.forwarder.send(request, timeout).await {
+            let response = match self
+                .inner
+                .forwarder
+                .send(rebuild(&parts, body), timeout)
+                .await
+            {
                 Ok(r) => r,
                 Err(e) => {
                     if let Some(error) =
@@ -931,13 +881,7 @@ impl Proxy {
                     };
                 }
             };
-            // Only a router's 421 means "not delivered"; a 421 from the owner's Loom is an answer.
-            let misdirected = response.status() == StatusCode::MISDIRECTED_REQUEST
-                && response
-                    .headers()
-                    .get(headers::ROUTER_ERROR)
-                    .is_some_and(|v| v == "misdirected");
-            if !misdirected {
+            if !is_misdirected(&response) {
                 let mut response = response.map(Body::Incoming);
                 headers::prepare_downstream(response.headers_mut(), &snap.via);
                 let router_error = response.headers().contains_key(headers::ROUTER_ERROR);
@@ -953,30 +897,19 @@ impl Proxy {
             // 421: the peer's Loom never saw the request, so even a POST may be sent again.
             let view = misdirected_view(response).await;
             if attempt == MAX_MISDIRECTED_RETRIES || replayable.is_none() {
-                return Outcome::error(label, RouterError::OwnershipConflict(shard));
+                break;
             }
-            attempt += 1;
             metrics::retry("misdirected");
-            self.inner.control.refresh().await;
-            let fresh = self.inner.control.snapshot();
-            let ours = if route == Route::Create {
-                fresh.table.resolve_create(local)
-            } else {
-                fresh.table.resolve_write(local, shard)
-            };
-            match ours.map(|r| r.target) {
-                Ok(Target::Local { epoch }) => {
+            match self.next_owner(route, shard, view).await {
+                Some(NextOwner::Peer { dc: d, epoch: e }) => (dc, epoch) = (d, e),
+                Some(NextOwner::Here { snap: fresh, epoch }) => {
                     // Our refreshed table says we own it now: serve it here, through the gate.
                     if !self.may_admit(&fresh) {
                         metrics::fenced_write();
                         return Outcome::error(Label::local(route), RouterError::Fenced(shard));
                     }
-                    let body = replayable
-                        .clone()
-                        .map(Body::full)
-                        .unwrap_or_else(Body::empty);
-                    let mut parts = parts;
                     parts.headers = original_headers;
+                    let body = replayable.map(Body::full).unwrap_or_else(Body::empty);
                     let to = ToLocal {
                         label: Label::local(route),
                         shard: Some(shard),
@@ -986,30 +919,71 @@ impl Proxy {
                     let request = Request::from_parts(parts, body);
                     return self.serve_local(&fresh, conn, to, request).await;
                 }
-                Ok(Target::Peer { dc: d, epoch: e }) => {
-                    (dc, epoch) = (d, e);
-                }
-                Err(_) => return Outcome::error(label, RouterError::OwnershipConflict(shard)),
+                None => break,
             }
-            // Adopt the peer's newer view, but never one that names this DC: only our own table
-            // may tell us to admit a write.
-            if let Some((owner, their_epoch)) = view {
-                if let Some(owner) = config.dc_by_name(&owner) {
-                    if their_epoch > epoch && owner != local {
-                        (dc, epoch) = (owner, their_epoch);
-                    }
-                }
-            }
-            if !self.inner.health.usable(&config.datacenters[dc].name) {
-                return Outcome::error(
-                    label,
-                    RouterError::OwnerUnavailable {
-                        dc: config.datacenters[dc].name.clone(),
-                        retry_after: retry_after(config),
-                    },
-                );
+            if let Some(down) = self.owner_down(config, label, dc, shard) {
+                return down;
             }
         }
+        Outcome::error(label, RouterError::OwnershipConflict(shard))
+    }
+
+    /// After a 421: where the write goes next, by this router's refreshed table, adopting the
+    /// peer's newer view unless it names this DC (only our own table may tell us to admit a
+    /// write). `None` when the table has no owner for it.
+    async fn next_owner(
+        &self,
+        route: Route,
+        shard: ShardKey,
+        view: Option<(String, u64)>,
+    ) -> Option<NextOwner> {
+        self.inner.control.refresh().await;
+        let fresh = self.inner.control.snapshot();
+        let local = fresh.config.local;
+        let ours = if route == Route::Create {
+            fresh.table.resolve_create(local)
+        } else {
+            fresh.table.resolve_write(local, shard)
+        };
+        let (mut dc, mut epoch) = match ours.map(|r| r.target) {
+            Ok(Target::Local { epoch }) => return Some(NextOwner::Here { snap: fresh, epoch }),
+            Ok(Target::Peer { dc, epoch }) => (dc, epoch),
+            Err(_) => return None,
+        };
+        if let Some((owner, their_epoch)) = view {
+            if let Some(owner) = fresh.config.dc_by_name(&owner) {
+                if their_epoch > epoch && owner != local {
+                    (dc, epoch) = (owner, their_epoch);
+                }
+            }
+        }
+        Some(NextOwner::Peer { dc, epoch })
+    }
+
+    /// 503 `owner_unavailable` if health checks find the owning DC down, so the client learns at
+    /// once instead of waiting on a dead peer.
+    fn owner_down(
+        &self,
+        config: &crate::config::Config,
+        label: Label,
+        dc: DcId,
+        shard: ShardKey,
+    ) -> Option<Outcome> {
+        let name = &config.datacenters[dc].name;
+        if self.inner.health.usable(name) {
+            return None;
+        }
+        Some(Outcome {
+            target: Some(dc),
+            shard: Some(shard),
+            ..Outcome::error(
+                label,
+                RouterError::OwnerUnavailable {
+                    dc: name.clone(),
+                    retry_after: retry_after(config),
+                },
+            )
+        })
     }
 
     /// `GET /loom-router/drained?shard=S&epoch=E`: 200 once this router serves a table at epoch E
@@ -1169,6 +1143,77 @@ fn header_u64(headers: &HeaderMap, name: &http::HeaderName) -> Option<u64> {
 /// back.
 fn retry_after(config: &crate::config::Config) -> Duration {
     config.health.interval * config.health.healthy_after
+}
+
+/// Where a forwarded write goes after a 421.
+enum NextOwner {
+    /// Another DC's router, at this epoch.
+    Peer { dc: DcId, epoch: u64 },
+    /// This DC, by the refreshed table `snap`.
+    Here {
+        snap: Arc<Snapshot>,
+        epoch: Option<u64>,
+    },
+}
+
+/// Only a router's 421 means "not delivered"; a 421 from the owner's Loom is an answer.
+fn is_misdirected(response: &Response<Incoming>) -> bool {
+    response.status() == StatusCode::MISDIRECTED_REQUEST
+        && response
+            .headers()
+            .get(headers::ROUTER_ERROR)
+            .is_some_and(|v| v == "misdirected")
+}
+
+/// The headers of a write forwarded to a peer: the proxy rewrite, then hop, origin and shard.
+fn hop_headers(snap: &Snapshot, conn: &ConnInfo, parts: &mut Parts, shard: ShardKey) {
+    headers::prepare_upstream(&mut parts.headers, client(conn), &snap.via, false);
+    parts
+        .headers
+        .insert(headers::HOP, HeaderValue::from_static("1"));
+    parts
+        .headers
+        .insert(headers::ORIGIN, snap.dc_names[snap.config.local].clone());
+    if let ShardKey::Residue(r) = shard {
+        parts.headers.insert(headers::SHARD, HeaderValue::from(r));
+    }
+    parts.version = Version::HTTP_11;
+}
+
+/// A forwarded write's body, kept whole when it fits `max_retry_body_bytes` (so a 421 can be
+/// retried), else the part read so far and the rest of the stream, to be sent once.
+async fn buffer_for_retry(
+    config: &crate::config::Config,
+    body: Body,
+) -> Result<(Option<Bytes>, Option<Body>), RouterError> {
+    let buffered = match body {
+        Body::Client(streamed) => {
+            let buffering = tokio::time::timeout(
+                config.loom.write_timeout,
+                forward::buffer_up_to(streamed, config.limits.max_retry_body_bytes),
+            );
+            match buffering.await {
+                Ok(Ok(b)) => b,
+                // The client stalled, or trickled its body past the write's deadline: nothing
+                // was sent anywhere.
+                Ok(Err(e)) if crate::body::is_client_timeout(e.as_ref()) => {
+                    return Err(RouterError::ClientTimeout(config.limits.body_read_timeout))
+                }
+                Err(_) => return Err(RouterError::ClientTimeout(config.loom.write_timeout)),
+                Ok(Err(_)) => return Err(RouterError::BadRequest),
+            }
+        }
+        Body::Incoming(empty) => {
+            drop(empty);
+            Buffered::Complete(Bytes::new())
+        }
+        Body::Full(bytes) => Buffered::Complete(bytes.unwrap_or_default()),
+        prefixed @ Body::Prefixed { .. } => Buffered::Partial(prefixed),
+    };
+    Ok(match buffered {
+        Buffered::Complete(bytes) => (Some(bytes), None),
+        Buffered::Partial(body) => (None, Some(body)),
+    })
 }
 
 fn rebuild(parts: &Parts, body: Body) -> Request<Body> {
