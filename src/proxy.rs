@@ -149,6 +149,11 @@ impl Label {
         }
     }
 
+    /// A write this DC's Loom applies for a shard this DC owns.
+    fn is_owned_write(self) -> bool {
+        matches!(self, Self::WriteLocal | Self::Create | Self::GlobalWrite)
+    }
+
     fn local(route: Route) -> Self {
         match route {
             Route::Provisioner => Self::Provisioner,
@@ -514,10 +519,6 @@ impl Proxy {
         };
         match resolved.target {
             Target::Local { epoch } => {
-                if epoch.is_some() && !self.may_admit(snap) {
-                    metrics::fenced_write();
-                    return Outcome::error(label, RouterError::Fenced(resolved.shard));
-                }
                 let to = ToLocal {
                     label,
                     shard: Some(resolved.shard),
@@ -525,7 +526,7 @@ impl Proxy {
                     trust: Trust::Client,
                 };
                 let request = Request::from_parts(parts, body);
-                self.serve_local(snap, conn, to, request).await
+                self.serve_admitted(snap, conn, to, request).await
             }
             Target::Peer { dc, epoch } => {
                 let to = ToPeer {
@@ -682,10 +683,6 @@ impl Proxy {
             admission = snap.table.admit_forwarded(local, shard, epoch, create);
         }
         match admission {
-            Admission::Serve { .. } if !self.may_admit(&snap) => {
-                metrics::fenced_write();
-                Outcome::error(label, RouterError::Fenced(shard))
-            }
             Admission::Serve { epoch } => {
                 let to = ToLocal {
                     label,
@@ -694,7 +691,7 @@ impl Proxy {
                     trust: Trust::Peer,
                 };
                 let request = Request::from_parts(parts, body);
-                self.serve_local(&snap, conn, to, request).await
+                self.serve_admitted(&snap, conn, to, request).await
             }
             Admission::Fenced => {
                 metrics::fenced_write();
@@ -749,10 +746,7 @@ impl Proxy {
         }
         // Routed writes are bounded by write_timeout (the fence arithmetic relies on it); reads,
         // query POSTs, provisioner and passthrough traffic by request_timeout.
-        let timeout = if matches!(
-            label,
-            Label::WriteLocal | Label::Create | Label::GlobalWrite
-        ) {
+        let timeout = if label.is_owned_write() {
             config.loom.write_timeout
         } else {
             config.loom.request_timeout
@@ -760,24 +754,14 @@ impl Proxy {
         parts.uri = forward::upstream_uri(&config.loom.upstream, parts.uri.path_and_query());
         parts.version = Version::HTTP_11;
         let sent = Instant::now();
-        // An owned write is counted until Loom has answered, so a switchover can wait for it.
-        // Counted first, then checked against the current table: either this write sees a
-        // fence that landed since the request began, or `/loom-router/drained` sees this write.
         let _in_flight = match (shard, epoch) {
-            (Some(shard), Some(admitted)) => {
-                let guard = InFlight::start(&self.inner.in_flight_writes, shard);
-                let now = self.inner.control.snapshot();
-                // The table and the lease again, right before the send: a pause since admission
-                // must not let a write out after a fence or past the lease.
-                let still = now.table.shard(shard).is_some_and(|s| {
-                    s.epoch == admitted && s.owner == local && s.state == ShardState::Active
-                }) && self.may_admit(&now);
-                if !still {
+            (Some(shard), Some(admitted)) => match self.still_admitted(shard, admitted) {
+                Some(guard) => Some(guard),
+                None => {
                     metrics::fenced_write();
                     return Outcome::error(label, RouterError::Fenced(shard));
                 }
-                Some(guard)
-            }
+            },
             _ => None,
         };
         let progress = body.progress();
@@ -812,6 +796,39 @@ impl Proxy {
             upstream_time,
             result,
         }
+    }
+
+    /// A write this DC owns, through the write gate: 503 `fenced` unless this router may admit
+    /// writes right now (`docs/failover.md`, self-fencing), else [`Self::serve_local`].
+    async fn serve_admitted(
+        &self,
+        snap: &Snapshot,
+        conn: &ConnInfo,
+        to: ToLocal,
+        request: Request<Body>,
+    ) -> Outcome {
+        if let (Some(shard), Some(_)) = (to.shard, to.epoch) {
+            if !self.may_admit(snap) {
+                metrics::fenced_write();
+                return Outcome::error(to.label, RouterError::Fenced(shard));
+            }
+        }
+        self.serve_local(snap, conn, to, request).await
+    }
+
+    /// Whether an owned write admitted at epoch `admitted` may still go out, right before the
+    /// send: the current table and the lease again, so that a pause since admission cannot let a
+    /// write out after a fence or past the lease. The write is counted first and checked second,
+    /// so either it sees a fence that landed since the request began, or `/loom-router/drained`
+    /// sees it; the returned guard keeps it counted until Loom has answered.
+    fn still_admitted(&self, shard: ShardKey, admitted: u64) -> Option<InFlight<'_>> {
+        let guard = InFlight::start(&self.inner.in_flight_writes, shard);
+        let now = self.inner.control.snapshot();
+        let local = now.config.local;
+        let still = now.table.shard(shard).is_some_and(|s| {
+            s.epoch == admitted && s.owner == local && s.state == ShardState::Active
+        }) && self.may_admit(&now);
+        still.then_some(guard)
     }
 
     /// Send a write to the owning DC's router, with hop, origin, epoch and `Via`. Bodies up to
@@ -903,11 +920,8 @@ impl Proxy {
             match self.next_owner(route, shard, view).await {
                 Some(NextOwner::Peer { dc: d, epoch: e }) => (dc, epoch) = (d, e),
                 Some(NextOwner::Here { snap: fresh, epoch }) => {
-                    // Our refreshed table says we own it now: serve it here, through the gate.
-                    if !self.may_admit(&fresh) {
-                        metrics::fenced_write();
-                        return Outcome::error(Label::local(route), RouterError::Fenced(shard));
-                    }
+                    // Our refreshed table says we own it now: serve it here, through the gate,
+                    // with the headers the client sent.
                     parts.headers = original_headers;
                     let body = replayable.map(Body::full).unwrap_or_else(Body::empty);
                     let to = ToLocal {
@@ -917,7 +931,7 @@ impl Proxy {
                         trust: Trust::Client,
                     };
                     let request = Request::from_parts(parts, body);
-                    return self.serve_local(&fresh, conn, to, request).await;
+                    return self.serve_admitted(&fresh, conn, to, request).await;
                 }
                 None => break,
             }
