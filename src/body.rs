@@ -139,16 +139,16 @@ impl http_body::Body for Body {
 #[error("the client sent no body bytes for {0:?}")]
 pub struct ClientTimeout(pub Duration);
 
-/// Whether an error, or anything in its source chain, is a [`ClientTimeout`].
-pub fn is_client_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+/// The [`ClientTimeout`] an error is, or has in its source chain: how long the client stalled.
+pub fn client_timeout(error: &(dyn std::error::Error + 'static)) -> Option<Duration> {
     let mut next = Some(error);
     while let Some(e) = next {
-        if e.is::<ClientTimeout>() {
-            return true;
+        if let Some(ClientTimeout(after)) = e.downcast_ref::<ClientTimeout>() {
+            return Some(*after);
         }
         next = e.source();
     }
-    false
+    None
 }
 
 /// Where a client body stands, shared between the body (polled inside hyper's client) and the

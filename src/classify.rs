@@ -213,11 +213,6 @@ fn generation(path: &str) -> Option<Generation> {
     }
 }
 
-/// Whether a decoded path is under `{B}` (`/v1/loom` or `/v2`).
-pub fn under_base(path: &str) -> bool {
-    generation(path).is_some()
-}
-
 fn is_read_method(method: &Method) -> bool {
     method == Method::GET || method == Method::HEAD || method == Method::OPTIONS
 }
@@ -886,7 +881,7 @@ mod tests {
                 decode(&rfc3986_normalise(&raw)),
                 decode(&rfc3986_normalise(java_authority_stripped(&raw))),
             ] {
-                if !under_base(&normalised) {
+                if generation(&normalised).is_none() {
                     continue;
                 }
                 match classify(&method, &raw) {

@@ -28,9 +28,10 @@ pub enum UpstreamKind {
     /// The client's own request body failed while it was being sent on: not the upstream's
     /// fault, and not counted against it.
     ClientBody,
-    /// The client stopped sending its request body for `body_read_timeout`: also the client's
-    /// fault.
-    ClientStalled,
+    /// The client stopped sending its request body: also the client's fault. Either the body's
+    /// stall timer (`body_read_timeout`) or the send's deadline ran out while the router was
+    /// waiting for the client's bytes; this is how long.
+    ClientStalled(Duration),
 }
 
 impl UpstreamKind {
@@ -41,14 +42,14 @@ impl UpstreamKind {
             Self::Reset => "reset",
             Self::Tls => "tls",
             Self::ClientBody => "client_body",
-            Self::ClientStalled => "client_stalled",
+            Self::ClientStalled(_) => "client_stalled",
         }
     }
 
     /// Whether the client, not the upstream, broke the exchange.
     pub fn is_client(self) -> bool {
         match self {
-            Self::ClientBody | Self::ClientStalled => true,
+            Self::ClientBody | Self::ClientStalled(_) => true,
             Self::Connect | Self::Timeout | Self::Reset | Self::Tls => false,
         }
     }
@@ -152,7 +153,7 @@ impl RouterError {
         match e.kind {
             UpstreamKind::Timeout => Self::UpstreamTimeout(timeout),
             UpstreamKind::ClientBody => Self::BadRequest,
-            UpstreamKind::ClientStalled => Self::ClientTimeout(timeout),
+            UpstreamKind::ClientStalled(after) => Self::ClientTimeout(after),
             UpstreamKind::Connect | UpstreamKind::Reset | UpstreamKind::Tls => {
                 Self::UpstreamUnreachable {
                     kind: e.kind,
@@ -167,7 +168,7 @@ impl RouterError {
         match e.kind {
             UpstreamKind::Timeout => Self::PeerTimeout { dc, after: timeout },
             UpstreamKind::ClientBody => Self::BadRequest,
-            UpstreamKind::ClientStalled => Self::ClientTimeout(timeout),
+            UpstreamKind::ClientStalled(after) => Self::ClientTimeout(after),
             UpstreamKind::Connect | UpstreamKind::Reset | UpstreamKind::Tls => {
                 Self::PeerUnreachable {
                     dc,

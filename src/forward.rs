@@ -60,12 +60,15 @@ impl Forwarder {
         Self { client }
     }
 
-    /// Send a request and wait for the response head, at most `timeout`.
+    /// Send a request and wait for the response head, at most `timeout`. A failure that was the
+    /// client's (its body broke, stalled, or was still awaited from it at the deadline) is told
+    /// apart from the upstream's here, where the body is handed over.
     pub async fn send(
         &self,
         request: Request<Body>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, SendError> {
+        let progress = request.body().progress();
         match tokio::time::timeout(timeout, self.client.request(request)).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => {
@@ -74,10 +77,9 @@ impl Forwarder {
                 } else if e.is_connect() {
                     UpstreamKind::Connect
                 } else if client_body_failed(&e) {
-                    if crate::body::is_client_timeout(&e) {
-                        UpstreamKind::ClientStalled
-                    } else {
-                        UpstreamKind::ClientBody
+                    match crate::body::client_timeout(&e) {
+                        Some(after) => UpstreamKind::ClientStalled(after),
+                        None => UpstreamKind::ClientBody,
                     }
                 } else {
                     UpstreamKind::Reset
@@ -87,10 +89,17 @@ impl Forwarder {
                     source: Some(Box::new(e)),
                 })
             }
-            Err(_) => Err(SendError {
-                kind: UpstreamKind::Timeout,
-                source: None,
-            }),
+            Err(_) => {
+                let waiting_on_client = progress.is_some_and(|p| p.waiting_on_client());
+                Err(SendError {
+                    kind: if waiting_on_client {
+                        UpstreamKind::ClientStalled(timeout)
+                    } else {
+                        UpstreamKind::Timeout
+                    },
+                    source: None,
+                })
+            }
         }
     }
 }
@@ -205,7 +214,9 @@ where
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ReadBodyError::TooLarge),
-        Err(e) if crate::body::is_client_timeout(e.as_ref()) => Err(ReadBodyError::ClientTimeout),
+        Err(e) if crate::body::client_timeout(e.as_ref()).is_some() => {
+            Err(ReadBodyError::ClientTimeout)
+        }
         Err(e) => Err(ReadBodyError::Broken(e)),
     }
 }

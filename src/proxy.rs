@@ -23,12 +23,12 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use tokio::sync::Semaphore;
 
-use crate::body::{Body, BodyProgress};
+use crate::body::Body;
 use crate::classify::{self, Class, Key, Route};
 use crate::config::AccessLog;
 use crate::control::{Control, Snapshot};
 use crate::coordinator::Handle;
-use crate::error::{MisdirectedView, RouterError, SendError, UpstreamKind};
+use crate::error::{MisdirectedView, RouterError};
 use crate::forward::{self, Buffered, Forwarder, ReadBodyError};
 use crate::headers::{self, Client};
 use crate::health::{HealthBoard, Status};
@@ -455,6 +455,10 @@ impl Proxy {
         if headers::via_names(request.headers(), &snap.via_token) {
             return Outcome::error(label, RouterError::LoopDetected);
         }
+        // From here on the body comes from the client (or the origin router) under the stall
+        // timer.
+        let stall = snap.config.limits.body_read_timeout;
+        let request = request.map(|body| Body::from_client(body, stall));
         if headers::has_hop(request.headers()) {
             if self.inner.peers_need_certificates && !conn.peer_verified {
                 return Outcome::error(label, RouterError::PeerUnauthenticated);
@@ -472,14 +476,13 @@ impl Proxy {
         &self,
         snap: &Arc<Snapshot>,
         class: Class,
-        request: Request<Incoming>,
+        request: Request<Body>,
         conn: &ConnInfo,
         notes: &Notes,
     ) -> Outcome {
         let local = snap.config.local;
         let label = Label::local(class.route);
         let (parts, body) = request.into_parts();
-        let body = Body::from_client(body, snap.config.limits.body_read_timeout);
         let (shard, body) = match self
             .shard_of_request(snap, class, &parts, body, conn, notes)
             .await
@@ -636,14 +639,13 @@ impl Proxy {
         &self,
         snap: &Arc<Snapshot>,
         class: Class,
-        request: Request<Incoming>,
+        request: Request<Body>,
         conn: &ConnInfo,
         notes: &Notes,
     ) -> Outcome {
         let label = Label::local(class.route);
         let local = snap.config.local;
         let (parts, body) = request.into_parts();
-        let body = Body::from_client(body, snap.config.limits.body_read_timeout);
         let shard = if class.route == Route::Create {
             // The origin names its home shard; the path cannot.
             header_u64(&parts.headers, &headers::SHARD)
@@ -764,7 +766,6 @@ impl Proxy {
             },
             _ => None,
         };
-        let progress = body.progress();
         let result = self
             .inner
             .forwarder
@@ -777,16 +778,13 @@ impl Proxy {
                 headers::prepare_downstream(response.headers_mut(), &snap.via);
                 Ok(response)
             }
-            Err(e) => Err(
-                match client_fault(&e, progress.as_ref(), &config.limits, timeout) {
-                    Some(error) => error,
-                    None => {
-                        let name = &config.datacenters[local].name;
-                        metrics::upstream_error(name, e.kind.as_str());
-                        RouterError::from_local(e, timeout)
-                    }
-                },
-            ),
+            Err(e) => {
+                if !e.kind.is_client() {
+                    let name = &config.datacenters[local].name;
+                    metrics::upstream_error(name, e.kind.as_str());
+                }
+                Err(RouterError::from_local(e, timeout))
+            }
         };
         Outcome {
             label,
@@ -874,7 +872,6 @@ impl Proxy {
                 (None, Some(body)) => body,
                 (None, None) => break,
             };
-            let progress = body.progress();
             let response = match self
                 .inner
                 .forwarder
@@ -883,12 +880,10 @@ impl Proxy {
             {
                 Ok(r) => r,
                 Err(e) => {
-                    if let Some(error) =
-                        client_fault(&e, progress.as_ref(), &config.limits, timeout)
-                    {
-                        return Outcome::error(label, error);
-                    }
                     let name = config.datacenters[dc].name.clone();
+                    if e.kind.is_client() {
+                        return Outcome::error(label, RouterError::from_peer(e, name, timeout));
+                    }
                     metrics::upstream_error(&name, e.kind.as_str());
                     return Outcome {
                         target: Some(dc),
@@ -1210,11 +1205,13 @@ async fn buffer_for_retry(
                 Ok(Ok(b)) => b,
                 // The client stalled, or trickled its body past the write's deadline: nothing
                 // was sent anywhere.
-                Ok(Err(e)) if crate::body::is_client_timeout(e.as_ref()) => {
-                    return Err(RouterError::ClientTimeout(config.limits.body_read_timeout))
+                Ok(Err(e)) => {
+                    return Err(match crate::body::client_timeout(e.as_ref()) {
+                        Some(stalled) => RouterError::ClientTimeout(stalled),
+                        None => RouterError::BadRequest,
+                    })
                 }
                 Err(_) => return Err(RouterError::ClientTimeout(config.loom.write_timeout)),
-                Ok(Err(_)) => return Err(RouterError::BadRequest),
             }
         }
         Body::Incoming(empty) => {
@@ -1237,27 +1234,6 @@ fn rebuild(parts: &Parts, body: Body) -> Request<Body> {
     *request.version_mut() = parts.version;
     *request.headers_mut() = parts.headers.clone();
     request
-}
-
-/// The client's fault in a failed send, if it was the client's: its body broke, stalled for
-/// `body_read_timeout`, or was still awaited from the client when the send's `deadline` passed.
-/// Each names the time that ran out.
-fn client_fault(
-    e: &SendError,
-    progress: Option<&BodyProgress>,
-    limits: &crate::config::Limits,
-    deadline: Duration,
-) -> Option<RouterError> {
-    match e.kind {
-        UpstreamKind::ClientBody => Some(RouterError::BadRequest),
-        UpstreamKind::ClientStalled => Some(RouterError::ClientTimeout(limits.body_read_timeout)),
-        UpstreamKind::Timeout if progress.is_some_and(BodyProgress::waiting_on_client) => {
-            Some(RouterError::ClientTimeout(deadline))
-        }
-        UpstreamKind::Timeout | UpstreamKind::Connect | UpstreamKind::Reset | UpstreamKind::Tls => {
-            None
-        }
-    }
 }
 
 /// The owner and epoch a peer's 421 names (its [`MisdirectedView`]), if it names an owner.
