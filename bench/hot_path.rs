@@ -11,10 +11,10 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use http::{HeaderMap, HeaderValue, Method, Version};
-use loom_router::classify::{classify, Key};
 use loom_router::config::Config;
-use loom_router::headers::{host_ok, ip_value, prepare_downstream, prepare_upstream, Client};
-use loom_router::ownership::Table;
+use loom_router::http::headers::{host_ok, ip_value, prepare_downstream, prepare_upstream, Client};
+use loom_router::routing::classify::{classify, Key};
+use loom_router::routing::table::Table;
 use loom_router::shard::ShardKey;
 
 /// A mix of the requests a Loom front door sees, reads first (they dominate).
@@ -75,7 +75,7 @@ fn request_headers() -> HeaderMap {
 
 fn bench(c: &mut Criterion) {
     let config = Config::from_toml(include_str!("../config/loom-router.toml")).expect("config");
-    let table = Table::from_config(&config);
+    let table = config.table();
     let requests = requests();
 
     let allocations = allocation_counter::measure(|| {

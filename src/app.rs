@@ -13,13 +13,15 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Backend, Config};
-use crate::control::Control;
-use crate::forward::Forwarder;
+use crate::coord::control::Control;
+use crate::coord::join as coordinator;
+use crate::coord::store::Store;
 use crate::health::{self, HealthBoard};
-use crate::ownership::Table;
+use crate::http::forward::Forwarder;
+use crate::metrics;
+use crate::ops::admin;
+use crate::proxy::listener;
 use crate::proxy::Proxy;
-use crate::store::Store;
-use crate::{admin, coordinator, listener, metrics};
 
 /// Why a router could not start.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +36,7 @@ pub enum AppError {
     #[error("listen: no client listener is configured (listen.http or listen.https)")]
     NoDataListener,
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] crate::http::tls::TlsError),
     #[error("coordination.backend: \"memory\" needs an in-process store; it exists only for the demo and tests")]
     NoMemoryStore,
     /// Config validation refuses this first (`check` and `run` both say so before anything
@@ -45,7 +47,7 @@ pub enum AppError {
     )]
     EtcdUnavailable,
     #[error("coordination: {0}")]
-    Join(#[from] crate::coordinator::JoinError),
+    Join(#[from] crate::coord::join::JoinError),
 }
 
 /// A router with its listeners bound, ready to run.
@@ -71,7 +73,7 @@ impl App {
             return Err(AppError::NoDataListener);
         }
         // Load the certificates now, so that a bad file fails start-up, not the first handshake.
-        crate::tls::server_config(&config)?;
+        crate::http::tls::server_config(&config)?;
         let http = match config.listen.http {
             Some(addr) => Some(bind("listen.http", addr).await?),
             None => None,
@@ -143,15 +145,15 @@ impl App {
         let config = self.config;
         metrics::register(
             config.datacenters.iter().map(|dc| dc.name.as_str()),
-            Table::from_config(&config).shards().map(|s| s.key),
+            config.table().shards().map(|s| s.key),
         );
         let tls_settings = config.tls.as_ref().map(|t| t.handshake_timeout);
         let drain_timeout = config.drain_timeout;
-        let server_tls = crate::tls::server_config(&config)?;
+        let server_tls = crate::http::tls::server_config(&config)?;
         let forwarder = Forwarder::new(
             config.loom.connect_timeout,
             config.limits.idle_timeout,
-            crate::tls::client_config(&config)?,
+            crate::http::tls::client_config(&config)?,
         );
         let board = Arc::new(HealthBoard::new());
         // Background tasks stop only after the listeners have drained.
@@ -216,7 +218,7 @@ impl App {
         let control = Control::start(config, coordination, self.config_path.clone());
         let proxy = Proxy::new(control.clone(), board.clone(), forwarder.clone(), gate);
         if let Some(path) = self.config_path {
-            crate::reload::spawn_triggers(control.clone(), path, background.clone());
+            crate::ops::reload::spawn_triggers(control.clone(), path, background.clone());
         }
         // Apply reloaded settings that live outside the snapshot.
         {
@@ -271,7 +273,7 @@ impl App {
                         data_stop.clone(),
                     )));
                 }
-                _ => return Err(AppError::Tls(crate::tls::TlsError::NoServerConfig)),
+                _ => return Err(AppError::Tls(crate::http::tls::TlsError::NoServerConfig)),
             }
         }
         let admin = tokio::spawn(admin::serve(
@@ -296,7 +298,7 @@ impl App {
 
 #[cfg(feature = "etcd")]
 async fn connect_etcd(endpoints: &[String]) -> Result<Store, AppError> {
-    crate::etcd_store::EtcdClient::connect(endpoints)
+    crate::coord::etcd::EtcdClient::connect(endpoints)
         .await
         .map(Store::Etcd)
         .map_err(|e| AppError::Join(e.into()))

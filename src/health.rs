@@ -14,9 +14,9 @@ use std::time::Duration;
 use http::{Method, Request, Uri};
 use tokio_util::sync::CancellationToken;
 
-use crate::body::Body;
 use crate::config::Config;
-use crate::forward::{upstream_uri, Forwarder};
+use crate::http::body::Body;
+use crate::http::forward::{upstream_uri, Forwarder};
 use crate::metrics;
 
 /// What the probes last concluded about a DC.
@@ -161,7 +161,7 @@ pub fn spawn_probes(
         let url = if dc == config.local {
             probe_url(&config.loom.upstream, &config.loom.health_path)
         } else {
-            probe_url(&d.router, crate::classify::READYZ_PATH)
+            probe_url(&d.router, crate::routing::classify::READYZ_PATH)
         };
         let task = Probe {
             name: d.name.clone(),

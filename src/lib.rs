@@ -9,40 +9,31 @@
 //!
 //! # Layout
 //!
-//! Pure, no I/O:
-//! - `shard`: the leaf domain types, `DcId`, `ShardKey`, `ShardState`, `Epoch`; imports nothing
-//!   from the rest of the crate.
-//! - `classify`: method + path → route and shard key (docs/routing.md); the cluster-ID grammar.
-//! - `ownership`: the immutable ownership [`Table`](ownership::Table); resolving a request to
-//!   the local Loom or a peer; admitting a forwarded write.
-//! - `config`: the TOML file, its validation, and errors that name the key.
-//! - `fence`: the fence arithmetic (how long a lease lets a router admit writes), shared by the
-//!   lease task and config validation.
-//! - `headers`: header names the router owns and proxy header rewrites (hop-by-hop, `Via`).
-//! - `error`: every error the router answers itself, mapped to status and code in one place.
+//! Folders by concern, layered: each may import only from those listed before it, and
+//! `tests/layout.rs` fails the build on any import cycle between them.
 //!
-//! I/O at the edges:
-//! - `control`: the single writer of the routing snapshot (`ArcSwap`).
-//! - `proxy`: the request path, classify → resolve → forward, and the edge that logs and counts.
-//! - `forward`: the pooled upstream client, timeouts, body buffering.
+//! - `shard`: the leaf domain types, `DcId`, `ShardKey`, `ShardState`, `Epoch`.
+//! - `metrics`: metric names and the Prometheus recorder; anything may record into it.
+//! - `routing/`: pure decisions. `classify` (method + path → route and shard key, the path
+//!   rule), `table` (the immutable ownership [`Table`](routing::table::Table), resolve and
+//!   admit), `fence` (the lease arithmetic).
+//! - `config/`: the TOML file (`raw`), its validation with one function per section
+//!   (`validate`), what a reload changes (`diff`), and the table a config describes (`table`).
+//! - `http/`: HTTP plumbing: the body type, header rules, the pooled upstream client
+//!   (`forward`), TLS configs, and `error`, where every router error becomes a response.
 //! - `health`: probes of the local Loom and peer routers, and the threshold state machine.
-//! - `listener`: the data listeners' accept loop (plain and TLS), connection limits and drain.
-//! - `tls`: PEM files → rustls configs for the https listener and https upstreams.
-//! - `reload`: what triggers a config reload (SIGHUP, file changes); `control` performs it.
-//! - `admin`: `/healthz`, `/readyz`, `/metrics`, `/admin/table`.
-//! - `metrics`: metric names and the Prometheus recorder.
-//! - `coord`: the coordination store interface (etcd semantics) and its data model;
-//!   `memory_store` and `etcd_store` implement it, and `store` dispatches to the configured one.
-//! - `coordinator`: joining the store, following it with a watch, starting the tasks below.
-//! - `lease`: this router's lease, its registration, and the self-fencing write gate.
-//! - `failover`: the failover manager, planned switchover, freeze.
-//! - `hook`: the become-owner hook calls.
-//! - `operator`: the CLI side of the admin API.
+//! - `coord/`: the coordination store (interface, `memory` and `etcd` backends), joining and
+//!   following it (`join`), the single snapshot writer (`control`), the lease and write gate,
+//!   failover and the become-owner hook.
+//! - `proxy/`: the request path: classify → resolve → forward, local and peer answers, the
+//!   router's own probe, and the data listeners (`listener`).
+//! - `ops/`: the admin listener, reload triggers and the operator CLI.
 //! - `app`: wiring; bind, run, drain.
-//! - `demo` (cargo feature `demo`, on by default): the three-DC sandbox of `loom-router demo`,
-//!   each DC an emulated Loom from the `loom-emulator` workspace crate (`crates/loom-emulator`)
-//!   and a real router. The production build leaves both out.
-//! - `body`: the body type requests and responses travel in, and the client body's stall timer.
+//! - `demo/` (cargo feature `demo`, on by default): the three-DC sandbox of `loom-router demo`
+//!   and the tests, each DC an emulated Loom from the `loom-emulator` workspace crate
+//!   (`crates/loom-emulator`) and a real router. The production build leaves both out.
+//!
+//! `docs/architecture.md` draws the same map with the reasons behind it.
 //!
 //! # The life of a request
 //!
@@ -50,20 +41,20 @@
 //!    and time limits (hyper's own 400 and 431 are rewritten into router errors with codes).
 //! 2. `proxy` loads the current snapshot (config + table) once, with one `ArcSwap` load, and
 //!    refuses a request without exactly one valid `Host`.
-//! 3. `classify` refuses a path that is not in the normal form Loom routes on (no `//`, no
+//! 3. `routing::classify` refuses a path that is not in the normal form Loom routes on (no `//`, no
 //!    dot-segments, no encoded `/` or `\`: `docs/routing.md`), then names the route (read,
 //!    write, create, global-write, provisioner, passthrough) and the shard key: a cluster ID
 //!    from the path, the global shard, this DC's home shard, or a `/v2/nodes` body or lookup.
-//! 4. `ownership` resolves the key against the table: the local Loom, or the owner DC's router.
+//! 4. `routing::table` resolves the key against the table: the local Loom, or the owner DC's router.
 //!    A request from a peer router (`X-Loom-Router-Hop`) is instead admitted or answered 421.
-//! 5. `forward` sends it over a pooled keep-alive connection, with hop headers for peers, and
+//! 5. `http::forward` sends it over a pooled keep-alive connection, with hop headers for peers, and
 //!    streams the response back; a 421 from a peer is retried at most twice.
 //! 6. `proxy` adds `X-Loom-Route` and `X-Loom-Served-By`, turns any error into its status and
-//!    code (`error`), and logs and counts the request once.
+//!    code (`http::error`), and logs and counts the request once.
 //!
 //! Off the request path, `health` probes peers and the local Loom, feeding fail-fast
 //! `owner_unavailable` answers, `/readyz` and the router's registration; with a coordination
-//! store, `coordinator` follows ownership and `failover` moves shards of dead DCs; `control` is
+//! store, `coord::join` follows ownership and `coord::failover` moves shards of dead DCs; `coord::control` is
 //! the only code that replaces the snapshot.
 //!
 //! # Glossary
@@ -74,33 +65,15 @@
 //! - *epoch*: a shard's version; grows whenever its owner or state changes.
 //! - *hop*: one router forwarding a write to another. Never more than one.
 
-pub mod admin;
 pub mod app;
-pub mod body;
-pub mod classify;
 pub mod config;
-pub mod control;
 pub mod coord;
-pub mod coordinator;
 #[cfg(feature = "demo")]
 pub mod demo;
-pub mod error;
-#[cfg(feature = "etcd")]
-pub mod etcd_store;
-pub mod failover;
-pub mod fence;
-pub mod forward;
-pub mod headers;
 pub mod health;
-pub mod hook;
-pub mod lease;
-pub mod listener;
-pub mod memory_store;
+pub mod http;
 pub mod metrics;
-pub mod operator;
-pub mod ownership;
+pub mod ops;
 pub mod proxy;
-pub mod reload;
+pub mod routing;
 pub mod shard;
-pub mod store;
-pub mod tls;

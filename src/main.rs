@@ -11,8 +11,7 @@ use loom_router::app::App;
 use loom_router::config::{AccessLog, Backend, Config, DEFAULT_CONFIG_PATH};
 #[cfg(feature = "demo")]
 use loom_router::demo::{Demo, DEFAULT_PORT_BASE};
-use loom_router::operator::{self, Call};
-use loom_router::ownership::Table;
+use loom_router::ops::operator::{self, Call};
 use tokio_util::sync::CancellationToken;
 
 /// Without the `demo` feature, `demo` still parses, and says what is missing.
@@ -123,7 +122,7 @@ fn check(path: &std::path::Path) -> ExitCode {
     for warning in config.warnings() {
         eprintln!("warning: {warning}");
     }
-    let table = Table::from_config(&config);
+    let table = config.table();
     let name = |dc: usize| config.datacenters[dc].name.as_str();
     for shard in table.shards() {
         let replicas: Vec<&str> = shard.replicas.iter().map(|&r| name(r)).collect();

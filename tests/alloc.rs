@@ -4,15 +4,14 @@
 //! for the whole process.
 
 use http::Method;
-use loom_router::classify::{classify, Key};
 use loom_router::config::Config;
-use loom_router::ownership::Table;
+use loom_router::routing::classify::{classify, Key};
 use loom_router::shard::ShardKey;
 
 #[test]
 fn classify_and_resolve_allocate_nothing_for_plain_paths() {
     let config = Config::from_toml(include_str!("../config/loom-router.toml")).unwrap();
-    let table = Table::from_config(&config);
+    let table = config.table();
     let requests = [
         (Method::GET, "/v2/clusters/00000079"),
         (Method::GET, "/v1/loom/clusters/00000012/status"),

@@ -1,4 +1,5 @@
-//! The crate's layout stays acyclic: no module reaches, through `crate::` paths, a module that
+//! The crate's layout stays layered and acyclic: every module imports only from the layers below
+//! it (the order `src/lib.rs` gives), and no module reaches, through `crate::` paths, a module that
 //! reaches it back.
 //!
 //! A module is a top-level file or folder under `src/` (`src/proxy.rs`, or `src/proxy/` with
@@ -57,17 +58,53 @@ fn graph(src: &Path) -> Graph {
         let code = code(&text);
         let edges = graph.entry(module.clone()).or_default();
         for (i, _) in code.match_indices("crate::") {
-            let rest = &code[i + "crate::".len()..];
-            let name: String = rest
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect();
-            if !name.is_empty() && name != module {
-                edges.insert(name);
+            for name in first_segments(&code[i + "crate::".len()..]) {
+                if name != module {
+                    edges.insert(name);
+                }
             }
         }
     }
     graph
+}
+
+/// The modules a path after `crate::` starts with: one for `a::b`, each item's first segment
+/// for a group such as `{a, b::c}`.
+fn first_segments(rest: &str) -> Vec<String> {
+    let ident = |s: &str| -> String {
+        s.trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect()
+    };
+    let Some(group) = rest.strip_prefix('{') else {
+        return vec![ident(rest)]
+            .into_iter()
+            .filter(|n| !n.is_empty())
+            .collect();
+    };
+    // Split at the group's own commas, not those of a nested `{...}`.
+    let (mut items, mut depth, mut start) = (Vec::new(), 0usize, 0);
+    for (i, c) in group.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 0 => {
+                items.push(&group[start..i]);
+                break;
+            }
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                items.push(&group[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    items
+        .into_iter()
+        .map(ident)
+        .filter(|n| !n.is_empty() && n != "self")
+        .collect()
 }
 
 /// Strongly connected components with more than one module (Tarjan).
@@ -138,6 +175,34 @@ fn no_module_imports_a_module_that_imports_it_back() {
     assert_eq!(cycles(&graph), Vec::<Vec<String>>::new());
 }
 
+/// The layers `src/lib.rs` lists, lowest first: a module may import only from those before it.
+const LAYERS: [&str; 11] = [
+    "shard", "metrics", "routing", "config", "http", "health", "coord", "proxy", "ops", "app",
+    "demo",
+];
+
+#[test]
+fn every_module_imports_only_from_the_layers_below_it() {
+    let graph = graph(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"));
+    let layer = |module: &str| LAYERS.iter().position(|l| *l == module);
+    let mut upward = Vec::new();
+    for (module, uses) in &graph {
+        let Some(own) = layer(module) else {
+            panic!("{module} is in no layer: add it to LAYERS and to the map in src/lib.rs");
+        };
+        for used in uses {
+            if layer(used).is_none_or(|l| l >= own) {
+                upward.push(format!("{module} -> {used}"));
+            }
+        }
+    }
+    assert_eq!(
+        upward,
+        Vec::<String>::new(),
+        "imports that do not point down"
+    );
+}
+
 #[test]
 fn the_check_finds_a_cycle_when_there_is_one() {
     let mut graph = Graph::new();
@@ -149,6 +214,15 @@ fn the_check_finds_a_cycle_when_there_is_one() {
     edge(&mut graph, "lease", "health");
     edge(&mut graph, "health", "config");
     edge(&mut graph, "shard", "body");
+    assert_eq!(
+        first_segments("{admin, proxy::listener}"),
+        ["admin", "proxy"]
+    );
+    assert_eq!(first_segments("coord::join as c;"), ["coord"]);
+    assert_eq!(
+        first_segments("{http::{body, error}, shard::DcId};"),
+        ["http", "shard"]
+    );
     assert_eq!(
         cycles(&graph),
         vec![vec![

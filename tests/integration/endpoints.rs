@@ -4,7 +4,7 @@
 //! a cluster in shard 9; rows are checked under both generations where Loom has them.
 
 use http::Method;
-use loom_router::classify::{classify, Class, Key, Route};
+use loom_router::routing::classify::{classify, Class, Key, Route};
 
 const ID: &str = "00000079";
 

@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use loom_router::coord::etcd::EtcdClient;
+use loom_router::coord::store::Store;
 use loom_router::coord::Batch;
-use loom_router::etcd_store::EtcdClient;
-use loom_router::store::Store;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 

@@ -440,7 +440,7 @@ async fn a_router_with_different_shared_settings_refuses_to_join() {
     let config = loom_router::config::Config::from_toml(&toml).unwrap();
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let store = loom_router::store::Store::Memory(c.store.as_ref().unwrap().client());
+    let store = loom_router::coord::store::Store::Memory(c.store.as_ref().unwrap().client());
     let app = loom_router::app::App::from_listeners(config, http, admin).with_store(store);
     let err = app
         .run(tokio_util::sync::CancellationToken::new())

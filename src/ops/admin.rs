@@ -5,7 +5,7 @@
 //! router when the data path is overloaded. Reads (`/healthz`, `/readyz`, `/metrics`,
 //! `/admin/table`) are open; calls that change state (move, freeze, unfreeze) need
 //! `Authorization: Bearer <token>` when `[admin] token` is set, and act through the coordination
-//! store (`failover.rs`), never on this router's table directly.
+//! store (`coord/failover.rs`), never on this router's table directly.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -25,10 +25,10 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::body::Body;
-use crate::failover::{self, ControlError};
-use crate::headers::TEXT_PLAIN;
+use crate::coord::failover::{self, ControlError};
 use crate::health::Status;
+use crate::http::body::Body;
+use crate::http::headers::TEXT_PLAIN;
 use crate::proxy::Proxy;
 use crate::shard::ShardKey;
 
@@ -112,7 +112,7 @@ async fn handle(
                     let mut response =
                         text_owned(StatusCode::BAD_REQUEST, format!("reload refused: {e}\n"));
                     response.headers_mut().insert(
-                        crate::headers::ROUTER_ERROR,
+                        crate::http::headers::ROUTER_ERROR,
                         HeaderValue::from_static("bad_config"),
                     );
                     response

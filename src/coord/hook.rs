@@ -6,7 +6,7 @@
 //! in-progress jobs are restarted. A 2xx within `hook_timeout` is success; failures are retried
 //! with backoff, and writes for the shard get 503 `fenced` until then.
 //!
-//! This file only runs the calls; `control.rs` decides when a shard is gained and keeps it
+//! This file only runs the calls; `coord/control.rs` decides when a shard is gained and keeps it
 //! fenced until the result comes back.
 
 use std::time::Duration;
@@ -16,8 +16,8 @@ use http::{Method, Request, Uri};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::body::Body;
-use crate::forward::Forwarder;
+use crate::http::body::Body;
+use crate::http::forward::Forwarder;
 use crate::shard::ShardKey;
 
 /// First retry delay; doubles up to [`MAX_BACKOFF`].

@@ -13,7 +13,7 @@
 //!
 //! The store expires a lease no earlier than `ttl` after it acknowledged the keepalive, which is
 //! after it was sent; so a router fences itself before any other DC can take its shards. The
-//! arithmetic is pure (`fence.rs`, [`Gate::admits`]) and tested with a clock we control;
+//! arithmetic is pure (`routing/fence.rs`, [`Gate::admits`]) and tested with a clock we control;
 //! [`run`] is the task that feeds it. This file does not decide ownership.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -23,12 +23,12 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::coord::store::Store;
 use crate::coord::{CoordError, Keys, LeaseId, Op, Revision};
-use crate::fence::fence_deadline;
 use crate::health::{HealthBoard, Status};
 use crate::metrics;
+use crate::routing::fence::fence_deadline;
 use crate::shard::DcId;
-use crate::store::Store;
 
 /// The write gate. Written by the lease task; read by the request path on every owned write.
 #[derive(Debug)]

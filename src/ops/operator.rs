@@ -1,6 +1,6 @@
 //! Operator commands: `loom-router table|move|freeze|unfreeze --admin URL` (docs/configuration.md).
 //!
-//! Each command is one call to a router's admin listener (`admin.rs` does the work); this file
+//! Each command is one call to a router's admin listener (`ops/admin.rs` does the work); this file
 //! builds the request, sends it, and turns the answer into what an operator reads. It holds no
 //! state and makes no decisions.
 

@@ -33,9 +33,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 use crate::config::Config;
-use crate::headers::TEXT_PLAIN;
-use crate::memory_store::MemoryStore;
-use crate::store::Store;
+use crate::coord::memory::MemoryStore;
+use crate::coord::store::Store;
+use crate::http::headers::TEXT_PLAIN;
 
 /// The demo's DCs: name and Loom `ids.start.num`. `ids.increment.by` is [`INCREMENT`].
 pub const DCS: [(&str, u64); 3] = [("us-east", 1), ("us-west", 2), ("eu-central", 3)];

@@ -1,5 +1,5 @@
-//! The configured coordination store: one type that dispatches the interface of `coord.rs` to
-//! its backend (`memory_store.rs`, or `etcd_store.rs` with the `etcd` feature).
+//! The configured coordination store: one type that dispatches the interface of `coord/mod.rs` to
+//! its backend (`coord/memory.rs`, or `coord/etcd.rs` with the `etcd` feature).
 //!
 //! An enum rather than a trait object: two backends, known at build time, and no boxing of
 //! futures. Election is written here once, for every backend, as a key created on the
@@ -7,15 +7,15 @@
 
 use std::time::Duration;
 
+use crate::coord::memory::MemoryClient;
 use crate::coord::{Compare, CoordError, Kv, LeaseId, Op, Revision, TxnOutcome, WatchStream};
-use crate::memory_store::MemoryClient;
 
 /// The configured backend.
 #[derive(Debug, Clone)]
 pub enum Store {
     Memory(MemoryClient),
     #[cfg(feature = "etcd")]
-    Etcd(crate::etcd_store::EtcdClient),
+    Etcd(crate::coord::etcd::EtcdClient),
 }
 
 impl Store {

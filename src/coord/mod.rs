@@ -1,14 +1,42 @@
-//! The coordination store interface: etcd's semantics, written once for every backend.
+//! Coordination: who owns each shard, decided in a store by compare-and-swap, and followed by
+//! every router (docs/failover.md).
+//!
+//! - this file: the store interface (etcd's semantics, written once for every backend) and the
+//!   store's data model;
+//! - `store`: dispatch to the configured backend, `memory` (in-process, for the demo and tests)
+//!   or `etcd` (cargo feature `etcd`);
+//! - `join`: joining the store at start-up, following it with a watch, starting the tasks below;
+//! - `control`: the single writer of the routing snapshot (config + table), for store changes
+//!   and config reloads alike;
+//! - `lease`: this router's lease, its registration, and the self-fencing write gate;
+//! - `failover`: the failover manager, planned moves, freeze;
+//! - `hook`: the become-owner hook calls.
+//!
+//! Nothing here serves client requests or knows the request path: `proxy` reads the snapshot
+//! `control` publishes and asks `lease` whether a write may go.
+//!
+//! # The store interface
 //!
 //! Ownership lives in a linearizable store that decides by compare-and-swap
 //! (`docs/failover.md`). This file defines what the router needs from such a store (leases with keepalive, a
 //! transaction with compares, range reads, watch-from-revision, and election), and the store's
 //! data model: key layout, the JSON of a shard record, and a [`View`] of everything a router
-//! follows. `store.rs` dispatches the interface to the configured backend (`memory_store.rs`,
-//! `etcd_store.rs`), which implement it on these types; this file names no backend.
+//! follows. `store` dispatches the interface to the configured backend (`memory`,
+//! `etcd`), which implement it on these types; this file names no backend.
 //!
-//! It must not decide anything: `lease.rs`, `failover.rs` and `control.rs` do, through this
+//! It must not decide anything: `lease`, `failover` and `control` do, through this
 //! interface, so their logic does not depend on which backend is configured.
+
+pub mod control;
+#[cfg(feature = "etcd")]
+pub mod etcd;
+pub mod failover;
+pub mod hook;
+pub mod join;
+pub mod lease;
+pub mod memory;
+pub mod records;
+pub mod store;
 
 use std::collections::BTreeMap;
 

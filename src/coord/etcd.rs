@@ -1,6 +1,6 @@
 //! The `etcd` coordination backend: the real multi-DC mode (docs/failover.md), on `etcd-client`.
 //!
-//! It maps the [`Store`](crate::store::Store) interface onto etcd's API one to one: leases with
+//! It maps the [`Store`](crate::coord::store::Store) interface onto etcd's API one to one: leases with
 //! keepalive, transactions with compares (a prefix compare is etcd's `version == 0` over the
 //! prefix range), range reads and watch-from-revision. Every call is bounded by a timeout, so a
 //! router cut off from etcd sees errors (and lets its fence deadline run out) instead of hanging.
@@ -207,7 +207,7 @@ impl EtcdClient {
                     .filter_map(|e| {
                         let kv = e.kv()?;
                         Some(match e.event_type() {
-                            EventType::Put => Event::Put(crate::etcd_store::kv(kv)),
+                            EventType::Put => Event::Put(crate::coord::etcd::kv(kv)),
                             EventType::Delete => Event::Delete {
                                 key: String::from_utf8_lossy(kv.key()).into_owned(),
                                 mod_revision: kv.mod_revision(),

@@ -1,14 +1,16 @@
 //! The request path: classify → resolve → forward, and the edge where errors become responses.
 //!
 //! [`Proxy::handle`] is what every data-listener connection calls for every request. It loads the
-//! snapshot once, asks `classify.rs` what the request is and `ownership.rs` where it goes, then
-//! uses `forward.rs` to send it: to the local Loom, or, for a write this DC does not own, to the
+//! snapshot once, asks `routing/classify.rs` what the request is and `routing/table.rs` where it goes, then
+//! uses `http/forward.rs` to send it: to the local Loom, or, for a write this DC does not own, to the
 //! owning DC's router (one hop, never two). A write that arrives from a peer router is checked
 //! against this router's table before its Loom sees it (docs/routing.md).
 //!
 //! This file owns the order of those steps, the 421 retry loop, route headers, and logging and
-//! metrics for each request, once, at the edge. It must not parse paths (classify.rs), compute
-//! shards (ownership.rs) or build HTTP clients (forward.rs).
+//! metrics for each request, once, at the edge. It must not parse paths (routing/classify.rs), compute
+//! shards (routing/table.rs) or build HTTP clients (http/forward.rs).
+
+pub mod listener;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,18 +25,18 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use tokio::sync::Semaphore;
 
-use crate::body::Body;
-use crate::classify::{self, Class, Key, Route};
 use crate::config::AccessLog;
-use crate::control::{Control, Snapshot};
-use crate::coordinator::Handle;
-use crate::error::{MisdirectedView, RouterError};
-use crate::forward::{self, Buffered, Forwarder, ReadBodyError};
-use crate::headers::{self, Client};
+use crate::coord::control::{Control, Snapshot};
+use crate::coord::join::Handle;
+use crate::coord::lease::Gate;
 use crate::health::{HealthBoard, Status};
-use crate::lease::Gate;
+use crate::http::body::Body;
+use crate::http::error::{MisdirectedView, RouterError};
+use crate::http::forward::{self, Buffered, Forwarder, ReadBodyError};
+use crate::http::headers::{self, Client};
 use crate::metrics;
-use crate::ownership::{Admission, Target};
+use crate::routing::classify::{self, Class, Key, Route};
+use crate::routing::table::{Admission, Target};
 use crate::shard::{DcId, ShardKey, ShardState};
 
 /// How many times the origin re-sends a write that a peer answered with 421.
@@ -506,10 +508,10 @@ impl Proxy {
         };
         let resolved = match resolved {
             Ok(r) => r,
-            Err(crate::ownership::ResolveError::Unassigned(key)) => {
+            Err(crate::routing::table::ResolveError::Unassigned(key)) => {
                 return Outcome::error(label, RouterError::UnassignedShard(key))
             }
-            Err(crate::ownership::ResolveError::Fenced(key)) => {
+            Err(crate::routing::table::ResolveError::Fenced(key)) => {
                 metrics::fenced_write();
                 let owner = snap.table.shard(key).map(|s| s.owner);
                 let label = if owner == Some(local) {
@@ -1206,7 +1208,7 @@ async fn buffer_for_retry(
                 // The client stalled, or trickled its body past the write's deadline: nothing
                 // was sent anywhere.
                 Ok(Err(e)) => {
-                    return Err(match crate::body::client_timeout(e.as_ref()) {
+                    return Err(match crate::http::body::client_timeout(e.as_ref()) {
                         Some(stalled) => RouterError::ClientTimeout(stalled),
                         None => RouterError::BadRequest,
                     })

@@ -12,7 +12,7 @@
 //! (nginx's `client_body_timeout`), and tells the proxy, through [`BodyProgress`], whether a
 //! deadline found the router waiting on the client. Both become 408 `client_timeout`.
 //!
-//! This file must not decide when to buffer; `forward.rs` and `proxy.rs` do.
+//! This file must not decide when to buffer; `http/forward.rs` and `proxy/mod.rs` do.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -1,7 +1,7 @@
 //! What makes a router re-read its config: SIGHUP, and a change to the file (docs/operations.md).
-//! `POST /admin/reload` is the third way (`admin.rs`).
+//! `POST /admin/reload` is the third way (`ops/admin.rs`).
 //!
-//! All three ask the snapshot writer (`control.rs`) to reload, which validates the new file and
+//! All three ask the snapshot writer (`coord/control.rs`) to reload, which validates the new file and
 //! swaps it in atomically or refuses it; this file only notices that a reload is wanted. The
 //! file watcher watches the file's directory, because editors and config-management tools often
 //! save by writing a new file and renaming it over the old one, and debounces bursts of events
@@ -14,7 +14,7 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::control::Control;
+use crate::coord::control::Control;
 
 /// Events closer together than this make one reload.
 const DEBOUNCE: Duration = Duration::from_millis(200);

@@ -9,7 +9,7 @@
 //!
 //! What to move is decided by the pure [`plan`]; [`run_manager`], [`switchover`] and
 //! [`set_frozen`] are the store I/O. Routers learn of every move through their watch
-//! (`control.rs`); this file never touches a router's table.
+//! (`coord/control.rs`); this file never touches a router's table.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -20,12 +20,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::coord::lease::Gate;
+use crate::coord::store::Store;
 use crate::coord::{now_rfc3339, Compare, CoordError, Keys, Op, Revision, ShardRecord, View};
-use crate::forward::Forwarder;
-use crate::lease::Gate;
+use crate::http::forward::Forwarder;
 use crate::metrics;
 use crate::shard::ShardKey;
-use crate::store::Store;
 
 /// One shard to move.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -351,10 +351,10 @@ async fn drain(
     epoch: Revision,
     write_timeout: Duration,
 ) -> Vec<String> {
-    let deadline = Instant::now() + write_timeout + crate::fence::MARGIN;
+    let deadline = Instant::now() + write_timeout + crate::routing::fence::MARGIN;
     let query = format!(
         "{}?shard={shard}&epoch={epoch}",
-        crate::classify::DRAINED_PATH
+        crate::routing::classify::DRAINED_PATH
     );
     let mut pending: Vec<&str> = routers.to_vec();
     while !pending.is_empty() && Instant::now() < deadline {
@@ -363,7 +363,7 @@ async fn drain(
             let uri = format!("{}{query}", url.trim_end_matches('/'));
             let drained = match uri.parse::<http::Uri>() {
                 Ok(uri) => {
-                    let mut request = http::Request::new(crate::body::Body::empty());
+                    let mut request = http::Request::new(crate::http::body::Body::empty());
                     *request.uri_mut() = uri;
                     let left = deadline.saturating_duration_since(Instant::now());
                     matches!(
@@ -542,7 +542,7 @@ mod tests {
     /// over).
     #[tokio::test]
     async fn the_failover_swap_checks_shard_liveness_and_leadership() {
-        use crate::memory_store::MemoryStore;
+        use crate::coord::memory::MemoryStore;
         let store = Store::Memory(MemoryStore::new().client());
         let keys = Keys::new("/p");
         let put = |key: String, value: Vec<u8>| Op::Put {

@@ -1,22 +1,21 @@
 //! The ownership table: which DC owns each shard, at which epoch (docs/routing.md).
 //!
-//! A [`Table`] is an immutable snapshot. `control.rs` builds the next one to one side and
+//! A [`Table`] is an immutable snapshot. `coord/control.rs` builds the next one to one side and
 //! publishes it with a single `ArcSwap::store`; the request path loads it once per request and
 //! calls the pure functions here: [`Table::resolve_write`] and [`Table::resolve_create`] for a
 //! request this router routes, and [`Table::admit_forwarded`] for a write another router
 //! forwarded to it.
 //!
-//! A table comes from the config ([`Table::from_config`], the `static` backend and the seed of
-//! an empty store) or from a coordination store's view ([`Table::from_view`]).
+//! A table comes from the config (`Config::table`, the `static` backend and the seed of an empty
+//! store) or from a coordination store's view (`View::table`); this file builds neither, so that
+//! it depends on nothing but the domain types in `shard.rs`.
 //!
 //! This file must not do I/O, spawn tasks or know about health: whether a peer DC is up is
 //! checked by the caller after resolving, because health never moves ownership.
 
 use std::time::SystemTime;
 
-use crate::classify::shard_of;
-use crate::config::Config;
-use crate::coord::{ShardRecord, View};
+use crate::routing::classify::shard_of;
 use crate::shard::{DcId, ShardKey, ShardState};
 
 /// One shard's entry.
@@ -93,163 +92,12 @@ pub enum Admission {
 }
 
 impl Table {
-    /// The table a config describes: each DC owns its home residue at epoch 1, `[[shards]]`
-    /// entries override or add shards, and the global shard is owned by `global_home`.
-    pub fn from_config(config: &Config) -> Self {
-        let now = SystemTime::now();
-        let configured =
-            |changed_by: &str, reason: &str| (changed_by.to_owned(), reason.to_owned());
-        let mut residues: Vec<Shard> = config
-            .datacenters
-            .iter()
-            .enumerate()
-            .map(|(dc, d)| {
-                let (changed_by, reason) = configured("config", "home");
-                Shard {
-                    key: ShardKey::Residue(d.residue),
-                    home: Some(dc),
-                    owner: dc,
-                    replicas: d.replicas.clone(),
-                    epoch: 1,
-                    state: ShardState::Active,
-                    frozen: false,
-                    changed_at: now,
-                    changed_by,
-                    reason,
-                }
-            })
-            .collect();
-        let (changed_by, reason) = configured("config", "global_home");
-        let mut global = Shard {
-            key: ShardKey::Global,
-            home: Some(config.global_home),
-            owner: config.global_home,
-            replicas: config.datacenters[config.global_home].replicas.clone(),
-            epoch: 1,
-            state: ShardState::Active,
-            frozen: false,
-            changed_at: now,
-            changed_by,
-            reason,
-        };
-        for entry in &config.shards {
-            let apply = |shard: &mut Shard| {
-                shard.owner = entry.owner;
-                if let Some(replicas) = &entry.replicas {
-                    shard.replicas.clone_from(replicas);
-                }
-                shard.epoch = entry.epoch;
-                shard.state = entry.state;
-                shard.changed_by = "config".to_owned();
-                shard.reason = "[[shards]] entry".to_owned();
-            };
-            match entry.key {
-                ShardKey::Global => apply(&mut global),
-                ShardKey::Residue(r) => match residues.iter_mut().find(|s| s.key == entry.key) {
-                    Some(shard) => apply(shard),
-                    None => {
-                        let mut shard = Shard {
-                            key: ShardKey::Residue(r),
-                            home: None,
-                            owner: entry.owner,
-                            replicas: Vec::new(),
-                            epoch: 1,
-                            state: ShardState::Active,
-                            frozen: false,
-                            changed_at: now,
-                            changed_by: String::new(),
-                            reason: String::new(),
-                        };
-                        apply(&mut shard);
-                        residues.push(shard);
-                    }
-                },
-            }
-        }
+    /// A table of these shards. `residues` may come in any order; the table keeps them sorted.
+    pub fn new(table_epoch: u64, increment: u64, mut residues: Vec<Shard>, global: Shard) -> Self {
         residues.sort_by_key(|s| s.key);
-        let table_epoch = residues
-            .iter()
-            .map(|s| s.epoch)
-            .chain([global.epoch])
-            .max()
-            .unwrap_or(1);
         Self {
             table_epoch,
-            increment: config.increment,
-            residues,
-            global,
-            hook_pending: Vec::new(),
-        }
-    }
-
-    /// The records that seed an empty coordination store with this table.
-    pub fn to_records(&self, config: &Config) -> Vec<(ShardKey, ShardRecord)> {
-        let name = |dc: DcId| config.datacenters[dc].name.clone();
-        self.shards()
-            .map(|s| {
-                let record = ShardRecord {
-                    owner: name(s.owner),
-                    home: s.home.map(name),
-                    replicas: s.replicas.iter().map(|&r| name(r)).collect(),
-                    state: s.state.as_str().to_owned(),
-                    frozen: s.frozen,
-                    previous_owner: None,
-                    changed_at: humantime::format_rfc3339_seconds(s.changed_at).to_string(),
-                    changed_by: s.changed_by.clone(),
-                    reason: s.reason.clone(),
-                    failed_over_at_ms: None,
-                    owner_changes: 0,
-                };
-                (s.key, record)
-            })
-            .collect()
-    }
-
-    /// The table a coordination store describes. A shard's epoch is its record's
-    /// `mod_revision`; the table epoch is the store revision the view reflects. Records that
-    /// name a DC this config does not know are left out (and logged), rather than guessed at.
-    pub fn from_view(config: &Config, view: &View) -> Self {
-        let mut residues = Vec::new();
-        let mut global = None;
-        for (&key, (record, epoch)) in &view.shards {
-            let dc = |name: &str| config.dc_by_name(name);
-            let Some(owner) = dc(&record.owner) else {
-                tracing::warn!(shard = %key, owner = %record.owner, "shard owned by an unknown datacenter ignored");
-                continue;
-            };
-            let shard = Shard {
-                key,
-                home: record.home.as_deref().and_then(dc),
-                owner,
-                replicas: record.replicas.iter().filter_map(|r| dc(r)).collect(),
-                epoch: u64::try_from(*epoch).unwrap_or(0),
-                state: if record.state == "fenced" {
-                    ShardState::Fenced
-                } else {
-                    ShardState::Active
-                },
-                frozen: record.frozen,
-                changed_at: humantime::parse_rfc3339(&record.changed_at)
-                    .unwrap_or(SystemTime::UNIX_EPOCH),
-                changed_by: record.changed_by.clone(),
-                reason: record.reason.clone(),
-            };
-            match key {
-                ShardKey::Global => global = Some(shard),
-                ShardKey::Residue(_) => residues.push(shard),
-            }
-        }
-        // The store is seeded with the global shard before any router reads it. If its record is
-        // missing or unreadable, nobody may write global entities until it is fixed.
-        let global = global.unwrap_or_else(|| {
-            let mut g = Self::from_config(config).global;
-            g.state = ShardState::Fenced;
-            g.reason = "no readable global shard record in the store".to_owned();
-            g
-        });
-        Self {
-            table_epoch: u64::try_from(view.revision).unwrap_or(0),
-            increment: config.increment,
+            increment,
             residues,
             global,
             hook_pending: Vec::new(),
@@ -371,6 +219,7 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     fn config(extra: &str) -> Config {
         Config::from_toml(&format!(
@@ -408,7 +257,7 @@ replicas = ["us-east"]
 
     #[test]
     fn each_dc_owns_its_home_residue_at_epoch_one() {
-        let t = Table::from_config(&config(""));
+        let t = config("").table();
         let keys: Vec<_> = t.shards().map(|s| s.key).collect();
         assert_eq!(
             keys,
@@ -428,7 +277,7 @@ replicas = ["us-east"]
 
     #[test]
     fn shard_math_uses_the_decimal_value_mod_increment() {
-        let t = Table::from_config(&config(""));
+        let t = config("").table();
         assert_eq!(t.shard_key_of_cluster(79), ShardKey::Residue(9));
         assert_eq!(t.shard_key_of_cluster(11), ShardKey::Residue(1));
         assert_eq!(
@@ -439,7 +288,7 @@ replicas = ["us-east"]
 
     #[test]
     fn a_local_shard_resolves_local_with_its_epoch() {
-        let t = Table::from_config(&config(""));
+        let t = config("").table();
         assert_eq!(
             t.resolve_write(EAST, ShardKey::Residue(1)),
             Ok(Resolved {
@@ -451,7 +300,7 @@ replicas = ["us-east"]
 
     #[test]
     fn a_remote_shard_resolves_to_its_owner() {
-        let t = Table::from_config(&config(""));
+        let t = config("").table();
         assert_eq!(
             t.resolve_write(EAST, ShardKey::Residue(3)).unwrap().target,
             Target::Peer { dc: EU, epoch: 1 }
@@ -464,14 +313,12 @@ replicas = ["us-east"]
 
     #[test]
     fn unassigned_residues_are_errors_unless_mapped() {
-        let t = Table::from_config(&config(""));
+        let t = config("").table();
         assert_eq!(
             t.resolve_write(EAST, ShardKey::Residue(0)),
             Err(ResolveError::Unassigned(ShardKey::Residue(0)))
         );
-        let t = Table::from_config(&config(
-            "[[shards]]\nresidue = 0\nowner = \"us-west\"\nepoch = 4",
-        ));
+        let t = config("[[shards]]\nresidue = 0\nowner = \"us-west\"\nepoch = 4").table();
         assert_eq!(
             t.resolve_write(EAST, ShardKey::Residue(0)).unwrap().target,
             Target::Peer { dc: WEST, epoch: 4 }
@@ -482,9 +329,9 @@ replicas = ["us-east"]
 
     #[test]
     fn a_fenced_shard_admits_no_writes() {
-        let t = Table::from_config(&config(
-            "[[shards]]\nresidue = 1\nowner = \"us-east\"\nepoch = 2\nstate = \"fenced\"",
-        ));
+        let t =
+            config("[[shards]]\nresidue = 1\nowner = \"us-east\"\nepoch = 2\nstate = \"fenced\"")
+                .table();
         assert_eq!(
             t.resolve_write(EAST, ShardKey::Residue(1)),
             Err(ResolveError::Fenced(ShardKey::Residue(1)))
@@ -497,7 +344,7 @@ replicas = ["us-east"]
 
     #[test]
     fn creates_go_to_the_owner_of_the_local_home_shard() {
-        let t = Table::from_config(&config(""));
+        let t = config("").table();
         assert_eq!(
             t.resolve_create(EAST).unwrap(),
             Resolved {
@@ -505,9 +352,7 @@ replicas = ["us-east"]
                 target: Target::Local { epoch: Some(1) }
             }
         );
-        let moved = Table::from_config(&config(
-            "[[shards]]\nresidue = 1\nowner = \"us-west\"\nepoch = 2",
-        ));
+        let moved = config("[[shards]]\nresidue = 1\nowner = \"us-west\"\nepoch = 2").table();
         assert_eq!(
             moved.resolve_create(EAST).unwrap().target,
             Target::Peer { dc: WEST, epoch: 2 }
@@ -516,7 +361,7 @@ replicas = ["us-east"]
 
     #[test]
     fn the_receiver_serves_only_shards_it_owns_at_an_epoch_at_least_the_senders() {
-        let t = Table::from_config(&config(""));
+        let t = config("").table();
         assert_eq!(
             t.admit_forwarded(EAST, ShardKey::Residue(1), 1, false),
             Admission::Serve { epoch: 1 }
@@ -541,10 +386,11 @@ replicas = ["us-east"]
     #[test]
     fn a_forwarded_create_needs_the_receivers_own_home_shard_too() {
         // us-west owns us-east's home shard but has lost its own.
-        let t = Table::from_config(&config(
+        let t = config(
             "[[shards]]\nresidue = 1\nowner = \"us-west\"\nepoch = 2\n\
              [[shards]]\nresidue = 2\nowner = \"eu-central\"\nepoch = 2",
-        ));
+        )
+        .table();
         assert_eq!(
             t.admit_forwarded(WEST, ShardKey::Residue(1), 2, true),
             Admission::Misdirected {

@@ -5,7 +5,7 @@
 //! without a status and a code. The body is one plain-text sentence telling the user what
 //! happened and what to do; details such as socket errors go to the log, not to the client.
 //!
-//! This file must not log or record metrics: `proxy.rs` does both once, at the edge.
+//! This file must not log or record metrics: `proxy/mod.rs` does both once, at the edge.
 
 use std::time::Duration;
 
@@ -13,9 +13,9 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
-use crate::body::Body;
-use crate::classify::ClassifyError;
-use crate::headers::{ROUTER_ERROR, TEXT_PLAIN};
+use crate::http::body::Body;
+use crate::http::headers::{ROUTER_ERROR, TEXT_PLAIN};
+use crate::routing::classify::ClassifyError;
 use crate::shard::ShardKey;
 
 /// Which upstream a transport error is about, for codes and the `kind` metric label.
@@ -135,7 +135,7 @@ pub enum RouterError {
     LoopDetected,
 }
 
-pub use crate::body::BoxError;
+pub use crate::http::body::BoxError;
 
 impl From<ClassifyError> for RouterError {
     fn from(e: ClassifyError) -> Self {

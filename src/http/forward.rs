@@ -3,7 +3,7 @@
 //! One pooled keep-alive client (hyper-util's legacy `Client`) is built at start-up and shared by
 //! every request and every health probe. This file owns timeouts, the mapping of transport
 //! failures to [`UpstreamKind`], and reading bodies into memory when the router has to. It must
-//! not decide *where* a request goes: `proxy.rs` does that from the ownership table.
+//! not decide *where* a request goes: `proxy/mod.rs` does that from the ownership table.
 
 use std::time::Duration;
 
@@ -17,8 +17,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::body::{Body, ClientBody};
-use crate::error::{BoxError, SendError, UpstreamKind};
+use crate::http::body::{Body, ClientBody};
+use crate::http::error::{BoxError, SendError, UpstreamKind};
 
 /// Idle pooled connections kept per upstream host. Enough for a burst of concurrent writes to
 /// one peer without reconnecting; the rest are closed when they go idle.
@@ -35,7 +35,7 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    /// `tls` is used toward `https://` upstreams (`tls.rs`: peer routers and the Loom).
+    /// `tls` is used toward `https://` upstreams (`http/tls.rs`: peer routers and the Loom).
     pub fn new(
         connect_timeout: Duration,
         idle_timeout: Duration,
@@ -77,7 +77,7 @@ impl Forwarder {
                 } else if e.is_connect() {
                     UpstreamKind::Connect
                 } else if client_body_failed(&e) {
-                    match crate::body::client_timeout(&e) {
+                    match crate::http::body::client_timeout(&e) {
                         Some(after) => UpstreamKind::ClientStalled(after),
                         None => UpstreamKind::ClientBody,
                     }
@@ -214,7 +214,7 @@ where
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ReadBodyError::TooLarge),
-        Err(e) if crate::body::client_timeout(e.as_ref()).is_some() => {
+        Err(e) if crate::http::body::client_timeout(e.as_ref()).is_some() => {
             Err(ReadBodyError::ClientTimeout)
         }
         Err(e) => Err(ReadBodyError::Broken(e)),

@@ -6,7 +6,7 @@
 //! rule checked. Every error names the key it is about (`datacenters[1].replicas[0]: ...`), which
 //! is what `loom-router check` prints.
 //!
-//! This file must not touch the network or build routing state; `ownership.rs` turns a `Config`
+//! This file must not touch the network or build routing state; `routing/table.rs` turns a `Config`
 //! into a table.
 
 use std::collections::HashMap;
@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use http::Uri;
 use serde::Deserialize;
+
+pub mod table;
 
 use crate::shard::{DcId, ShardKey, ShardState};
 
@@ -975,7 +977,8 @@ impl TryFrom<RawConfig> for Config {
         // admits a write only if write_timeout ends before lease·(1 − 2ρ) − δ after the last
         // keepalive was sent, and the next keepalive may be up to one interval away.
         if backend != Backend::Static {
-            let usable = crate::fence::usable_lease(coordination.lease, coordination.keepalive);
+            let usable =
+                crate::routing::fence::usable_lease(coordination.lease, coordination.keepalive);
             if loom.write_timeout > usable {
                 p.push(
                     "loom.write_timeout",

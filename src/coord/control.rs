@@ -6,7 +6,7 @@
 //! here stores into it, so two updates can never interleave.
 //!
 //! The writer takes its inputs from three places: views of the coordination store (pushed by the
-//! watch in `coordinator.rs`), refresh requests from the request path (a peer knew a newer
+//! watch in `coord/join.rs`), refresh requests from the request path (a peer knew a newer
 //! epoch), and results of become-owner hooks. It never installs a table older than the one it
 //! serves (docs/failover.md), and on any error the old snapshot keeps serving.
 //!
@@ -21,13 +21,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::coord::hook::HookJob;
+use crate::coord::store::Store;
 use crate::coord::{Keys, View};
-use crate::headers::via_token;
-use crate::hook::HookJob;
+use crate::http::headers::via_token;
 use crate::metrics;
-use crate::ownership::Table;
+use crate::routing::table::Table;
 use crate::shard::ShardKey;
-use crate::store::Store;
 
 /// One consistent view of configuration and ownership.
 #[derive(Debug)]
@@ -127,7 +127,7 @@ impl Control {
     ) -> Self {
         let config = Arc::new(config);
         let (configs_tx, configs) = watch::channel(config.clone());
-        let table = Table::from_config(&config);
+        let table = config.table();
         metrics::set_table_epoch(table.table_epoch);
         let current = Arc::new(ArcSwap::from_pointee(Snapshot::new(
             config.clone(),
@@ -267,7 +267,7 @@ impl Writer {
     fn install(&mut self, view: &View, hooks: Option<&mpsc::Sender<(HookJob, CancellationToken)>>) {
         self.last_view = Some(view.clone());
         let current = self.current.load();
-        let mut table = Table::from_view(&self.config, view);
+        let mut table = view.table(&self.config);
         if current.from_store && table.table_epoch < current.table.table_epoch {
             tracing::debug!(
                 offered = table.table_epoch,
@@ -330,7 +330,7 @@ impl Writer {
         }
         table.hook_pending = self.pending_hooks.keys().copied().collect();
         metrics::set_table_epoch(table.table_epoch);
-        let alerts = crate::failover::alerts(view);
+        let alerts = crate::coord::failover::alerts(view);
         for alert in &alerts {
             tracing::warn!("{alert}");
         }
@@ -359,7 +359,7 @@ impl Writer {
         let next = Arc::new(next);
         let current = self.current.load_full();
         if self.last_view.is_none() {
-            let table = Table::from_config(&next);
+            let table = next.table();
             if table.table_epoch < current.table.table_epoch {
                 return Err(ReloadError::Older {
                     current: current.table.table_epoch,
@@ -460,7 +460,7 @@ replicas = ["a"]
     }
 
     fn writer(config: Arc<Config>) -> Writer {
-        let table = Table::from_config(&config);
+        let table = config.table();
         Writer {
             current: Arc::new(ArcSwap::from_pointee(Snapshot::new(
                 config.clone(),

@@ -3,11 +3,11 @@
 //!
 //! [`join`] checks the shared-settings fingerprint, seeds an empty store with the config's table,
 //! and starts:
-//! - the lease task (`lease.rs`): liveness registration and the self-fencing gate;
+//! - the lease task (`coord/lease.rs`): liveness registration and the self-fencing gate;
 //! - the watch (`follow`): a full read, then changes from the next revision, re-reading in full
 //!   after any watch error, publishing each [`View`] to the snapshot writer and the manager;
-//! - the failover manager campaign (`failover.rs`);
-//! - the become-owner hook runner (`hook.rs`), if a hook is configured.
+//! - the failover manager campaign (`coord/failover.rs`);
+//! - the become-owner hook runner (`coord/hook.rs`), if a hook is configured.
 //!
 //! This file wires tasks together; the decisions live in the files it names.
 
@@ -19,15 +19,14 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::control::Coordination;
+use crate::coord::control::Coordination;
+use crate::coord::lease::{Gate, Identity};
+use crate::coord::store::Store;
+use crate::coord::{failover, hook, lease};
 use crate::coord::{Compare, CoordError, Keys, Op, View};
-use crate::forward::Forwarder;
 use crate::health::HealthBoard;
-use crate::lease::{Gate, Identity};
-use crate::ownership::Table;
+use crate::http::forward::Forwarder;
 use crate::shard::ShardKey;
-use crate::store::Store;
-use crate::{failover, hook, lease};
 
 /// Why a router could not join its coordination store.
 #[derive(Debug, thiserror::Error)]
@@ -136,7 +135,7 @@ pub async fn join(
         }
     }
     // Seed shards the store does not have yet; the first router to start wins each.
-    for (shard, record) in Table::from_config(&config).to_records(&config) {
+    for (shard, record) in crate::coord::records::seed_records(&config) {
         store
             .txn(
                 vec![Compare::CreateRevision(keys.shard(shard), 0)],

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 use crate::config::{Limits, MIN_HEADER_BYTES};
-use crate::error::RouterError;
+use crate::http::error::RouterError;
 use crate::proxy::{ConnInfo, Proxy};
 
 /// TLS on a data listener: the acceptor (certificates, ALPN, client-certificate checks) and how

@@ -1,0 +1,19 @@
+//! HTTP plumbing shared by every side of the router: the body type, header rewrites, the pooled
+//! upstream client, TLS configs, and router errors as responses (docs/routing.md).
+//!
+//! - `body`: the one body type requests and responses travel in; the client body's stall timer.
+//! - `headers`: header names the router owns, the `Host` check, hop-by-hop stripping, `Via`.
+//! - `forward`: the pooled keep-alive client to Loom and peer routers, its timeouts, and body
+//!   buffering for retries.
+//! - `tls`: PEM files → rustls configs for the https listener and https upstreams.
+//! - `error`: every error the router answers itself, and the one place it becomes a status, a
+//!   code and a body; the 421 body is written and read there too.
+//!
+//! Nothing here knows the ownership table or decides where a request goes: `proxy` does. It
+//! must not log or count requests either; `proxy` does that once, at the edge.
+
+pub mod body;
+pub mod error;
+pub mod forward;
+pub mod headers;
+pub mod tls;
