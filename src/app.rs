@@ -261,7 +261,7 @@ impl App {
         if let Some(https) = self.https {
             match (server_tls, &tls_settings) {
                 (Some(server_tls), Some(handshake)) => {
-                    let acceptor = listener::Tls {
+                    let acceptor = listener::TlsAccept {
                         acceptor: tokio_rustls::TlsAcceptor::from(server_tls),
                         handshake_timeout: *handshake,
                     };

@@ -71,7 +71,7 @@ impl Snapshot {
 
 /// The coordination side of a router, as the writer sees it.
 #[derive(Debug)]
-pub struct Coordination {
+pub struct StoreLink {
     pub store: Store,
     pub keys: Keys,
     /// The store as the watch last saw it.
@@ -96,9 +96,9 @@ pub enum ReloadError {
     Older { current: u64, next: u64 },
 }
 
-/// Messages to the writer task.
+/// What the writer task is asked to do.
 #[derive(Debug)]
-enum Event {
+enum Request {
     /// Re-read ownership from the coordination store, then answer.
     Refresh(oneshot::Sender<()>),
     /// Re-read the config file, validate it, and swap it in (or refuse).
@@ -110,8 +110,8 @@ enum Event {
 pub struct Control {
     /// Read by every request; stored into only by the writer task.
     current: Arc<ArcSwap<Snapshot>>,
-    /// Events for the writer task; it ends when every handle is dropped.
-    events: mpsc::Sender<Event>,
+    /// Requests to the writer task; it ends when every handle is dropped.
+    events: mpsc::Sender<Request>,
     /// Each config the writer installs, for the tasks that apply settings outside the snapshot
     /// (health probes, the concurrency limit).
     configs: watch::Receiver<Arc<Config>>,
@@ -122,7 +122,7 @@ impl Control {
     /// coordination store, the writer replaces it as soon as the store has been read.
     pub fn start(
         config: Config,
-        coordination: Option<Coordination>,
+        coordination: Option<StoreLink>,
         config_path: Option<std::path::PathBuf>,
     ) -> Self {
         let config = Arc::new(config);
@@ -162,7 +162,7 @@ impl Control {
     /// serving. Counted in `loom_router_config_reloads_total{result}`.
     pub async fn reload(&self) -> Result<String, ReloadError> {
         let (tx, rx) = oneshot::channel();
-        let outcome = match self.events.send(Event::Reload(tx)).await {
+        let outcome = match self.events.send(Request::Reload(tx)).await {
             Ok(()) => rx.await.unwrap_or(Err(ReloadError::NoFile)),
             Err(_) => Err(ReloadError::NoFile),
         };
@@ -185,7 +185,7 @@ impl Control {
     /// when a peer shows a newer epoch than ours (docs/routing.md).
     pub async fn refresh(&self) {
         let (tx, rx) = oneshot::channel();
-        if self.events.send(Event::Refresh(tx)).await.is_ok() {
+        if self.events.send(Request::Refresh(tx)).await.is_ok() {
             let _ = rx.await;
         }
     }
@@ -210,16 +210,16 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(mut self, mut events: mpsc::Receiver<Event>, coordination: Option<Coordination>) {
+    async fn run(mut self, mut events: mpsc::Receiver<Request>, coordination: Option<StoreLink>) {
         let Some(mut c) = coordination else {
             // Static: the config is the store. A refresh finds nothing newer until an operator
             // reloads the config.
             while let Some(event) = events.recv().await {
                 match event {
-                    Event::Refresh(done) => {
+                    Request::Refresh(done) => {
                         let _ = done.send(());
                     }
-                    Event::Reload(done) => {
+                    Request::Reload(done) => {
                         let _ = done.send(self.reload(None));
                     }
                 }
@@ -229,7 +229,7 @@ impl Writer {
         loop {
             tokio::select! {
                 event = events.recv() => match event {
-                    Some(Event::Refresh(done)) => {
+                    Some(Request::Refresh(done)) => {
                         match c.store.range(&c.keys.all()).await {
                             Ok((kvs, revision)) => {
                                 let view = View::from_range(&c.keys, kvs, revision);
@@ -239,7 +239,7 @@ impl Writer {
                         }
                         let _ = done.send(());
                     }
-                    Some(Event::Reload(done)) => {
+                    Some(Request::Reload(done)) => {
                         let _ = done.send(self.reload(c.hooks.as_ref()));
                     }
                     None => return,

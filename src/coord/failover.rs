@@ -233,7 +233,7 @@ async fn fail_over(
 
 /// Why an operator's move or freeze was refused.
 #[derive(Debug, thiserror::Error)]
-pub enum ControlError {
+pub enum OperatorError {
     #[error("no shard {0}")]
     UnknownShard(String),
     #[error("{0} is not a replica of shard {1}; move it to one of: {2}")]
@@ -275,11 +275,11 @@ pub async fn switchover(
     to: &str,
     write_timeout: Duration,
     by: &str,
-) -> Result<Switchover, ControlError> {
+) -> Result<Switchover, OperatorError> {
     let (record, seen) = view
         .shards
         .get(&shard)
-        .ok_or_else(|| ControlError::UnknownShard(shard.to_string()))?;
+        .ok_or_else(|| OperatorError::UnknownShard(shard.to_string()))?;
     if record.owner == to {
         return Ok(Switchover {
             shard,
@@ -290,14 +290,14 @@ pub async fn switchover(
         });
     }
     if !record.replicas.iter().any(|r| r == to) {
-        return Err(ControlError::NotAReplica(
+        return Err(OperatorError::NotAReplica(
             to.to_owned(),
             shard,
             record.replicas.join(", "),
         ));
     }
     if !view.alive(to) {
-        return Err(ControlError::NotAlive(to.to_owned()));
+        return Err(OperatorError::NotAlive(to.to_owned()));
     }
     let fenced = ShardRecord {
         state: "fenced".to_owned(),
@@ -305,7 +305,7 @@ pub async fn switchover(
     };
     let fence = replace_record(store, keys, shard, *seen, &fenced)
         .await?
-        .ok_or(ControlError::Conflict(shard))?;
+        .ok_or(OperatorError::Conflict(shard))?;
     let paused = Instant::now();
     // Ask the routers registered now, not the ones this router last saw.
     let (kvs, revision) = store.range(&keys.dc_routers(&record.owner)).await?;
@@ -319,7 +319,7 @@ pub async fn switchover(
             undrained.join(", ")
         );
         replace_record(store, keys, shard, fence, &stamped(record, by, reason)).await?;
-        return Err(ControlError::NotDrained(shard, undrained.join(", ")));
+        return Err(OperatorError::NotDrained(shard, undrained.join(", ")));
     }
     let next = moved(
         record,
@@ -329,7 +329,7 @@ pub async fn switchover(
     );
     let epoch = replace_record(store, keys, shard, fence, &next)
         .await?
-        .ok_or(ControlError::Conflict(shard))?;
+        .ok_or(OperatorError::Conflict(shard))?;
     Ok(Switchover {
         shard,
         from: record.owner.clone(),
@@ -394,11 +394,11 @@ pub async fn set_frozen(
     shard: ShardKey,
     frozen: bool,
     by: &str,
-) -> Result<Revision, ControlError> {
+) -> Result<Revision, OperatorError> {
     let (record, seen) = view
         .shards
         .get(&shard)
-        .ok_or_else(|| ControlError::UnknownShard(shard.to_string()))?;
+        .ok_or_else(|| OperatorError::UnknownShard(shard.to_string()))?;
     if record.frozen == frozen {
         return Ok(*seen);
     }
@@ -413,7 +413,7 @@ pub async fn set_frozen(
     };
     replace_record(store, keys, shard, *seen, &next)
         .await?
-        .ok_or(ControlError::Conflict(shard))
+        .ok_or(OperatorError::Conflict(shard))
 }
 
 /// `record` with its last change stamped: now, by whom, why.

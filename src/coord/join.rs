@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::coord::control::Coordination;
+use crate::coord::control::StoreLink;
 use crate::coord::lease::{Gate, Identity};
 use crate::coord::store::Store;
 use crate::coord::{failover, hook, lease};
@@ -49,7 +49,7 @@ pub enum JoinError {
 #[derive(Debug)]
 pub struct Joined {
     /// For the snapshot writer.
-    pub coordination: Coordination,
+    pub coordination: StoreLink,
     /// The write gate the request path checks.
     pub gate: Arc<Gate>,
     /// For admin operations (switchover, freeze) and `/admin/table`.
@@ -201,7 +201,7 @@ pub async fn join(
     });
 
     Ok(Joined {
-        coordination: Coordination {
+        coordination: StoreLink {
             store: store.clone(),
             keys: keys.clone(),
             views: views.clone(),

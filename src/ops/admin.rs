@@ -25,7 +25,7 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::coord::failover::{self, ControlError};
+use crate::coord::failover::{self, OperatorError};
 use crate::health::Status;
 use crate::http::body::Body;
 use crate::http::headers::TEXT_PLAIN;
@@ -233,13 +233,13 @@ async fn shard_control(proxy: &Proxy, request: Request<Incoming>) -> Response<Bo
     }
 }
 
-fn control_error(e: &ControlError) -> Response<Body> {
+fn control_error(e: &OperatorError) -> Response<Body> {
     let status = match e {
-        ControlError::UnknownShard(_) => StatusCode::NOT_FOUND,
-        ControlError::NotAReplica(..) | ControlError::NotAlive(_) | ControlError::Conflict(_) => {
-            StatusCode::CONFLICT
-        }
-        ControlError::Store(_) | ControlError::NotDrained(..) => StatusCode::SERVICE_UNAVAILABLE,
+        OperatorError::UnknownShard(_) => StatusCode::NOT_FOUND,
+        OperatorError::NotAReplica(..)
+        | OperatorError::NotAlive(_)
+        | OperatorError::Conflict(_) => StatusCode::CONFLICT,
+        OperatorError::Store(_) | OperatorError::NotDrained(..) => StatusCode::SERVICE_UNAVAILABLE,
     };
     let mut response = Response::new(Body::full(format!("{e}\n")));
     *response.status_mut() = status;

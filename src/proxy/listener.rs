@@ -34,14 +34,14 @@ use crate::proxy::{ConnInfo, Proxy};
 /// TLS on a data listener: the acceptor (certificates, ALPN, client-certificate checks) and how
 /// long a client may take over its handshake.
 #[derive(Clone)]
-pub struct Tls {
+pub struct TlsAccept {
     pub acceptor: tokio_rustls::TlsAcceptor,
     pub handshake_timeout: Duration,
 }
 
-impl std::fmt::Debug for Tls {
+impl std::fmt::Debug for TlsAccept {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tls")
+        f.debug_struct("TlsAccept")
             .field("handshake_timeout", &self.handshake_timeout)
             .finish_non_exhaustive()
     }
@@ -61,7 +61,7 @@ struct Shared {
 /// give in-flight requests up to `drain_timeout` to finish.
 pub async fn serve(
     listener: TcpListener,
-    tls: Option<Tls>,
+    tls: Option<TlsAccept>,
     proxy: Proxy,
     drain_timeout: Duration,
     shutdown: CancellationToken,
