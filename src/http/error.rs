@@ -340,6 +340,19 @@ impl RouterError {
         }
     }
 
+    /// The upstream that failed and how, for `upstream_errors_total`: the peer DC's name, or
+    /// `None` for this DC's Loom, and the failure's kind. Only a failed exchange with an
+    /// upstream counts; the client's faults and the router's own answers do not.
+    pub fn upstream_failure(&self) -> Option<(Option<&str>, &'static str)> {
+        match self {
+            Self::UpstreamTimeout(_) => Some((None, UpstreamKind::Timeout.as_str())),
+            Self::UpstreamUnreachable { kind, .. } => Some((None, kind.as_str())),
+            Self::PeerTimeout { dc, .. } => Some((Some(dc), UpstreamKind::Timeout.as_str())),
+            Self::PeerUnreachable { dc, kind, .. } => Some((Some(dc), kind.as_str())),
+            _ => None,
+        }
+    }
+
     /// Whether the client's request is at fault (counted in `client_errors_total`, never as an
     /// upstream error). A 421 is one router's answer to another, not a client's fault.
     pub fn is_client_fault(&self) -> bool {
