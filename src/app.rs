@@ -10,13 +10,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Backend, Config};
 use crate::coord::control::Control;
-use crate::coord::join as coordinator;
+use crate::coord::join::{self as coordinator, Joined};
 use crate::coord::store::Store;
-use crate::health::{self, HealthBoard};
+use crate::health::{HealthBoard, Probes};
 use crate::http::forward::Forwarder;
 use crate::metrics;
 use crate::ops::admin;
@@ -142,13 +143,11 @@ impl App {
     /// coordination store cannot be joined.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AppError> {
         let metrics = metrics::install();
-        let config = self.config;
+        let config = Arc::new(self.config);
         metrics::register(
             config.datacenters.iter().map(|dc| dc.name.as_str()),
             config.table().shards().map(|s| s.key),
         );
-        let tls_settings = config.tls.as_ref().map(|t| t.handshake_timeout);
-        let drain_timeout = config.drain_timeout;
         let server_tls = crate::http::tls::server_config(&config)?;
         let forwarder = Forwarder::new(
             config.loom.connect_timeout,
@@ -156,131 +155,56 @@ impl App {
             crate::http::tls::client_config(&config)?,
         );
         let board = Arc::new(HealthBoard::new());
-        // Background tasks stop only after the listeners have drained.
+        // Background tasks stop only after the listeners have drained; every early return below
+        // stops what was started so far, and so does the end of `run`.
         let background = CancellationToken::new();
-        // Every early return below stops what was started so far; so does the end of `run`.
         let _stop_background = background.clone().drop_guard();
-        // Health probes run in generations: a reload that changes DCs or health settings
-        // replaces them (see the settings applier below).
-        let mut probes = background.child_token();
-        health::spawn_probes(&config, board.clone(), forwarder.clone(), probes.clone());
+        let probes = Probes::start(
+            config.clone(),
+            board.clone(),
+            forwarder.clone(),
+            background.clone(),
+        );
         for warning in config.warnings() {
             tracing::warn!("{warning}");
         }
-        let joined = match (config.coordination.backend, self.store) {
-            (Backend::Static, _) => None,
-            (Backend::Memory, Some(store)) => {
-                let config = Arc::new(config.clone());
-                let joined = coordinator::join(
-                    config,
-                    store,
-                    board.clone(),
-                    forwarder.clone(),
-                    background.clone(),
-                )
-                .await;
-                match joined {
-                    Ok(joined) => Some(joined),
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            (Backend::Memory, None) => return Err(AppError::NoMemoryStore),
-            (Backend::Etcd, store) => {
-                let store = match store {
-                    Some(store) => Ok(store),
-                    None => connect_etcd(&config.coordination.endpoints).await,
-                };
-                let joined = match store {
-                    Ok(store) => coordinator::join(
-                        Arc::new(config.clone()),
-                        store,
-                        board.clone(),
-                        forwarder.clone(),
-                        background.clone(),
-                    )
-                    .await
-                    .map_err(AppError::from),
-                    Err(e) => Err(e),
-                };
-                match joined {
-                    Ok(joined) => Some(joined),
-                    Err(e) => return Err(e),
-                }
-            }
+        let runtime = Runtime {
+            config: config.clone(),
+            board,
+            forwarder,
+            background,
         };
-        let (coordination, gate) = match joined {
+        let joined = runtime.join(self.store).await?;
+        let (link, gate) = match joined {
             Some(j) => (Some(j.coordination), Some((j.gate, j.handle))),
             None => (None, None),
         };
-        // What the probes above were started with: a reload that lands before the settings
-        // applier below first runs must still be compared with this, not with itself.
-        let probed = Arc::new(config.clone());
-        let control = Control::start(config, coordination, self.config_path.clone());
-        let proxy = Proxy::new(control.clone(), board.clone(), forwarder.clone(), gate);
+        let control = Control::start((*config).clone(), link, self.config_path.clone());
+        // Control is the only writer of the snapshot; the probes and the limiter follow the
+        // configs it publishes.
+        probes.follow(control.configs());
+        let proxy = Proxy::new(
+            control.clone(),
+            runtime.board.clone(),
+            runtime.forwarder.clone(),
+            gate,
+        );
+        proxy.follow_reloads(runtime.background.clone());
         if let Some(path) = self.config_path {
-            crate::ops::reload::spawn_triggers(control.clone(), path, background.clone());
+            crate::ops::reload::spawn_triggers(control, path, runtime.background.clone());
         }
-        // Apply reloaded settings that live outside the snapshot.
-        {
-            let (mut configs, proxy, background) =
-                (control.configs(), proxy.clone(), background.clone());
-            tokio::spawn(async move {
-                let mut probed = probed;
-                while configs.changed().await.is_ok() {
-                    let config = configs.borrow_and_update().clone();
-                    if probed.probes_differ(&config) {
-                        probes.cancel();
-                        probes = background.child_token();
-                        health::spawn_probes(
-                            &config,
-                            board.clone(),
-                            forwarder.clone(),
-                            probes.clone(),
-                        );
-                        let names: Vec<&str> =
-                            config.datacenters.iter().map(|d| d.name.as_str()).collect();
-                        board.retain(&names);
-                        probed = config.clone();
-                    }
-                    proxy.set_concurrency_limit(config.limits.max_concurrent_requests);
-                }
-            });
-        }
-
+        let listeners = DataListeners {
+            http: self.http,
+            https: self.https,
+            server_tls,
+        };
         let data_stop = CancellationToken::new();
-        let mut data = Vec::new();
-        if let Some(http) = self.http {
-            data.push(tokio::spawn(listener::serve(
-                http,
-                None,
-                proxy.clone(),
-                drain_timeout,
-                data_stop.clone(),
-            )));
-        }
-        if let Some(https) = self.https {
-            match (server_tls, &tls_settings) {
-                (Some(server_tls), Some(handshake)) => {
-                    let acceptor = listener::TlsAccept {
-                        acceptor: tokio_rustls::TlsAcceptor::from(server_tls),
-                        handshake_timeout: *handshake,
-                    };
-                    data.push(tokio::spawn(listener::serve(
-                        https,
-                        Some(acceptor),
-                        proxy.clone(),
-                        drain_timeout,
-                        data_stop.clone(),
-                    )));
-                }
-                _ => return Err(AppError::Tls(crate::http::tls::TlsError::NoServerConfig)),
-            }
-        }
+        let data = listeners.serve(&config, &proxy, &data_stop)?;
         let admin = tokio::spawn(admin::serve(
             self.admin,
             proxy.clone(),
             metrics,
-            background.clone(),
+            runtime.background.clone(),
         ));
 
         shutdown.cancelled().await;
@@ -290,9 +214,77 @@ impl App {
         for listener in data {
             let _ = listener.await;
         }
-        background.cancel();
+        runtime.background.cancel();
         let _ = admin.await;
         Ok(())
+    }
+}
+
+/// What the router's background parts share while it starts.
+struct Runtime {
+    config: Arc<Config>,
+    board: Arc<HealthBoard>,
+    forwarder: Forwarder,
+    /// Stops the background tasks, after the listeners have drained.
+    background: CancellationToken,
+}
+
+impl Runtime {
+    /// Join the configured coordination store: `None` for the static backend; the in-process
+    /// store the caller gave for `memory`; a connection to the endpoints (or the given store)
+    /// for `etcd`.
+    async fn join(&self, store: Option<Store>) -> Result<Option<Joined>, AppError> {
+        let store = match (self.config.coordination.backend, store) {
+            (Backend::Static, _) => return Ok(None),
+            (Backend::Memory, Some(store)) | (Backend::Etcd, Some(store)) => store,
+            (Backend::Memory, None) => return Err(AppError::NoMemoryStore),
+            (Backend::Etcd, None) => connect_etcd(&self.config.coordination.endpoints).await?,
+        };
+        let joined = coordinator::join(
+            self.config.clone(),
+            store,
+            self.board.clone(),
+            self.forwarder.clone(),
+            self.background.clone(),
+        )
+        .await?;
+        Ok(Some(joined))
+    }
+}
+
+/// The data listeners, and the TLS config for the https one.
+struct DataListeners {
+    http: Option<TcpListener>,
+    https: Option<TcpListener>,
+    server_tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl DataListeners {
+    /// Serve every listener until `stop` fires; each task ends once its connections drained.
+    fn serve(
+        self,
+        config: &Config,
+        proxy: &Proxy,
+        stop: &CancellationToken,
+    ) -> Result<Vec<JoinHandle<()>>, AppError> {
+        let drain = config.drain_timeout;
+        let mut tasks = Vec::new();
+        if let Some(http) = self.http {
+            let serve = listener::serve(http, None, proxy.clone(), drain, stop.clone());
+            tasks.push(tokio::spawn(serve));
+        }
+        if let Some(https) = self.https {
+            let (Some(server_tls), Some(tls)) = (self.server_tls, &config.tls) else {
+                return Err(AppError::Tls(crate::http::tls::TlsError::NoServerConfig));
+            };
+            let accept = listener::TlsAccept {
+                acceptor: tokio_rustls::TlsAcceptor::from(server_tls),
+                handshake_timeout: tls.handshake_timeout,
+            };
+            let serve = listener::serve(https, Some(accept), proxy.clone(), drain, stop.clone());
+            tasks.push(tokio::spawn(serve));
+        }
+        Ok(tasks)
     }
 }
 

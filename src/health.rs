@@ -2,8 +2,9 @@
 //!
 //! Two parts, kept apart. [`Counter`] is the pure threshold state machine (N consecutive
 //! failures to go down, M consecutive successes to come back), tested without a clock.
-//! [`spawn_probes`] runs one probe task per DC on the `[health]` schedule and writes the verdict
-//! into [`HealthBoard`], which the request path reads to fail fast with `owner_unavailable`.
+//! [`Probes`] runs one probe task per DC on the `[health]` schedule and writes the verdict into
+//! [`HealthBoard`], which the request path reads to fail fast with `owner_unavailable`; it
+//! follows the configs a reload publishes, and starts over only when what is probed changes.
 //!
 //! Health never moves ownership (docs/routing.md); this file must not touch the table.
 
@@ -12,6 +13,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use http::{Method, Request, Uri};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -144,14 +146,71 @@ impl HealthBoard {
     }
 }
 
-/// Start one probe task per DC. The local DC is probed at its Loom's `health_path`; every other
-/// DC at its router's `/loom-router/readyz`, which is 503 unless that router's own Loom is
-/// healthy. The tasks end when `cancel` fires.
-pub fn spawn_probes(
-    config: &Config,
+/// The running probes, and the config they were started from. Replaced as a whole when a
+/// reload changes what is probed or how; kept, with the health they have learned, otherwise.
+#[derive(Debug)]
+pub struct Probes {
+    config: Arc<Config>,
     board: Arc<HealthBoard>,
     forwarder: Forwarder,
-    cancel: CancellationToken,
+    /// Ends everything: the current generation of probes and the follower.
+    stop: CancellationToken,
+    /// Ends the current generation of probes only.
+    generation: CancellationToken,
+}
+
+impl Probes {
+    /// Start one probe task per DC. The local DC is probed at its Loom's `health_path`; every
+    /// other DC at its router's `/loom-router/readyz`, which is 503 unless that router's own
+    /// Loom is healthy. The tasks end when `stop` fires.
+    pub fn start(
+        config: Arc<Config>,
+        board: Arc<HealthBoard>,
+        forwarder: Forwarder,
+        stop: CancellationToken,
+    ) -> Self {
+        let generation = stop.child_token();
+        spawn_probes(&config, &board, &forwarder, &generation);
+        Self {
+            config,
+            board,
+            forwarder,
+            stop,
+            generation,
+        }
+    }
+
+    /// Follow the configs a reload publishes (`coord::control` is their only writer). A config
+    /// whose probes differ (`Config::probes_differ`) replaces the probes and forgets the health
+    /// of DCs it no longer names; any other leaves them running.
+    pub fn follow(mut self, mut configs: watch::Receiver<Arc<Config>>) {
+        let stop = self.stop.clone();
+        tokio::spawn(stop.run_until_cancelled_owned(async move {
+            while configs.changed().await.is_ok() {
+                let next = configs.borrow_and_update().clone();
+                if self.config.probes_differ(&next) {
+                    self.restart(next);
+                }
+            }
+        }));
+    }
+
+    fn restart(&mut self, config: Arc<Config>) {
+        self.generation.cancel();
+        self.generation = self.stop.child_token();
+        spawn_probes(&config, &self.board, &self.forwarder, &self.generation);
+        let names: Vec<&str> = config.datacenters.iter().map(|d| d.name.as_str()).collect();
+        self.board.retain(&names);
+        self.config = config;
+    }
+}
+
+/// One probe task per DC of `config`, until `cancel` fires.
+fn spawn_probes(
+    config: &Config,
+    board: &Arc<HealthBoard>,
+    forwarder: &Forwarder,
+    cancel: &CancellationToken,
 ) {
     let thresholds = Thresholds {
         unhealthy_after: config.health.unhealthy_after,
@@ -172,13 +231,7 @@ pub fn spawn_probes(
             board: board.clone(),
             forwarder: forwarder.clone(),
         };
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                () = task.run() => {}
-                () = cancel.cancelled() => {}
-            }
-        });
+        tokio::spawn(cancel.clone().run_until_cancelled_owned(task.run()));
     }
 }
 

@@ -38,6 +38,7 @@ use http::header::HeaderValue;
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use crate::coord::control::{Control, Snapshot};
 use crate::coord::join::Handle;
@@ -159,8 +160,20 @@ impl Proxy {
         }
     }
 
-    /// Resize the concurrency limit after a reload. Shrinking takes effect as requests finish.
-    pub fn set_concurrency_limit(&self, limit: usize) {
+    /// Follow the configs a reload publishes (`coord::control` is their only writer): resize
+    /// the concurrency limit to each one's `max_concurrent_requests`, until `stop` fires.
+    pub fn follow_reloads(&self, stop: CancellationToken) {
+        let (proxy, mut configs) = (self.clone(), self.inner.control.configs());
+        tokio::spawn(stop.run_until_cancelled_owned(async move {
+            while configs.changed().await.is_ok() {
+                let limit = configs.borrow_and_update().limits.max_concurrent_requests;
+                proxy.set_concurrency_limit(limit);
+            }
+        }));
+    }
+
+    /// Resize the concurrency limit. Shrinking takes effect as requests finish.
+    fn set_concurrency_limit(&self, limit: usize) {
         let old = self.inner.limit.swap(limit, Ordering::SeqCst);
         if limit > old {
             self.inner.limiter.add_permits(limit - old);
