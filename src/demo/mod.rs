@@ -25,7 +25,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use loom_emulator::{Emulator, EmulatorConfig, EmulatorHandle};
+use loom_emulator::{Emulator, EmulatorHandle};
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
@@ -37,9 +37,11 @@ use crate::coord::memory::MemoryStore;
 use crate::coord::store::Store;
 use crate::http::headers::TEXT_PLAIN;
 
-/// The demo's DCs: name and Loom `ids.start.num`. `ids.increment.by` is [`INCREMENT`].
-pub const DCS: [(&str, u64); 3] = [("us-east", 1), ("us-west", 2), ("eu-central", 3)];
-pub const INCREMENT: u64 = 10;
+pub mod sandbox;
+
+use sandbox::{Coordination, RouterToml};
+pub use sandbox::{Profile, DCS, INCREMENT};
+
 /// With the default `--port-base` of 8080, routers listen on 8081-8083.
 pub const DEFAULT_PORT_BASE: u16 = 8080;
 /// Admin listeners are at `port_base + 1821..` (9901-9903 by default).
@@ -48,29 +50,6 @@ const ADMIN_OFFSET: u16 = 1820;
 const LOOM_OFFSET: u16 = 1000;
 /// How long a completed write takes to reach the other DCs' Looms.
 const REPLICATION_DELAY: Duration = Duration::from_millis(500);
-/// Lease, keepalive and write timeout of a sandbox: how fast a dead DC fails over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Profile {
-    pub lease: Duration,
-    pub keepalive: Duration,
-    pub write_timeout: Duration,
-}
-
-impl Profile {
-    /// The config's defaults: a 5 s lease renewed every second, 2 s writes.
-    pub const DEFAULT: Self = Self {
-        lease: Duration::from_secs(5),
-        keepalive: Duration::from_secs(1),
-        write_timeout: Duration::from_secs(2),
-    };
-    /// Same-metro DCs: a 3 s lease renewed every 500 ms, 1 s writes. The demo uses it.
-    pub const FAST: Self = Self {
-        lease: Duration::from_secs(3),
-        keepalive: Duration::from_millis(500),
-        write_timeout: Duration::from_secs(1),
-    };
-}
-
 /// How to build a sandbox.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -201,21 +180,17 @@ impl Demo {
             .collect::<Result<Vec<_>, _>>()?;
 
         let mut dcs = Vec::new();
-        for (i, (loom_listener, http, admin)) in bound.into_iter().enumerate() {
-            let (name, start) = DCS[i];
-            let emulator = Emulator::new(EmulatorConfig {
-                dc: name.to_owned(),
-                id_start: start,
-                increment: INCREMENT,
-                replication_delay: REPLICATION_DELAY,
-            });
+        let looms = sandbox::looms(REPLICATION_DELAY);
+        for (i, ((loom_listener, http, admin), emulator)) in
+            bound.into_iter().zip(looms).enumerate()
+        {
             let loom = local_addr(&loom_listener)?;
             // Hand the port back to the emulator's own binding, which supports restoring.
             drop(loom_listener);
             let config: Arc<str> = router_config(i, loom, &routers, &options).into();
             Config::from_toml(&config)?;
             let dc = DemoDc {
-                name,
+                name: DCS[i].0,
                 router: local_addr(&http)?,
                 admin: local_addr(&admin)?,
                 loom,
@@ -226,13 +201,6 @@ impl Demo {
             };
             dc.bring_up(Some(http)).await?;
             dcs.push((dc, admin));
-        }
-        for (i, (dc, _)) in dcs.iter().enumerate() {
-            for (j, (peer, _)) in dcs.iter().enumerate() {
-                if i != j {
-                    dc.emulator.add_peer(peer.emulator.clone());
-                }
-            }
         }
         let stop = CancellationToken::new();
         let mut fronts = Vec::new();
@@ -560,55 +528,32 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     response
 }
 
+/// DC `i`'s router config: the sandbox's, with the demo's profile and store.
 fn router_config(
     i: usize,
     loom: SocketAddr,
     routers: &[SocketAddr],
     options: &DemoOptions,
 ) -> String {
-    let p = options.profile;
-    let ms = |d: Duration| format!("{}ms", d.as_millis());
-    let backend = match &options.etcd {
-        Some((endpoint, prefix)) => {
-            format!("backend = \"etcd\"\nendpoints = [\"{endpoint}\"]\nprefix = \"{prefix}\"")
-        }
-        None => "backend = \"memory\"".to_owned(),
+    let coordination = match &options.etcd {
+        Some((endpoint, prefix)) => Coordination::Etcd {
+            endpoint: endpoint.clone(),
+            prefix: prefix.clone(),
+        },
+        None => Coordination::Memory,
     };
-    let mut toml = format!(
-        r#"
-datacenter = "{name}"
-global_home = "us-east"
-
-[loom]
-upstream = "http://{loom}"
-write_timeout = "{write}"
-
-[ids]
-increment = {INCREMENT}
-
-[coordination]
-{backend}
-lease = "{lease}"
-keepalive = "{keepalive}"
-become_owner_hook = "http://{loom}/replication/become-owner"
-
-[shutdown]
-drain_timeout = "2s"
-"#,
-        name = DCS[i].0,
-        write = ms(p.write_timeout),
-        lease = ms(p.lease),
-        keepalive = ms(p.keepalive),
-    );
-    // Each DC's shards fail over to the next DC in the ring.
-    for (j, (name, start)) in DCS.iter().enumerate() {
-        let replica = DCS[(j + 1) % DCS.len()].0;
-        toml.push_str(&format!(
-            "\n[[datacenters]]\nname = \"{name}\"\nid_start = {start}\nrouter = \"http://{}\"\nreplicas = [\"{replica}\"]\n",
-            routers[j]
-        ));
+    RouterToml {
+        dc: i,
+        loom,
+        routers,
+        coordination,
+        profile: options.profile,
+        hook: None,
+        loom_keys: "",
+        coordination_keys: "",
+        tables: "[shutdown]\ndrain_timeout = \"2s\"\n",
     }
-    toml
+    .render()
 }
 
 async fn bind(port: u16) -> Result<TcpListener, DemoError> {

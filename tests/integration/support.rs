@@ -15,17 +15,18 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use loom_emulator::{Emulator, EmulatorConfig, EmulatorHandle, Received};
+use loom_emulator::{Emulator, EmulatorHandle, Received};
 use loom_router::app::App;
 use loom_router::config::Config;
 use loom_router::coord::memory::{MemoryClient, MemoryStore};
 use loom_router::coord::store::Store;
+use loom_router::demo::sandbox::{self, Coordination, Profile, RouterToml};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub const DCS: [(&str, u64); 3] = [("us-east", 1), ("us-west", 2), ("eu-central", 3)];
+pub use loom_router::demo::sandbox::DCS;
 pub const EAST: usize = 0;
 pub const WEST: usize = 1;
 pub const EU: usize = 2;
@@ -203,22 +204,9 @@ impl Cluster {
 
     pub async fn start_with(options: Options) -> Self {
         let mut looms = Vec::new();
-        for (name, start) in DCS {
-            let loom = Emulator::new(EmulatorConfig {
-                dc: name.to_owned(),
-                id_start: start,
-                increment: 10,
-                replication_delay: options.replication_delay,
-            });
+        for loom in sandbox::looms(options.replication_delay) {
             let (addr, handle) = loom.spawn().await.unwrap();
             looms.push((loom, addr, handle));
-        }
-        for (i, (loom, _, _)) in looms.iter().enumerate() {
-            for (j, (peer, _, _)) in looms.iter().enumerate() {
-                if i != j {
-                    loom.add_peer(peer.clone());
-                }
-            }
         }
         let mut listeners = Vec::new();
         let mut https_listeners = Vec::new();
@@ -402,72 +390,58 @@ impl Cluster {
     }
 }
 
+/// DC `i`'s router config: the sandbox's, with short timeouts and fast health checks so that
+/// a test sees a dead DC within a few hundred milliseconds.
 fn router_toml(
     i: usize,
     upstream: SocketAddr,
     routers: &[SocketAddr],
     options: &Options,
 ) -> String {
-    let mut toml = format!(
-        r#"
-datacenter = "{name}"
-global_home = "us-east"
-
-[loom]
-upstream = "http://{upstream}"
-connect_timeout = "300ms"
-request_timeout = "2s"
-write_timeout = "2s"
-
-[ids]
-increment = 10
-
-[health]
-interval = "100ms"
-timeout = "300ms"
-unhealthy_after = 2
-healthy_after = 1
-
-[log]
-access = "off"
-{coordination}
-{per_dc}
-"#,
-        name = DCS[i].0,
-        per_dc = options.per_dc[i],
-        coordination = if options.memory {
-            // Short leases so failover takes about two seconds; write_timeout must fit inside.
-            format!(
-                "[coordination]\nbackend = \"memory\"\nlease = \"1500ms\"\nkeepalive = \"250ms\"\n\
-                 failover_cooldown = \"1s\"\nhook_timeout = \"1s\"\n\
-                 become_owner_hook = \"http://{upstream}/replication/become-owner\"\n"
-            )
-        } else if let Some((endpoints, prefix)) = &options.etcd {
-            // etcd leases are whole seconds: 2 s is the shortest that leaves room for writes.
-            format!(
-                "[coordination]\nbackend = \"etcd\"\nendpoints = [\"{}\"]\nprefix = \"{prefix}\"\n\
-                 lease = \"2s\"\nkeepalive = \"250ms\"\nfailover_cooldown = \"1s\"\n\
-                 hook_timeout = \"1s\"\n\
-                 become_owner_hook = \"http://{upstream}/replication/become-owner\"\n",
-                endpoints[i]
-            )
-        } else {
-            String::new()
-        },
+    let (coordination, profile) = if options.memory {
+        // Short leases so failover takes about two seconds; write_timeout must fit inside.
+        let profile = Profile {
+            lease: Duration::from_millis(1500),
+            keepalive: Duration::from_millis(250),
+            write_timeout: Duration::from_millis(500),
+        };
+        (Coordination::Memory, profile)
+    } else if let Some((endpoints, prefix)) = &options.etcd {
+        // etcd leases are whole seconds: 2 s is the shortest that leaves room for writes.
+        let etcd = Coordination::Etcd {
+            endpoint: endpoints[i].clone(),
+            prefix: prefix.clone(),
+        };
+        let profile = Profile {
+            lease: Duration::from_secs(2),
+            keepalive: Duration::from_millis(250),
+            write_timeout: Duration::from_millis(500),
+        };
+        (etcd, profile)
+    } else {
+        let profile = Profile {
+            write_timeout: Duration::from_secs(2),
+            ..Profile::DEFAULT
+        };
+        (Coordination::Static, profile)
+    };
+    let tables = format!(
+        "[health]\ninterval = \"100ms\"\ntimeout = \"300ms\"\nunhealthy_after = 2\n\
+         healthy_after = 1\n\n[log]\naccess = \"off\"\n{}\n",
+        options.per_dc[i]
     );
-    if let Some(hook) = &options.hook {
-        toml = toml.replace(&format!("http://{upstream}/replication/become-owner"), hook);
+    let mut toml = RouterToml {
+        dc: i,
+        loom: upstream,
+        routers,
+        coordination,
+        profile,
+        hook: options.hook.as_deref(),
+        loom_keys: "connect_timeout = \"300ms\"\nrequest_timeout = \"2s\"\n",
+        coordination_keys: "failover_cooldown = \"1s\"\nhook_timeout = \"1s\"\n",
+        tables: &tables,
     }
-    if options.memory || options.etcd.is_some() {
-        toml = toml.replace("write_timeout = \"2s\"", "write_timeout = \"500ms\"");
-    }
-    let replicas = ["us-west", "eu-central", "us-east"];
-    for (j, (name, start)) in DCS.iter().enumerate() {
-        toml.push_str(&format!(
-            "\n[[datacenters]]\nname = \"{name}\"\nid_start = {start}\nrouter = \"http://{}\"\nreplicas = [\"{}\"]\n",
-            routers[j], replicas[j]
-        ));
-    }
+    .render();
     toml.push_str(&options.extra);
     toml
 }
