@@ -263,19 +263,32 @@ pub struct Switchover {
     pub write_pause: Duration,
 }
 
+/// An operator's planned move of one shard (docs/operations.md).
+#[derive(Debug, Clone, Copy)]
+pub struct PlannedMove<'a> {
+    pub shard: ShardKey,
+    pub to: &'a str,
+    /// Who asked, as the record's `changed_by` will say.
+    pub by: &'a str,
+    /// How long a write admitted under the old epoch may still run.
+    pub write_timeout: Duration,
+}
+
 /// Planned switchover (docs/operations.md): fence the shard, wait until writes in flight under the
 /// old epoch have finished (`drain`), then move it.
-#[allow(clippy::too_many_arguments)]
 pub async fn switchover(
     store: &Store,
     keys: &Keys,
     forwarder: &Forwarder,
     view: &View,
-    shard: ShardKey,
-    to: &str,
-    write_timeout: Duration,
-    by: &str,
+    planned: PlannedMove<'_>,
 ) -> Result<Switchover, OperatorError> {
+    let PlannedMove {
+        shard,
+        to,
+        by,
+        write_timeout,
+    } = planned;
     let (record, seen) = view
         .shards
         .get(&shard)
@@ -391,10 +404,9 @@ pub async fn set_frozen(
     store: &Store,
     keys: &Keys,
     view: &View,
-    shard: ShardKey,
-    frozen: bool,
-    by: &str,
+    change: Freeze<'_>,
 ) -> Result<Revision, OperatorError> {
+    let Freeze { shard, frozen, by } = change;
     let (record, seen) = view
         .shards
         .get(&shard)
@@ -414,6 +426,16 @@ pub async fn set_frozen(
     replace_record(store, keys, shard, *seen, &next)
         .await?
         .ok_or(OperatorError::Conflict(shard))
+}
+
+/// An operator's freeze or unfreeze of one shard.
+#[derive(Debug, Clone, Copy)]
+pub struct Freeze<'a> {
+    pub shard: ShardKey,
+    /// `true` turns automatic failover off for the shard.
+    pub frozen: bool,
+    /// Who asked, as the record's `changed_by` will say.
+    pub by: &'a str,
 }
 
 /// `record` with its last change stamped: now, by whom, why.

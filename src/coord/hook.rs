@@ -24,22 +24,18 @@ use crate::shard::ShardKey;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// One hook call to make.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One hook call to make; its JSON is the hook's body (keys in alphabetical order, as the
+/// hook's receivers have always seen them).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct HookJob {
-    pub shard: ShardKey,
     pub epoch: u64,
     pub previous_owner: Option<String>,
+    pub shard: ShardKey,
 }
 
 /// The hook's JSON body.
 pub fn body(job: &HookJob) -> String {
-    serde_json::json!({
-        "shard": job.shard,
-        "epoch": job.epoch,
-        "previous_owner": job.previous_owner,
-    })
-    .to_string()
+    serde_json::to_string(job).unwrap_or_default()
 }
 
 /// Run every job until it succeeds (or `cancel`), reporting each success on `done`.

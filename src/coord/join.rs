@@ -155,18 +155,19 @@ pub async fn join(
         local: config.local,
         router_id: router_id(&local.name),
         router_url: local.router.to_string(),
+        started_at: crate::coord::now_rfc3339(),
     };
     let gate = Arc::new(Gate::new());
-    tokio::spawn(lease::run(
-        store.clone(),
-        keys.clone(),
-        me.clone(),
-        config.coordination.lease,
-        config.coordination.keepalive,
-        gate.clone(),
+    let task = lease::LeaseTask {
+        store: store.clone(),
+        keys: keys.clone(),
+        me: me.clone(),
+        ttl: config.coordination.lease,
+        every: config.coordination.keepalive,
+        gate: gate.clone(),
         health,
-        cancel.clone(),
-    ));
+    };
+    tokio::spawn(task.run(cancel.clone()));
 
     let (views_tx, views) = watch::channel(Arc::new(View::default()));
     tokio::spawn(follow(

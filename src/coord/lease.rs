@@ -14,7 +14,7 @@
 //! The store expires a lease no earlier than `ttl` after it acknowledged the keepalive, which is
 //! after it was sent; so a router fences itself before any other DC can take its shards. The
 //! arithmetic is pure (`routing/fence.rs`, [`Gate::admits`]) and tested with a clock we control;
-//! [`run`] is the task that feeds it. This file does not decide ownership.
+//! [`LeaseTask`] is the task that feeds it. This file does not decide ownership.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -135,129 +135,192 @@ pub struct Identity {
     /// Unique per router process: `<dc>-<pid>-<n>`.
     pub router_id: String,
     pub router_url: String,
+    /// When this router started, as its registration says.
+    pub started_at: String,
 }
 
-/// Keep a lease, and a registration on it while the local Loom is healthy, until `cancel`.
-/// Never revokes the lease on the way out: a restart quicker than the lease keeps the DC's
-/// shards (docs/operations.md).
-#[allow(clippy::too_many_arguments)]
-pub async fn run(
-    store: Store,
-    keys: Keys,
-    me: Identity,
-    ttl: Duration,
-    every: Duration,
-    gate: Arc<Gate>,
-    health: Arc<HealthBoard>,
-    cancel: CancellationToken,
-) {
-    let key = keys.router(&me.dc, &me.router_id);
-    let value =
-        serde_json::json!({"url": me.router_url, "started_at": crate::coord::now_rfc3339()})
-            .to_string()
-            .into_bytes();
-    'lease: loop {
-        gate.close();
-        let lease = tokio::select! {
-            granted = store.grant(ttl) => granted,
-            () = cancel.cancelled() => return,
-        };
-        let lease = match lease {
-            Ok(lease) => lease,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot get a lease; writes for owned shards are fenced");
-                if cancel
-                    .run_until_cancelled(tokio::time::sleep(every))
-                    .await
-                    .is_none()
-                {
-                    return;
+/// This router's lease task: the lease it keeps, and the registration on it while the local
+/// Loom is healthy.
+#[derive(Debug)]
+pub struct LeaseTask {
+    pub store: Store,
+    pub keys: Keys,
+    pub me: Identity,
+    /// The lease's TTL (`coordination.lease`).
+    pub ttl: Duration,
+    /// How often it is kept alive (`coordination.keepalive`).
+    pub every: Duration,
+    pub gate: Arc<Gate>,
+    pub health: Arc<HealthBoard>,
+}
+
+/// This router's registration on its current lease.
+#[derive(Debug, Default)]
+struct Registration {
+    /// The registration key's revision while it exists (it dies with the lease).
+    revision: Option<Revision>,
+    /// When the local Loom turned unhealthy while registered.
+    unhealthy_since: Option<Instant>,
+}
+
+/// The store no longer has this lease: start over with a new one.
+struct LeaseLost;
+
+impl LeaseTask {
+    /// Keep a lease, and a registration on it while the local Loom is healthy, until `cancel`.
+    /// Never revokes the lease on the way out: a restart quicker than the lease keeps the DC's
+    /// shards (docs/operations.md).
+    pub async fn run(self, cancel: CancellationToken) {
+        loop {
+            self.gate.close();
+            let grant = self.store.grant(self.ttl);
+            let Some(granted) = cancel.run_until_cancelled(grant).await else {
+                return;
+            };
+            let lease = match granted {
+                Ok(lease) => lease,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot get a lease; writes for owned shards are fenced");
+                    let pause = tokio::time::sleep(self.every);
+                    if cancel.run_until_cancelled(pause).await.is_none() {
+                        return;
+                    }
+                    continue;
                 }
-                continue;
+            };
+            self.gate.set_lease(lease);
+            if cancel.run_until_cancelled(self.hold(lease)).await.is_none() {
+                return;
             }
-        };
-        gate.set_lease(lease);
-        // The registration key's revision while it exists (it dies with the lease).
-        let mut registration: Option<Revision> = None;
-        // When the local Loom turned unhealthy while registered.
-        let mut unhealthy_since: Option<Instant> = None;
-        let mut ticker = tokio::time::interval(every);
+        }
+    }
+
+    /// Keep `lease` alive every `every`, and the registration in step with the local Loom's
+    /// health, until the store loses the lease.
+    async fn hold(&self, lease: LeaseId) -> LeaseLost {
+        let mut registration = Registration::default();
+        let mut ticker = tokio::time::interval(self.every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let keepalive = tokio::select! {
                 _ = ticker.tick() => true,
                 // Register or withdraw as soon as the local Loom changes state.
-                () = health.changed() => false,
-                () = cancel.cancelled() => return,
+                () = self.health.changed() => false,
             };
             if keepalive {
-                let sent = Instant::now();
-                match store.keepalive(lease).await {
-                    Ok(granted) => gate.extend(fence_deadline(sent, granted)),
-                    Err(CoordError::LeaseNotFound(_)) => {
-                        tracing::warn!(
-                            lease,
-                            "lease expired in the store; fencing and re-registering"
-                        );
-                        continue 'lease;
-                    }
-                    Err(e) => {
-                        // The deadline simply runs out; writes are fenced when it does.
-                        tracing::warn!(error = %e, "keepalive failed");
-                    }
+                if let Err(lost) = self.keepalive(lease).await {
+                    return lost;
                 }
             }
-            metrics::set_lease_remaining(gate.remaining(Instant::now()));
-            let healthy = health.get(&me.dc) == Status::Up;
-            match (healthy, registration) {
-                (true, None) => {
-                    let put = Op::Put {
-                        key: key.clone(),
-                        value: value.clone(),
-                        lease,
-                    };
-                    match store.txn(Vec::new(), vec![put], Vec::new()).await {
-                        Ok(outcome) => {
-                            tracing::info!(router = %me.router_id, revision = outcome.revision, "registered");
-                            registration = Some(outcome.revision);
-                            gate.set_registered(registration);
-                        }
-                        Err(CoordError::LeaseNotFound(_)) => continue 'lease,
-                        Err(e) => tracing::warn!(error = %e, "cannot register"),
-                    }
-                }
-                (true, Some(_)) => {
-                    // Healthy (again, after a blip shorter than the lease): admit again.
-                    unhealthy_since = None;
-                    gate.set_registered(registration);
-                }
-                (false, Some(_)) => {
-                    // Stop admitting at once; a dead Loom takes no writes anyway.
-                    gate.set_registered(None);
-                    let since = *unhealthy_since.get_or_insert_with(Instant::now);
-                    // Withdraw only once the Loom has been unhealthy for a whole lease, so that a
-                    // blip shorter than that moves nothing. By then every write admitted before
-                    // it turned unhealthy is long over (write_timeout fits inside the lease).
-                    if since.elapsed() >= ttl {
-                        tracing::warn!(router = %me.router_id, "local Loom unhealthy for a whole lease: withdrawing registration");
-                        match store
-                            .txn(Vec::new(), vec![Op::Delete(key.clone())], Vec::new())
-                            .await
-                        {
-                            Ok(_) => {
-                                registration = None;
-                                unhealthy_since = None;
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "cannot withdraw registration; it ends with the lease");
-                            }
-                        }
-                    }
-                }
-                (false, None) => {}
+            metrics::set_lease_remaining(self.gate.remaining(Instant::now()));
+            if let Err(lost) = self.follow_health(lease, &mut registration).await {
+                return lost;
             }
         }
     }
+
+    /// One keepalive: the gate's deadline moves to what the store granted, measured from when
+    /// the keepalive was sent. A failure that is not a lost lease lets the deadline run out;
+    /// writes are fenced when it does.
+    async fn keepalive(&self, lease: LeaseId) -> Result<(), LeaseLost> {
+        let sent = Instant::now();
+        match self.store.keepalive(lease).await {
+            Ok(granted) => self.gate.extend(fence_deadline(sent, granted)),
+            Err(CoordError::LeaseNotFound(_)) => {
+                tracing::warn!(
+                    lease,
+                    "lease expired in the store; fencing and re-registering"
+                );
+                return Err(LeaseLost);
+            }
+            Err(e) => tracing::warn!(error = %e, "keepalive failed"),
+        }
+        Ok(())
+    }
+
+    /// Register while the local Loom is healthy; stop admitting at once when it is not, and
+    /// withdraw once it has been unhealthy for a whole lease.
+    async fn follow_health(
+        &self,
+        lease: LeaseId,
+        registration: &mut Registration,
+    ) -> Result<(), LeaseLost> {
+        let healthy = self.health.get(&self.me.dc) == Status::Up;
+        match (healthy, registration.revision) {
+            (true, None) => self.register(lease, registration).await?,
+            (true, Some(_)) => {
+                // Healthy (again, after a blip shorter than the lease): admit again.
+                registration.unhealthy_since = None;
+                self.gate.set_registered(registration.revision);
+            }
+            (false, Some(_)) => {
+                // Stop admitting at once; a dead Loom takes no writes anyway.
+                self.gate.set_registered(None);
+                let since = *registration
+                    .unhealthy_since
+                    .get_or_insert_with(Instant::now);
+                // Withdraw only once the Loom has been unhealthy for a whole lease, so that a
+                // blip shorter than that moves nothing. By then every write admitted before it
+                // turned unhealthy is long over (write_timeout fits inside the lease).
+                if since.elapsed() >= self.ttl {
+                    self.withdraw(registration).await;
+                }
+            }
+            (false, None) => {}
+        }
+        Ok(())
+    }
+
+    /// Put the registration key on `lease`: this router's URL and start time.
+    async fn register(
+        &self,
+        lease: LeaseId,
+        registration: &mut Registration,
+    ) -> Result<(), LeaseLost> {
+        let value = serde_json::to_vec(&RegistrationValue {
+            url: &self.me.router_url,
+            started_at: &self.me.started_at,
+        })
+        .unwrap_or_default();
+        let put = Op::Put {
+            key: self.registration_key(),
+            value,
+            lease,
+        };
+        match self.store.txn(Vec::new(), vec![put], Vec::new()).await {
+            Ok(outcome) => {
+                tracing::info!(router = %self.me.router_id, revision = outcome.revision, "registered");
+                registration.revision = Some(outcome.revision);
+                self.gate.set_registered(registration.revision);
+            }
+            Err(CoordError::LeaseNotFound(_)) => return Err(LeaseLost),
+            Err(e) => tracing::warn!(error = %e, "cannot register"),
+        }
+        Ok(())
+    }
+
+    /// Delete the registration key; if that fails, it ends with the lease.
+    async fn withdraw(&self, registration: &mut Registration) {
+        tracing::warn!(router = %self.me.router_id, "local Loom unhealthy for a whole lease: withdrawing registration");
+        let delete = Op::Delete(self.registration_key());
+        match self.store.txn(Vec::new(), vec![delete], Vec::new()).await {
+            Ok(_) => *registration = Registration::default(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot withdraw registration; it ends with the lease");
+            }
+        }
+    }
+
+    fn registration_key(&self) -> String {
+        self.keys.router(&self.me.dc, &self.me.router_id)
+    }
+}
+
+/// The value of a registration key.
+#[derive(serde::Serialize)]
+struct RegistrationValue<'a> {
+    url: &'a str,
+    started_at: &'a str,
 }
 
 #[cfg(test)]

@@ -20,11 +20,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::coord::control::Snapshot;
 use crate::coord::failover::{self, OperatorError};
 use crate::health::Status;
 use crate::http::body::Body;
@@ -101,7 +103,10 @@ async fn handle(
             );
             response
         }
-        (true, _, "/admin/table") => json_response(StatusCode::OK, &table_json(proxy)),
+        (true, _, "/admin/table") => {
+            let snap = proxy.control().snapshot();
+            json_response(StatusCode::OK, &table_view(proxy, &snap))
+        }
         (false, true, "/admin/reload") => {
             if let Some(denied) = authorize(proxy, &request) {
                 return denied;
@@ -194,38 +199,32 @@ async fn shard_control(proxy: &Proxy, request: Request<Incoming>) -> Response<Bo
             let Some(to) = body.get("to").and_then(Value::as_str) else {
                 return text(StatusCode::BAD_REQUEST, "send {\"to\": \"<datacenter>\"}\n");
             };
-            let write_timeout = proxy.control().snapshot().config.loom.write_timeout;
-            match failover::switchover(
-                &coord.store,
-                &coord.keys,
-                proxy.forwarder(),
-                &view,
+            let planned = failover::PlannedMove {
                 shard,
                 to,
-                write_timeout,
-                &by,
-            )
-            .await
-            {
-                Ok(done) => json_response(
-                    StatusCode::OK,
-                    &json!({
-                        "shard": done.shard,
-                        "from": done.from,
-                        "to": done.to,
-                        "epoch": done.epoch,
-                        "write_pause_ms": done.write_pause.as_millis() as u64,
-                    }),
-                ),
+                by: &by,
+                write_timeout: proxy.control().snapshot().config.loom.write_timeout,
+            };
+            let forwarder = proxy.forwarder();
+            match failover::switchover(&coord.store, &coord.keys, forwarder, &view, planned).await {
+                Ok(done) => json_response(StatusCode::OK, &Moved::from(done)),
                 Err(e) => control_error(&e),
             }
         }
         frozen => {
-            let frozen = frozen == "freeze";
-            match failover::set_frozen(&coord.store, &coord.keys, &view, shard, frozen, &by).await {
+            let change = failover::Freeze {
+                shard,
+                frozen: frozen == "freeze",
+                by: &by,
+            };
+            match failover::set_frozen(&coord.store, &coord.keys, &view, change).await {
                 Ok(epoch) => json_response(
                     StatusCode::OK,
-                    &json!({"shard": shard, "frozen": frozen, "epoch": epoch}),
+                    &Frozen {
+                        shard,
+                        frozen: change.frozen,
+                        epoch,
+                    },
                 ),
                 Err(e) => control_error(&e),
             }
@@ -282,8 +281,9 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     response
 }
 
-fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
-    let mut response = Response::new(Body::full(value.to_string()));
+fn json_response(status: StatusCode, value: &impl Serialize) -> Response<Body> {
+    let body = serde_json::to_string(value).unwrap_or_default();
+    let mut response = Response::new(Body::full(body));
     *response.status_mut() = status;
     response
         .headers_mut()
@@ -291,59 +291,147 @@ fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
     response
 }
 
-/// `/admin/table`: the table as this router serves it, with DC health and alerts.
-pub fn table_json(proxy: &Proxy) -> Value {
-    let snap = proxy.control().snapshot();
+/// The answer to `POST /admin/shards/{shard}/move`.
+#[derive(Debug, Serialize)]
+struct Moved {
+    epoch: i64,
+    from: String,
+    shard: ShardKey,
+    to: String,
+    write_pause_ms: u64,
+}
+
+impl From<failover::Switchover> for Moved {
+    fn from(done: failover::Switchover) -> Self {
+        Self {
+            shard: done.shard,
+            from: done.from,
+            to: done.to,
+            epoch: done.epoch,
+            write_pause_ms: done.write_pause.as_millis() as u64,
+        }
+    }
+}
+
+/// The answer to `POST /admin/shards/{shard}/freeze|unfreeze`.
+#[derive(Debug, Serialize)]
+struct Frozen {
+    epoch: i64,
+    frozen: bool,
+    shard: ShardKey,
+}
+
+/// `/admin/table`: the table as this router serves it, with DC health and alerts
+/// (docs/operations.md).
+#[derive(Debug, Serialize)]
+struct TableView<'a> {
+    datacenter: &'a str,
+    table_epoch: u64,
+    increment: u64,
+    shards: Vec<ShardView<'a>>,
+    datacenters: Vec<DcView<'a>>,
+    alerts: &'a [String],
+    /// With the memory and etcd backends only.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    coordination: Option<CoordinationView>,
+}
+
+/// One shard of `/admin/table`.
+#[derive(Debug, Serialize)]
+struct ShardView<'a> {
+    shard: ShardKey,
+    home: Option<&'a str>,
+    owner: &'a str,
+    replicas: Vec<&'a str>,
+    epoch: u64,
+    state: &'static str,
+    frozen: bool,
+    changed_at: String,
+    changed_by: &'a str,
+    reason: &'a str,
+}
+
+/// One DC of `/admin/table`, as this router's health checks see it.
+#[derive(Debug, Serialize)]
+struct DcView<'a> {
+    name: &'a str,
+    healthy: bool,
+}
+
+/// This router's place in the coordination store.
+#[derive(Debug, Serialize)]
+struct CoordinationView {
+    lease: LeaseView,
+    fingerprint: String,
+    router_id: String,
+    failover_manager: Option<String>,
+}
+
+/// This router's lease, and whether it may admit writes for the shards it owns right now.
+#[derive(Debug, Serialize)]
+struct LeaseView {
+    registered: bool,
+    remaining_ms: u64,
+    admitting: bool,
+}
+
+fn table_view<'a>(proxy: &Proxy, snap: &'a Snapshot) -> TableView<'a> {
     let config = &snap.config;
     let name = |dc: usize| config.datacenters[dc].name.as_str();
-    let shards: Vec<Value> = snap
+    let shards = snap
         .table
         .shards()
-        .map(|s| {
-            json!({
-                "shard": s.key,
-                "home": s.home.map(name),
-                "owner": name(s.owner),
-                "replicas": s.replicas.iter().map(|&r| name(r)).collect::<Vec<_>>(),
-                "epoch": s.epoch,
-                "state": s.state.as_str(),
-                "frozen": s.frozen,
-                "changed_at": humantime::format_rfc3339_seconds(s.changed_at).to_string(),
-                "changed_by": s.changed_by,
-                "reason": s.reason,
-            })
+        .map(|s| ShardView {
+            shard: s.key,
+            home: s.home.map(name),
+            owner: name(s.owner),
+            replicas: s.replicas.iter().map(|&r| name(r)).collect(),
+            epoch: s.epoch,
+            state: s.state.as_str(),
+            frozen: s.frozen,
+            changed_at: humantime::format_rfc3339_seconds(s.changed_at).to_string(),
+            changed_by: &s.changed_by,
+            reason: &s.reason,
         })
         .collect();
-    let datacenters: Vec<Value> = config
+    let datacenters = config
         .datacenters
         .iter()
-        .map(|d| json!({"name": d.name, "healthy": proxy.health().get(&d.name) == Status::Up}))
+        .map(|d| DcView {
+            name: &d.name,
+            healthy: proxy.health().get(&d.name) == Status::Up,
+        })
         .collect();
-    let mut table = json!({
-        "datacenter": config.local_dc().name,
-        "table_epoch": snap.table.table_epoch,
-        "increment": config.increment,
-        "shards": shards,
-        "datacenters": datacenters,
-        "alerts": snap.alerts,
-    });
-    if let (Some(coord), Some(gate)) = (proxy.coordination(), proxy.gate()) {
-        let now = tokio::time::Instant::now();
-        table["lease"] = json!({
-            "registered": gate.registered_at().is_some(),
-            "remaining_ms": gate.remaining(now).as_millis() as u64,
-            // Whether this router may admit writes for the shards it owns right now.
-            "admitting": snap.from_store
-                && gate.admits(now, config.loom.write_timeout, snap.table.table_epoch),
-        });
-        table["fingerprint"] = json!(coord.fingerprint);
-        table["router_id"] = json!(coord.router_id);
-        table["failover_manager"] = json!(coord
-            .views
-            .borrow()
-            .manager
-            .as_ref()
-            .map(|(m, _)| m.clone()));
+    TableView {
+        datacenter: &config.local_dc().name,
+        table_epoch: snap.table.table_epoch,
+        increment: config.increment,
+        shards,
+        datacenters,
+        alerts: &snap.alerts,
+        coordination: coordination_view(proxy, snap),
     }
-    table
+}
+
+fn coordination_view(proxy: &Proxy, snap: &Snapshot) -> Option<CoordinationView> {
+    let (coord, gate) = (proxy.coordination()?, proxy.gate()?);
+    let now = tokio::time::Instant::now();
+    let write_timeout = snap.config.loom.write_timeout;
+    let lease = LeaseView {
+        registered: gate.registered_at().is_some(),
+        remaining_ms: gate.remaining(now).as_millis() as u64,
+        admitting: snap.from_store && gate.admits(now, write_timeout, snap.table.table_epoch),
+    };
+    let manager = coord
+        .views
+        .borrow()
+        .manager
+        .as_ref()
+        .map(|(m, _)| m.clone());
+    Some(CoordinationView {
+        lease,
+        fingerprint: coord.fingerprint.clone(),
+        router_id: coord.router_id.clone(),
+        failover_manager: manager,
+    })
 }

@@ -17,6 +17,12 @@ use serde_json::Value;
 /// How long an admin call may take. A planned move waits out `write_timeout` plus a margin.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The body of `POST /admin/shards/{shard}/move`.
+#[derive(serde::Serialize)]
+struct MoveBody<'a> {
+    to: &'a str,
+}
+
 /// What to ask the router.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
@@ -58,7 +64,7 @@ pub async fn call(admin: &str, token: Option<&str>, call: &Call) -> Result<Answe
         Call::Move { shard, to } => (
             Method::POST,
             format!("/admin/shards/{shard}/move"),
-            serde_json::json!({ "to": to }).to_string(),
+            serde_json::to_string(&MoveBody { to }).unwrap_or_default(),
         ),
         Call::Freeze { shard } => (
             Method::POST,
