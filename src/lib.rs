@@ -10,7 +10,8 @@
 //! # Layout
 //!
 //! Folders by concern, layered: each may import only from those listed before it, and
-//! `tests/layout.rs` fails the build on any import cycle between them.
+//! `tests/layout.rs` fails on an import that points up, or on any cycle between folders or
+//! between the files of one folder.
 //!
 //! - `shard`: the leaf domain types, `DcId`, `ShardKey`, `ShardState`, `Epoch`.
 //! - `metrics`: metric names and the Prometheus recorder; anything may record into it.
@@ -25,8 +26,10 @@
 //! - `coord/`: the coordination store (interface, `memory` and `etcd` backends), joining and
 //!   following it (`join`), the single snapshot writer (`control`), the lease and write gate,
 //!   failover and the become-owner hook.
-//! - `proxy/`: the request path: classify → resolve → forward, local and peer answers, the
-//!   router's own probe, and the data listeners (`listener`).
+//! - `proxy/`: the request path: the per-request context (`request`), a client's request
+//!   (`client`), what the local Loom serves (`local`), a write sent to the owner (`peer`), the
+//!   routers' probes (`probe`), the one edge where responses are finished and counted (`edge`),
+//!   and the data listeners (`listener`).
 //! - `ops/`: the admin listener, reload triggers and the operator CLI.
 //! - `app`: wiring; bind, run, drain.
 //! - `demo/` (cargo feature `demo`, on by default): the three-DC sandbox of `loom-router demo`
@@ -37,25 +40,26 @@
 //!
 //! # The life of a request
 //!
-//! 1. `listener` accepts a connection; hyper parses each request head within the header size
-//!    and time limits (hyper's own 400 and 431 are rewritten into router errors with codes).
+//! 1. `proxy::listener` accepts a connection; hyper parses each request head within the header
+//!    size and time limits (hyper's own 400 and 431 are rewritten into router errors with codes).
 //! 2. `proxy` loads the current snapshot (config + table) once, with one `ArcSwap` load, and
 //!    refuses a request without exactly one valid `Host`.
-//! 3. `routing::classify` refuses a path that is not in the normal form Loom routes on (no `//`, no
-//!    dot-segments, no encoded `/` or `\`: `docs/routing.md`), then names the route (read,
+//! 3. `routing::classify` refuses a path that is not in the normal form Loom routes on (no `//`,
+//!    no dot-segments, no encoded `/` or `\`: `docs/routing.md`), then names the route (read,
 //!    write, create, global-write, provisioner, passthrough) and the shard key: a cluster ID
 //!    from the path, the global shard, this DC's home shard, or a `/v2/nodes` body or lookup.
-//! 4. `routing::table` resolves the key against the table: the local Loom, or the owner DC's router.
-//!    A request from a peer router (`X-Loom-Router-Hop`) is instead admitted or answered 421.
-//! 5. `http::forward` sends it over a pooled keep-alive connection, with hop headers for peers, and
-//!    streams the response back; a 421 from a peer is retried at most twice.
-//! 6. `proxy` adds `X-Loom-Route` and `X-Loom-Served-By`, turns any error into its status and
-//!    code (`http::error`), and logs and counts the request once.
+//! 4. `routing::table` resolves the key against the table: the local Loom, or the owner DC's
+//!    router. A request from a peer router (`X-Loom-Router-Hop`) is instead admitted or
+//!    answered 421.
+//! 5. `http::forward` sends it over a pooled keep-alive connection, with hop headers for peers,
+//!    and streams the response back; a 421 from a peer is retried at most twice.
+//! 6. `proxy::edge` adds `X-Loom-Route` and `X-Loom-Served-By`, turns any error into its
+//!    status and code (`http::error`), and logs and counts the request once.
 //!
 //! Off the request path, `health` probes peers and the local Loom, feeding fail-fast
 //! `owner_unavailable` answers, `/readyz` and the router's registration; with a coordination
-//! store, `coord::join` follows ownership and `coord::failover` moves shards of dead DCs; `coord::control` is
-//! the only code that replaces the snapshot.
+//! store, `coord::join` follows ownership and `coord::failover` moves shards of dead DCs;
+//! `coord::control` is the only code that replaces the snapshot.
 //!
 //! # Glossary
 //!

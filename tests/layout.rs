@@ -2,7 +2,7 @@
 //! it (the order `src/lib.rs` gives), and no module reaches, through `crate::` paths, a module that
 //! reaches it back.
 //!
-//! A module is a top-level file or folder under `src/` (`src/proxy.rs`, or `src/proxy/` with
+//! A module is a top-level file or folder under `src/` (`src/health.rs`, or `src/proxy/` with
 //! everything in it). The check reads the source as text: every `crate::<module>` outside
 //! comments and `#[cfg(test)]` modules is an edge. It prints the graph, so a failure shows which
 //! modules form the cycle, and `cargo test --test layout -- --nocapture` shows the layering.
@@ -66,6 +66,53 @@ fn graph(src: &Path) -> Graph {
         }
     }
     graph
+}
+
+/// For each folder under `src/`, the files each of its files refers to (`crate::<folder>::x` or
+/// `super::x`). `mod.rs` is the folder itself, the parent of the others, and is left out: a
+/// child naming its parent's items is how Rust modules work, not a cycle.
+fn folder_graphs(src: &Path) -> BTreeMap<String, Graph> {
+    let mut out = BTreeMap::new();
+    let mut folders: Vec<PathBuf> = std::fs::read_dir(src)
+        .expect("src")
+        .map(|entry| entry.expect("directory entry").path())
+        .filter(|path| path.is_dir())
+        .collect();
+    folders.sort();
+    for folder in folders {
+        let name = folder
+            .file_name()
+            .expect("a name")
+            .to_string_lossy()
+            .into_owned();
+        let mut files = Vec::new();
+        sources(&folder, &mut files);
+        let stem = |f: &PathBuf| {
+            f.file_stem()
+                .expect("a stem")
+                .to_string_lossy()
+                .into_owned()
+        };
+        let siblings: BTreeSet<String> = files.iter().map(stem).filter(|s| s != "mod").collect();
+        let mut graph = Graph::new();
+        for file in files.iter().filter(|f| stem(f) != "mod") {
+            let module = stem(file);
+            let code = code(&std::fs::read_to_string(file).expect("readable source"));
+            let edges = graph.entry(module.clone()).or_default();
+            let prefix = format!("crate::{name}::");
+            for pattern in [prefix.as_str(), "super::"] {
+                for (i, _) in code.match_indices(pattern) {
+                    for used in first_segments(&code[i + pattern.len()..]) {
+                        if used != module && siblings.contains(&used) {
+                            edges.insert(used);
+                        }
+                    }
+                }
+            }
+        }
+        out.insert(name, graph);
+    }
+    out
 }
 
 /// The modules a path after `crate::` starts with: one for `a::b`, each item's first segment
@@ -201,6 +248,19 @@ fn every_module_imports_only_from_the_layers_below_it() {
         Vec::<String>::new(),
         "imports that do not point down"
     );
+}
+
+#[test]
+fn no_file_imports_a_sibling_that_imports_it_back() {
+    let folders = folder_graphs(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"));
+    assert!(folders.len() >= 6, "read too few folders: {folders:?}");
+    for (folder, graph) in &folders {
+        for (file, uses) in graph {
+            let uses: Vec<&str> = uses.iter().map(String::as_str).collect();
+            println!("{folder}/{file} -> {}", uses.join(", "));
+        }
+        assert_eq!(cycles(graph), Vec::<Vec<String>>::new(), "in src/{folder}/");
+    }
 }
 
 #[test]

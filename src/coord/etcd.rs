@@ -1,7 +1,7 @@
 //! The `etcd` coordination backend: the real multi-DC mode (docs/failover.md), on `etcd-client`.
 //!
-//! It maps the [`Store`](crate::coord::store::Store) interface onto etcd's API one to one: leases with
-//! keepalive, transactions with compares (a prefix compare is etcd's `version == 0` over the
+//! It maps the [`Store`](crate::coord::store::Store) interface onto etcd's API one to one: leases
+//! with keepalive, transactions with compares (a prefix compare is etcd's `version == 0` over the
 //! prefix range), range reads and watch-from-revision. Every call is bounded by a timeout, so a
 //! router cut off from etcd sees errors (and lets its fence deadline run out) instead of hanging.
 //!

@@ -232,9 +232,8 @@ async fn follow(
 ) {
     let all = keys.all();
     loop {
-        let read = tokio::select! {
-            read = store.range(&all) => read,
-            () = cancel.cancelled() => return,
+        let Some(read) = cancel.run_until_cancelled(store.range(&all)).await else {
+            return;
         };
         let mut view = match read {
             Ok((kvs, revision)) => View::from_range(&keys, kvs, revision),
@@ -266,9 +265,8 @@ async fn follow(
             }
         };
         loop {
-            let next = tokio::select! {
-                next = stream.recv() => next,
-                () = cancel.cancelled() => return,
+            let Some(next) = cancel.run_until_cancelled(stream.recv()).await else {
+                return;
             };
             match next {
                 Some(Ok(batch)) => {

@@ -17,12 +17,12 @@
 //!
 //! # The store interface
 //!
-//! Ownership lives in a linearizable store that decides by compare-and-swap
-//! (`docs/failover.md`). This file defines what the router needs from such a store (leases with keepalive, a
-//! transaction with compares, range reads, watch-from-revision, and election), and the store's
-//! data model: key layout, the JSON of a shard record, and a [`View`] of everything a router
-//! follows. `store` dispatches the interface to the configured backend (`memory`,
-//! `etcd`), which implement it on these types; this file names no backend.
+//! Ownership lives in a linearizable store that decides by compare-and-swap (`docs/failover.md`).
+//! This file defines what the router needs from such a store (leases with keepalive, a transaction
+//! with compares, range reads, watch-from-revision, and election), and the store's data model: key
+//! layout, the JSON of a shard record, and a [`View`] of everything a router follows. `store`
+//! dispatches the interface to the configured backend (`memory`, `etcd`), which implement it on
+//! these types; this file names no backend.
 //!
 //! It must not decide anything: `lease`, `failover` and `control` do, through this
 //! interface, so their logic does not depend on which backend is configured.

@@ -1,9 +1,9 @@
 //! `loom-router demo`: three DCs in one process, with nothing to install or configure.
 //!
-//! Each DC gets an emulated Loom (the `loom-emulator` crate) and a real router built from a generated
-//! config, exactly as `run` would build it, coordinating through one in-process memory store
-//! (leases, election, automatic failover). The emulated Looms replicate completed writes to each
-//! other after a short delay, as the seed design describes.
+//! Each DC gets an emulated Loom (the `loom-emulator` crate) and a real router built from a
+//! generated config, exactly as `run` would build it, coordinating through one in-process memory
+//! store (leases, election, automatic failover). The emulated Looms replicate completed writes to
+//! each other after a short delay, as the seed design describes.
 //!
 //! Each DC's admin port is fronted by the demo itself: `POST /demo/kill` stops that DC's Loom
 //! and router (its lease then expires and its shards fail over), `POST /demo/restore` brings

@@ -12,7 +12,8 @@
 //! (nginx's `client_body_timeout`), and tells the proxy, through [`BodyProgress`], whether a
 //! deadline found the router waiting on the client. Both become 408 `client_timeout`.
 //!
-//! This file must not decide when to buffer; `http/forward.rs` and `proxy/mod.rs` do.
+//! This file must not decide when to buffer; `http/forward.rs` and `proxy/` do (`client.rs`
+//! reads a node body, `peer.rs` keeps a write for a retry).
 
 use std::future::Future;
 use std::pin::Pin;

@@ -5,7 +5,7 @@
 //! without a status and a code. The body is one plain-text sentence telling the user what
 //! happened and what to do; details such as socket errors go to the log, not to the client.
 //!
-//! This file must not log or record metrics: `proxy/mod.rs` does both once, at the edge.
+//! This file must not log or record metrics: `proxy/edge.rs` does both once, at the edge.
 
 use std::time::Duration;
 

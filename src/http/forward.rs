@@ -3,7 +3,7 @@
 //! One pooled keep-alive client (hyper-util's legacy `Client`) is built at start-up and shared by
 //! every request and every health probe. This file owns timeouts, the mapping of transport
 //! failures to [`UpstreamKind`], and reading bodies into memory when the router has to. It must
-//! not decide *where* a request goes: `proxy/mod.rs` does that from the ownership table.
+//! not decide *where* a request goes: `proxy/` does that from the ownership table.
 
 use std::time::Duration;
 

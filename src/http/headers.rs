@@ -1,6 +1,6 @@
 //! Header names the router owns, and the pure header rewrites of a proxy (RFC 9110 section 7.6).
 //!
-//! Everything here works on a `HeaderMap` and returns; no I/O. `proxy/mod.rs` calls
+//! Everything here works on a `HeaderMap` and returns; no I/O. `proxy/` calls
 //! [`prepare_upstream`] on every request it sends and [`prepare_downstream`] on every response it
 //! returns. Loom's own headers (`X-Loom-UserID`, `X-Loom-ApiKey`, `Coopr-*`, `Authorization`, and
 //! any `X-Loom-*` the router does not own) are never touched.

@@ -9,8 +9,8 @@
 //! `[loom] ca` (Loom). Both use the ring provider, explicitly, so no process-wide default is
 //! needed.
 //!
-//! This file reads files and builds configs; it does not accept connections (`proxy/listener.rs`) or
-//! send requests (`http/forward.rs`).
+//! This file reads files and builds configs; it does not accept connections (`proxy/listener.rs`)
+//! or send requests (`http/forward.rs`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -1,11 +1,11 @@
 //! What makes a router re-read its config: SIGHUP, and a change to the file (docs/operations.md).
 //! `POST /admin/reload` is the third way (`ops/admin.rs`).
 //!
-//! All three ask the snapshot writer (`coord/control.rs`) to reload, which validates the new file and
-//! swaps it in atomically or refuses it; this file only notices that a reload is wanted. The
+//! All three ask the snapshot writer (`coord/control.rs`) to reload, which validates the new file
+//! and swaps it in atomically or refuses it; this file only notices that a reload is wanted. The
 //! file watcher watches the file's directory, because editors and config-management tools often
-//! save by writing a new file and renaming it over the old one, and debounces bursts of events
-//! into one reload.
+//! save by writing a new file and renaming it over the old one, and debounces bursts of events into
+//! one reload.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -77,9 +77,13 @@ async fn watch_file(control: Control, path: PathBuf, cancel: CancellationToken) 
         return;
     }
     loop {
-        tokio::select! {
-            event = rx.recv() => if event.is_none() { return },
-            () = cancel.cancelled() => return,
+        if cancel
+            .run_until_cancelled(rx.recv())
+            .await
+            .flatten()
+            .is_none()
+        {
+            return;
         }
         // Let the burst of events from one save settle, then reload once.
         tokio::time::sleep(DEBOUNCE).await;

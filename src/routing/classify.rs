@@ -1,10 +1,11 @@
 //! Classification: method + path → which route a request takes and which shard key it names.
 //!
-//! This is docs/routing.md as a pure function. It owns the cluster-ID grammar, the
-//! path rule (`bad_path`: every path must be in the normal form Loom routes on, see
-//! [`normal_path`]) and the routing table rows for both API generations (`/v1/loom` and `/v2`). It must not look at the ownership table, the body or the network: rows that need the
-//! body (`/v2/nodes`) or a lookup (`DELETE /v2/nodes/{node}`) come back as a [`Key`] that tells
-//! the proxy what to read, and `routing/table.rs` decides where the request goes.
+//! This is docs/routing.md as a pure function. It owns the cluster-ID grammar, the path rule
+//! (`bad_path`: every path must be in the normal form Loom routes on, see [`normal_path`]) and the
+//! routing table rows for both API generations (`/v1/loom` and `/v2`). It must not look at the
+//! ownership table, the body or the network: rows that need the body (`/v2/nodes`) or a lookup
+//! (`DELETE /v2/nodes/{node}`) come back as a [`Key`] that tells the proxy what to read, and
+//! `routing/table.rs` decides where the request goes.
 //!
 //! The common path (no percent-escapes) allocates nothing: segments are borrowed from the path
 //! and the cluster ID is parsed straight into a `u64`.

@@ -1,9 +1,9 @@
 //! The fence arithmetic: how long a router may keep admitting writes under a lease
 //! (`docs/failover.md`, self-fencing).
 //!
-//! Pure and dependency-free, so that both the lease task (`coord/lease.rs`), which feeds the write gate,
-//! and config validation (`config/mod.rs`), which refuses a `write_timeout` that could never fit,
-//! use one formula without one depending on the other.
+//! Pure and dependency-free, so that both the lease task (`coord/lease.rs`), which feeds the
+//! write gate, and config validation (`config/validate.rs`), which refuses a `write_timeout` that
+//! could never fit, use one formula without one depending on the other.
 
 use std::time::Duration;
 

@@ -1,5 +1,5 @@
-//! `loom-router demo` (docs/configuration.md): the printed walk-through works, in process and as the
-//! real binary.
+//! `loom-router demo` (docs/configuration.md): the printed walk-through works, in process and as
+//! the real binary.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
