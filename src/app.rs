@@ -187,11 +187,11 @@ impl App {
             control.clone(),
             runtime.board.clone(),
             runtime.forwarder.clone(),
-            gate,
+            gate.as_ref().map(|(gate, _)| gate.clone()),
         );
         proxy.follow_reloads(runtime.background.clone());
         if let Some(path) = self.config_path {
-            crate::ops::reload::spawn_triggers(control, path, runtime.background.clone());
+            crate::ops::reload::spawn_triggers(control.clone(), path, runtime.background.clone());
         }
         let listeners = DataListeners {
             http: self.http,
@@ -200,10 +200,17 @@ impl App {
         };
         let data_stop = CancellationToken::new();
         let data = listeners.serve(&config, &proxy, &data_stop)?;
+        let admin_state = admin::AdminState {
+            proxy: proxy.clone(),
+            control,
+            health: runtime.board.clone(),
+            forwarder: runtime.forwarder.clone(),
+            coordination: gate,
+            metrics,
+        };
         let admin = tokio::spawn(admin::serve(
             self.admin,
-            proxy.clone(),
-            metrics,
+            admin_state,
             runtime.background.clone(),
         ));
 

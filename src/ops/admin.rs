@@ -8,6 +8,7 @@
 //! store (`coord/failover.rs`), never on this router's table directly.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,10 +27,13 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::coord::control::Snapshot;
+use crate::coord::control::{Control, Snapshot};
 use crate::coord::failover::{self, OperatorError};
-use crate::health::Status;
+use crate::coord::join::Handle;
+use crate::coord::lease::Gate;
+use crate::health::{HealthBoard, Status};
 use crate::http::body::Body;
+use crate::http::forward::Forwarder;
 use crate::http::headers::TEXT_PLAIN;
 use crate::proxy::Proxy;
 use crate::shard::ShardKey;
@@ -37,13 +41,41 @@ use crate::shard::ShardKey;
 /// Largest admin request body read (a move's `{"to": ...}`).
 const MAX_ADMIN_BODY: usize = 4096;
 
+/// What the admin listener reads and acts through, handed over by `app.rs`: this file names
+/// what it uses instead of reaching into the data path for it.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The data path, for `/readyz` only: it is ready as the peers' probe sees it.
+    pub proxy: Proxy,
+    pub control: Control,
+    pub health: Arc<HealthBoard>,
+    /// For a planned move's drain calls to the old owner's routers.
+    pub forwarder: Forwarder,
+    /// The write gate and store access, with the memory and etcd backends.
+    pub coordination: Option<(Arc<Gate>, Handle)>,
+    pub metrics: PrometheusHandle,
+}
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminState")
+            .field("coordination", &self.coordination.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdminState {
+    fn gate(&self) -> Option<&Gate> {
+        self.coordination.as_ref().map(|(gate, _)| gate.as_ref())
+    }
+
+    fn store(&self) -> Option<&Handle> {
+        self.coordination.as_ref().map(|(_, handle)| handle)
+    }
+}
+
 /// Serve the admin endpoints until `shutdown` fires.
-pub async fn serve(
-    listener: TcpListener,
-    proxy: Proxy,
-    metrics: PrometheusHandle,
-    shutdown: CancellationToken,
-) {
+pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     loop {
@@ -58,11 +90,10 @@ pub async fn serve(
             },
             () = shutdown.cancelled() => break,
         };
-        let proxy = proxy.clone();
-        let metrics = metrics.clone();
+        let state = state.clone();
         let service = service_fn(move |request| {
-            let (proxy, metrics) = (proxy.clone(), metrics.clone());
-            async move { Ok::<_, Infallible>(handle(&proxy, &metrics, request).await) }
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(handle(&state, request).await) }
         });
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
@@ -75,28 +106,24 @@ pub async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(1), graceful.shutdown()).await;
 }
 
-async fn handle(
-    proxy: &Proxy,
-    metrics: &PrometheusHandle,
-    request: Request<Incoming>,
-) -> Response<Body> {
+async fn handle(state: &AdminState, request: Request<Incoming>) -> Response<Body> {
     let get = request.method() == Method::GET || request.method() == Method::HEAD;
     let post = request.method() == Method::POST;
     let path = request.uri().path().to_owned();
     match (get, post, path.as_str()) {
         (true, _, "/healthz") => text(StatusCode::OK, "ok\n"),
         (true, _, "/readyz") => {
-            if proxy.is_ready() {
+            if state.proxy.is_ready() {
                 text(StatusCode::OK, "ready\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }
         }
         (true, _, "/metrics") => {
-            if let Some(gate) = proxy.gate() {
+            if let Some(gate) = state.gate() {
                 crate::metrics::set_lease_remaining(gate.remaining(tokio::time::Instant::now()));
             }
-            let mut response = Response::new(Body::full(metrics.render()));
+            let mut response = Response::new(Body::full(state.metrics.render()));
             response.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -104,14 +131,14 @@ async fn handle(
             response
         }
         (true, _, "/admin/table") => {
-            let snap = proxy.control().snapshot();
-            json_response(StatusCode::OK, &table_view(proxy, &snap))
+            let snap = state.control.snapshot();
+            json_response(StatusCode::OK, &table_view(state, &snap))
         }
         (false, true, "/admin/reload") => {
-            if let Some(denied) = authorize(proxy, &request) {
+            if let Some(denied) = authorize(state, &request) {
                 return denied;
             }
-            match proxy.control().reload().await {
+            match state.control.reload().await {
                 Ok(summary) => text_owned(StatusCode::OK, format!("reloaded: {summary}\n")),
                 Err(e) => {
                     let mut response =
@@ -125,10 +152,10 @@ async fn handle(
             }
         }
         (false, true, p) if p.starts_with("/admin/shards/") => {
-            if let Some(denied) = authorize(proxy, &request) {
+            if let Some(denied) = authorize(state, &request) {
                 return denied;
             }
-            shard_control(proxy, request).await
+            shard_control(state, request).await
         }
         (false, _, "/healthz" | "/readyz" | "/metrics" | "/admin/table") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n")
@@ -141,8 +168,8 @@ async fn handle(
 }
 
 /// `None` if the call may go ahead; otherwise the 401 to send.
-fn authorize(proxy: &Proxy, request: &Request<Incoming>) -> Option<Response<Body>> {
-    let snap = proxy.control().snapshot();
+fn authorize(state: &AdminState, request: &Request<Incoming>) -> Option<Response<Body>> {
+    let snap = state.control.snapshot();
     let token = snap.config.admin_token.as_deref()?;
     let presented = request
         .headers()
@@ -166,7 +193,7 @@ fn authorize(proxy: &Proxy, request: &Request<Incoming>) -> Option<Response<Body
 }
 
 /// `POST /admin/shards/{shard}/move|freeze|unfreeze`.
-async fn shard_control(proxy: &Proxy, request: Request<Incoming>) -> Response<Body> {
+async fn shard_control(state: &AdminState, request: Request<Incoming>) -> Response<Body> {
     let path = request.uri().path().to_owned();
     let rest = path.trim_start_matches("/admin/shards/");
     let Some((shard, action)) = rest.split_once('/') else {
@@ -178,7 +205,7 @@ async fn shard_control(proxy: &Proxy, request: Request<Incoming>) -> Response<Bo
     if !matches!(action, "move" | "freeze" | "unfreeze") {
         return text(StatusCode::NOT_FOUND, "no such admin endpoint\n");
     }
-    let Some(coord) = proxy.coordination() else {
+    let Some(coord) = state.store() else {
         return text(
             StatusCode::CONFLICT,
             "Ownership is static here: edit [[shards]] on every router and reload (fence first, \
@@ -203,9 +230,9 @@ async fn shard_control(proxy: &Proxy, request: Request<Incoming>) -> Response<Bo
                 shard,
                 to,
                 by: &by,
-                write_timeout: proxy.control().snapshot().config.loom.write_timeout,
+                write_timeout: state.control.snapshot().config.loom.write_timeout,
             };
-            let forwarder = proxy.forwarder();
+            let forwarder = &state.forwarder;
             match failover::switchover(&coord.store, &coord.keys, forwarder, &view, planned).await {
                 Ok(done) => json_response(StatusCode::OK, &Moved::from(done)),
                 Err(e) => control_error(&e),
@@ -375,7 +402,7 @@ struct LeaseView {
     admitting: bool,
 }
 
-fn table_view<'a>(proxy: &Proxy, snap: &'a Snapshot) -> TableView<'a> {
+fn table_view<'a>(state: &AdminState, snap: &'a Snapshot) -> TableView<'a> {
     let config = &snap.config;
     let name = |dc: usize| config.datacenters[dc].name.as_str();
     let shards = snap
@@ -399,7 +426,7 @@ fn table_view<'a>(proxy: &Proxy, snap: &'a Snapshot) -> TableView<'a> {
         .iter()
         .map(|d| DcView {
             name: &d.name,
-            healthy: proxy.health().get(&d.name) == Status::Up,
+            healthy: state.health.get(&d.name) == Status::Up,
         })
         .collect();
     TableView {
@@ -409,12 +436,12 @@ fn table_view<'a>(proxy: &Proxy, snap: &'a Snapshot) -> TableView<'a> {
         shards,
         datacenters,
         alerts: &snap.alerts,
-        coordination: coordination_view(proxy, snap),
+        coordination: coordination_view(state, snap),
     }
 }
 
-fn coordination_view(proxy: &Proxy, snap: &Snapshot) -> Option<CoordinationView> {
-    let (coord, gate) = (proxy.coordination()?, proxy.gate()?);
+fn coordination_view(state: &AdminState, snap: &Snapshot) -> Option<CoordinationView> {
+    let (gate, coord) = state.coordination.as_ref()?;
     let now = tokio::time::Instant::now();
     let write_timeout = snap.config.loom.write_timeout;
     let lease = LeaseView {

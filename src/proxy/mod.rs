@@ -41,7 +41,6 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::coord::control::{Control, Snapshot};
-use crate::coord::join::Handle;
 use crate::coord::lease::Gate;
 use crate::health::{HealthBoard, Status};
 use crate::http::body::Body;
@@ -94,9 +93,9 @@ struct Inner {
     limit: std::sync::atomic::AtomicUsize,
     /// Set once on SIGTERM; `/readyz` answers 503 from then on.
     draining: AtomicBool,
-    /// The self-fencing gate and store access, with the memory and etcd backends; `None` with
-    /// `static`, where ownership changes only by hand and no lease exists.
-    coordination: Option<(Arc<Gate>, Handle)>,
+    /// The self-fencing gate, with the memory and etcd backends; `None` with `static`, where
+    /// ownership changes only by hand and no lease exists.
+    gate: Option<Arc<Gate>>,
     /// Owned writes at the local Loom right now, by shard. Incremented and decremented by the
     /// requests themselves (many at once, hence a concurrent map); read by `/loom-router/drained`.
     in_flight_writes: DashMap<ShardKey, usize>,
@@ -134,7 +133,7 @@ impl Proxy {
         control: Control,
         health: Arc<HealthBoard>,
         forwarder: Forwarder,
-        coordination: Option<(Arc<Gate>, Handle)>,
+        gate: Option<Arc<Gate>>,
     ) -> Self {
         let snap = control.snapshot();
         let limit = snap.config.limits.max_concurrent_requests;
@@ -152,7 +151,7 @@ impl Proxy {
                 limiter: Semaphore::new(limit),
                 limit: std::sync::atomic::AtomicUsize::new(limit),
                 draining: AtomicBool::new(false),
-                coordination,
+                gate,
                 in_flight_writes: DashMap::new(),
                 metrics: metrics::RequestMetrics::default(),
                 peers_need_certificates,
@@ -192,28 +191,13 @@ impl Proxy {
         }
     }
 
-    /// The shared upstream client, for admin calls to peers.
-    pub fn forwarder(&self) -> &Forwarder {
-        &self.inner.forwarder
-    }
-
-    /// Store access for admin operations; `None` with the static backend.
-    pub fn coordination(&self) -> Option<&Handle> {
-        self.inner.coordination.as_ref().map(|(_, h)| h)
-    }
-
-    /// The write gate, with the memory and etcd backends.
-    pub fn gate(&self) -> Option<&Gate> {
-        self.inner.coordination.as_ref().map(|(g, _)| g.as_ref())
-    }
-
     /// May this router admit a write for a shard it owns, right now (docs/failover.md)?
     /// Always under `static`. Otherwise only from a table read from the store, and only while
     /// the lease is certain to outlast `write_timeout`.
     fn may_admit(&self, snap: &Snapshot) -> bool {
-        match &self.inner.coordination {
+        match &self.inner.gate {
             None => true,
-            Some((gate, _)) => {
+            Some(gate) => {
                 snap.from_store
                     && gate.admits(
                         tokio::time::Instant::now(),
@@ -228,10 +212,6 @@ impl Proxy {
         &self.inner.control
     }
 
-    pub fn health(&self) -> &HealthBoard {
-        &self.inner.health
-    }
-
     /// Turn `/readyz` to 503: the load balancer stops sending new traffic.
     pub fn start_draining(&self) {
         self.inner.draining.store(true, Ordering::SeqCst);
@@ -241,7 +221,7 @@ impl Proxy {
     /// path, and the router is not draining.
     pub fn is_ready(&self) -> bool {
         let snap = self.inner.control.snapshot();
-        let has_table = snap.from_store || self.inner.coordination.is_none();
+        let has_table = snap.from_store || self.inner.gate.is_none();
         has_table
             && !self.inner.draining.load(Ordering::SeqCst)
             && self.inner.health.get(&snap.config.local_dc().name) == Status::Up
