@@ -120,70 +120,115 @@ pub fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Campaign for the manager role and, while leading, fail over dead DCs. Runs until `cancel`.
-///
-/// "No registration" is believed at once for a DC this router has seen registered (it was alive
-/// and is gone), and for any DC once this router has led for a lease TTL: every live router
-/// renews its registration within a TTL, so that also covers a cold start of the whole
-/// installation without failing over DCs that are merely still starting.
-pub async fn run_manager(
-    store: Store,
-    keys: Keys,
-    me: String,
-    config: Arc<Config>,
-    gate: Arc<Gate>,
-    mut views: watch::Receiver<Arc<View>>,
-    cancel: CancellationToken,
-) {
-    let ttl = config.coordination.lease;
-    let tick = config.coordination.keepalive;
-    let mut leading: Option<(Revision, Instant)> = None;
-    let mut seen_alive: BTreeSet<String> = BTreeSet::new();
-    loop {
-        tokio::select! {
-            _ = views.changed() => {}
-            () = tokio::time::sleep(tick) => {}
-            () = cancel.cancelled() => return,
-        }
-        let view = views.borrow().clone();
-        // A view older than our own election cannot show us as manager yet; wait for newer.
-        if leading.is_some_and(|(rev, _)| view.revision < rev) {
-            continue;
-        }
-        seen_alive.extend(view.routers.values().cloned());
-        let unprotected = plan(&view, unix_ms(), Duration::ZERO, &|_| true).unprotected;
-        for shard in view.shards.keys() {
-            metrics::set_shard_unprotected(&shard.to_string(), unprotected.contains(shard));
-        }
-        match (&leading, &view.manager) {
-            (Some((rev, _)), Some((holder, created))) if *holder == me && created == rev => {}
-            (Some(_), _) => {
-                tracing::warn!(router = %me, "lost the failover manager role");
-                leading = None;
+/// The failover manager: at most one router of the installation leads it at a time (an
+/// election in the store), and the leader fails over the shards of dead DCs.
+#[derive(Debug)]
+pub struct Manager {
+    pub store: Store,
+    pub keys: Keys,
+    /// This router's ID, its name in the election.
+    pub me: String,
+    pub config: Arc<Config>,
+    /// Campaigns on this router's lease.
+    pub gate: Arc<Gate>,
+}
+
+impl Manager {
+    /// Campaign for the manager role and, while leading, fail over dead DCs. Runs until
+    /// `cancel`.
+    ///
+    /// "No registration" is believed at once for a DC this router has seen registered (it was
+    /// alive and is gone), and for any DC once this router has led for a lease TTL: every live
+    /// router renews its registration within a TTL, so that also covers a cold start of the
+    /// whole installation without failing over DCs that are merely still starting.
+    pub async fn run(self, mut views: watch::Receiver<Arc<View>>, cancel: CancellationToken) {
+        let tick = self.config.coordination.keepalive;
+        let mut leading: Option<(Revision, Instant)> = None;
+        let mut seen_alive: BTreeSet<String> = BTreeSet::new();
+        loop {
+            tokio::select! {
+                _ = views.changed() => {}
+                () = tokio::time::sleep(tick) => {}
+                () = cancel.cancelled() => return,
             }
-            (None, Some(_)) => continue,
-            (None, None) => {
-                let Some(lease) = gate.lease() else { continue };
-                if let Ok(Some(revision)) = store.campaign(&keys.manager(), &me, lease).await {
-                    tracing::info!(router = %me, "became the failover manager");
-                    leading = Some((revision, Instant::now()));
-                }
+            let view = views.borrow().clone();
+            // A view older than our own election cannot show us as manager yet; wait for newer.
+            if leading.is_some_and(|(rev, _)| view.revision < rev) {
                 continue;
             }
+            seen_alive.extend(view.routers.values().cloned());
+            let unprotected = plan(&view, unix_ms(), Duration::ZERO, &|_| true).unprotected;
+            for shard in view.shards.keys() {
+                metrics::set_shard_unprotected(&shard.to_string(), unprotected.contains(shard));
+            }
+            let was_leading = leading.is_some();
+            leading = self.lead(leading, &view).await;
+            // A router that just won acts from the next view, the first to show its election.
+            if let Some((revision, since)) = leading.filter(|_| was_leading) {
+                let settled = since.elapsed() >= self.config.coordination.lease;
+                let may_fail = |dc: &str| settled || seen_alive.contains(dc);
+                let cooldown = self.config.coordination.failover_cooldown;
+                let moves = plan(&view, unix_ms(), cooldown, &may_fail).moves;
+                let elected = Elected {
+                    store: &self.store,
+                    keys: &self.keys,
+                    me: &self.me,
+                    revision,
+                };
+                elected.fail_over_all(&view, moves).await;
+            }
         }
-        let Some((my_rev, since)) = leading else {
-            continue;
-        };
-        let settled = since.elapsed() >= ttl;
-        let may_fail = |dc: &str| settled || seen_alive.contains(dc);
-        let plan = plan(
-            &view,
-            unix_ms(),
-            config.coordination.failover_cooldown,
-            &may_fail,
-        );
-        for m in plan.moves {
-            match fail_over(&store, &keys, &me, my_rev, &view, &m).await {
+    }
+
+    /// Whether this router leads after `view`: (election revision, since when), or `None`. A
+    /// router that does not lead campaigns when nobody does.
+    async fn lead(
+        &self,
+        leading: Option<(Revision, Instant)>,
+        view: &View,
+    ) -> Option<(Revision, Instant)> {
+        match (&leading, &view.manager) {
+            (Some((rev, _)), Some((holder, created))) if *holder == self.me && created == rev => {
+                leading
+            }
+            (Some(_), _) => {
+                tracing::warn!(router = %self.me, "lost the failover manager role");
+                None
+            }
+            (None, Some(_)) => None,
+            (None, None) => {
+                let lease = self.gate.lease()?;
+                let won = self
+                    .store
+                    .campaign(&self.keys.manager(), &self.me, lease)
+                    .await;
+                if let Ok(Some(revision)) = won {
+                    tracing::info!(router = %self.me, "became the failover manager");
+                    return Some((revision, Instant::now()));
+                }
+                None
+            }
+        }
+    }
+}
+
+/// The failover manager while it leads: its election's revision guards every move it commits,
+/// so a manager that has been replaced commits nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct Elected<'a> {
+    pub store: &'a Store,
+    pub keys: &'a Keys,
+    /// This router's ID.
+    pub me: &'a str,
+    /// The `create_revision` of its election key.
+    pub revision: Revision,
+}
+
+impl Elected<'_> {
+    /// Commit the moves that take dead DCs' shards to live replicas, one by one.
+    async fn fail_over_all(&self, view: &View, moves: Vec<Move>) {
+        for m in moves {
+            match self.fail_over(view, &m).await {
                 Ok(true) => {
                     metrics::failover();
                     tracing::warn!(shard = %m.shard, from = %m.from, to = %m.to, "failed over");
@@ -195,40 +240,38 @@ pub async fn run_manager(
             }
         }
     }
-}
 
-/// One failover compare-and-swap. `Ok(false)` when a compare failed (the shard changed, the DC
-/// came back or this manager was replaced).
-async fn fail_over(
-    store: &Store,
-    keys: &Keys,
-    me: &str,
-    my_rev: Revision,
-    view: &View,
-    m: &Move,
-) -> Result<bool, CoordError> {
-    let Some((record, _)) = view.shards.get(&m.shard) else {
-        return Ok(false);
-    };
-    let mut next = moved(
-        record,
-        &m.to,
-        &format!("failover-manager {me}"),
-        format!("datacenter {} failed: no router registered", m.from),
-    );
-    next.failed_over_at_ms = Some(unix_ms());
-    let compares = vec![
-        Compare::ModRevision(keys.shard(m.shard), m.seen),
-        Compare::PrefixEmpty(keys.dc_routers(&m.from)),
-        Compare::PrefixNonEmpty(keys.dc_routers(&m.to)),
-        Compare::CreateRevision(keys.manager(), my_rev),
-    ];
-    let put = Op::Put {
-        key: keys.shard(m.shard),
-        value: next.to_bytes(),
-        lease: 0,
-    };
-    Ok(store.txn(compares, vec![put], Vec::new()).await?.succeeded)
+    /// One failover compare-and-swap. `Ok(false)` when a compare failed (the shard changed, the
+    /// DC came back or this manager was replaced).
+    pub async fn fail_over(&self, view: &View, m: &Move) -> Result<bool, CoordError> {
+        let keys = self.keys;
+        let Some((record, _)) = view.shards.get(&m.shard) else {
+            return Ok(false);
+        };
+        let mut next = moved(
+            record,
+            &m.to,
+            &format!("failover-manager {}", self.me),
+            format!("datacenter {} failed: no router registered", m.from),
+        );
+        next.failed_over_at_ms = Some(unix_ms());
+        let compares = vec![
+            Compare::ModRevision(keys.shard(m.shard), m.seen),
+            Compare::PrefixEmpty(keys.dc_routers(&m.from)),
+            Compare::PrefixNonEmpty(keys.dc_routers(&m.to)),
+            Compare::CreateRevision(keys.manager(), self.revision),
+        ];
+        let put = Op::Put {
+            key: keys.shard(m.shard),
+            value: next.to_bytes(),
+            lease: 0,
+        };
+        Ok(self
+            .store
+            .txn(compares, vec![put], Vec::new())
+            .await?
+            .succeeded)
+    }
 }
 
 /// Why an operator's move or freeze was refused.
@@ -473,6 +516,20 @@ async fn replace_record(
 mod tests {
     use super::*;
 
+    fn elected<'a>(
+        store: &'a Store,
+        keys: &'a Keys,
+        me: &'a str,
+        revision: Revision,
+    ) -> Elected<'a> {
+        Elected {
+            store,
+            keys,
+            me,
+            revision,
+        }
+    }
+
     fn record(owner: &str, replicas: &[&str]) -> ShardRecord {
         ShardRecord::home_of(owner, replicas)
     }
@@ -615,7 +672,8 @@ mod tests {
             .await
             .unwrap();
         assert!(back.succeeded);
-        assert!(!fail_over(&store, &keys, "m1", manager, &view().await, &m)
+        assert!(!elected(&store, &keys, "m1", manager)
+            .fail_over(&view().await, &m)
             .await
             .unwrap());
         store
@@ -632,21 +690,22 @@ mod tests {
             .await
             .unwrap()
             .revision;
-        assert!(!fail_over(&store, &keys, "m1", manager, &view().await, &m)
+        assert!(!elected(&store, &keys, "m1", manager)
+            .fail_over(&view().await, &m)
             .await
             .unwrap());
         // The current manager's swap succeeds once, and bumps the epoch.
-        assert!(
-            fail_over(&store, &keys, "m2", new_manager, &view().await, &m)
-                .await
-                .unwrap()
-        );
+        assert!(elected(&store, &keys, "m2", new_manager)
+            .fail_over(&view().await, &m)
+            .await
+            .unwrap());
         let after = view().await;
         let (record, epoch) = &after.shards[&R1];
         assert_eq!(record.owner, "b");
         assert!(*epoch > shard);
         // Replaying the same move (planned against the old revision) does nothing.
-        assert!(!fail_over(&store, &keys, "m2", new_manager, &after, &m)
+        assert!(!elected(&store, &keys, "m2", new_manager)
+            .fail_over(&after, &m)
             .await
             .unwrap());
     }

@@ -38,50 +38,60 @@ pub fn body(job: &HookJob) -> String {
     serde_json::to_string(job).unwrap_or_default()
 }
 
-/// Run every job until it succeeds (or `cancel`), reporting each success on `done`.
-pub async fn run(
-    url: Uri,
-    timeout: Duration,
-    forwarder: Forwarder,
-    mut jobs: mpsc::Receiver<(HookJob, CancellationToken)>,
-    done: mpsc::Sender<(ShardKey, u64)>,
-    cancel: CancellationToken,
-) {
-    loop {
-        let (job, moved_away) = tokio::select! {
-            job = jobs.recv() => match job {
-                Some(job) => job,
-                None => return,
-            },
-            () = cancel.cancelled() => return,
-        };
-        let (url, forwarder, done, cancel) =
-            (url.clone(), forwarder.clone(), done.clone(), cancel.clone());
-        tokio::spawn(async move {
-            let mut backoff = FIRST_BACKOFF;
-            loop {
-                // The shard moved away again: its new owner runs its own hook.
-                if moved_away.is_cancelled() {
+/// Where and how the hook is called: `coordination.become_owner_hook` and `hook_timeout`.
+#[derive(Debug, Clone)]
+pub struct Hook {
+    pub url: Uri,
+    pub timeout: Duration,
+    pub forwarder: Forwarder,
+}
+
+/// The channels a hook runner works between: jobs in (each with a token that cancels it when the
+/// shard moves away again), successes out.
+#[derive(Debug)]
+pub struct HookQueue {
+    pub jobs: mpsc::Receiver<(HookJob, CancellationToken)>,
+    pub done: mpsc::Sender<(ShardKey, u64)>,
+}
+
+impl Hook {
+    /// Run every job until it succeeds (or `cancel`), reporting each success on `queue.done`.
+    pub async fn run(self, queue: HookQueue, cancel: CancellationToken) {
+        let HookQueue { mut jobs, done } = queue;
+        while let Some(Some((job, moved_away))) = cancel.run_until_cancelled(jobs.recv()).await {
+            let (hook, done, cancel) = (self.clone(), done.clone(), cancel.clone());
+            tokio::spawn(async move { hook.until_done(job, moved_away, done, cancel).await });
+        }
+    }
+
+    /// Call the hook for `job`, backing off between failures, until it succeeds, the shard
+    /// moves away again (its new owner runs its own hook), or `cancel`.
+    async fn until_done(
+        self,
+        job: HookJob,
+        moved_away: CancellationToken,
+        done: mpsc::Sender<(ShardKey, u64)>,
+        cancel: CancellationToken,
+    ) {
+        let mut backoff = FIRST_BACKOFF;
+        while !moved_away.is_cancelled() {
+            match call(&self.url, self.timeout, &self.forwarder, &job).await {
+                Ok(()) => {
+                    tracing::info!(shard = %job.shard, epoch = job.epoch, "become-owner hook succeeded");
+                    let _ = done.send((job.shard, job.epoch)).await;
                     return;
                 }
-                match call(&url, timeout, &forwarder, &job).await {
-                    Ok(()) => {
-                        tracing::info!(shard = %job.shard, epoch = job.epoch, "become-owner hook succeeded");
-                        let _ = done.send((job.shard, job.epoch)).await;
-                        return;
-                    }
-                    Err(problem) => {
-                        tracing::warn!(shard = %job.shard, epoch = job.epoch, %problem, retry_in = ?backoff, "become-owner hook failed; writes for the shard stay fenced");
-                    }
+                Err(problem) => {
+                    tracing::warn!(shard = %job.shard, epoch = job.epoch, %problem, retry_in = ?backoff, "become-owner hook failed; writes for the shard stay fenced");
                 }
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = cancel.cancelled() => return,
-                    () = moved_away.cancelled() => return,
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
-        });
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = cancel.cancelled() => return,
+                () = moved_away.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
     }
 }
 

@@ -107,48 +107,8 @@ pub async fn join(
     cancel: CancellationToken,
 ) -> Result<Joined, JoinError> {
     let keys = Keys::new(&config.coordination.prefix);
-    let ours = fingerprint(&config);
-    let claim = store
-        .txn(
-            vec![Compare::CreateRevision(keys.fingerprint(), 0)],
-            vec![Op::Put {
-                key: keys.fingerprint(),
-                value: ours.clone().into_bytes(),
-                lease: 0,
-            }],
-            Vec::new(),
-        )
-        .await?;
-    if !claim.succeeded {
-        let (kvs, _) = store.range(&keys.fingerprint()).await?;
-        let stored = kvs
-            .iter()
-            .find(|kv| kv.key == keys.fingerprint())
-            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
-            .unwrap_or_default();
-        if stored != ours {
-            return Err(JoinError::Fingerprint {
-                prefix: config.coordination.prefix.clone(),
-                stored,
-                ours,
-            });
-        }
-    }
-    // Seed shards the store does not have yet; the first router to start wins each.
-    for (shard, record) in crate::coord::records::seed_records(&config) {
-        store
-            .txn(
-                vec![Compare::CreateRevision(keys.shard(shard), 0)],
-                vec![Op::Put {
-                    key: keys.shard(shard),
-                    value: record.to_bytes(),
-                    lease: 0,
-                }],
-                Vec::new(),
-            )
-            .await?;
-    }
-
+    let ours = claim_fingerprint(&store, &keys, &config).await?;
+    seed(&store, &keys, &config).await?;
     let local = config.local_dc();
     let me = Identity {
         dc: local.name.clone(),
@@ -177,27 +137,28 @@ pub async fn join(
         config.coordination.keepalive,
         cancel.clone(),
     ));
-    tokio::spawn(failover::run_manager(
-        store.clone(),
-        keys.clone(),
-        me.router_id.clone(),
-        config.clone(),
-        gate.clone(),
-        views.clone(),
-        cancel.clone(),
-    ));
+    let manager = failover::Manager {
+        store: store.clone(),
+        keys: keys.clone(),
+        me: me.router_id.clone(),
+        config: config.clone(),
+        gate: gate.clone(),
+    };
+    tokio::spawn(manager.run(views.clone(), cancel.clone()));
 
     let (results_tx, hook_results) = mpsc::channel::<(ShardKey, u64)>(64);
     let hooks = config.coordination.become_owner_hook.clone().map(|url| {
         let (jobs_tx, jobs) = mpsc::channel(256);
-        tokio::spawn(hook::run(
+        let hook = hook::Hook {
             url,
-            config.coordination.hook_timeout,
+            timeout: config.coordination.hook_timeout,
             forwarder,
+        };
+        let queue = hook::HookQueue {
             jobs,
-            results_tx,
-            cancel.clone(),
-        ));
+            done: results_tx,
+        };
+        tokio::spawn(hook.run(queue, cancel.clone()));
         jobs_tx
     });
 
@@ -218,6 +179,62 @@ pub async fn join(
             fingerprint: ours,
         },
     })
+}
+
+/// Claim the installation's fingerprint in the store, or check ours against the one there:
+/// every router of one installation must share the settings it names (docs/failover.md).
+async fn claim_fingerprint(
+    store: &Store,
+    keys: &Keys,
+    config: &Config,
+) -> Result<String, JoinError> {
+    let ours = fingerprint(config);
+    let claim = store
+        .txn(
+            vec![Compare::CreateRevision(keys.fingerprint(), 0)],
+            vec![Op::Put {
+                key: keys.fingerprint(),
+                value: ours.clone().into_bytes(),
+                lease: 0,
+            }],
+            Vec::new(),
+        )
+        .await?;
+    if !claim.succeeded {
+        let (kvs, _) = store.range(&keys.fingerprint()).await?;
+        let stored = kvs
+            .iter()
+            .find(|kv| kv.key == keys.fingerprint())
+            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+            .unwrap_or_default();
+        if stored != ours {
+            return Err(JoinError::Fingerprint {
+                prefix: config.coordination.prefix.clone(),
+                stored,
+                ours,
+            });
+        }
+    }
+    Ok(ours)
+}
+
+/// Seed the shards the store does not have yet, as the config describes them; the first router
+/// to start wins each.
+async fn seed(store: &Store, keys: &Keys, config: &Config) -> Result<(), JoinError> {
+    for (shard, record) in crate::coord::records::seed_records(config) {
+        store
+            .txn(
+                vec![Compare::CreateRevision(keys.shard(shard), 0)],
+                vec![Op::Put {
+                    key: keys.shard(shard),
+                    value: record.to_bytes(),
+                    lease: 0,
+                }],
+                Vec::new(),
+            )
+            .await?;
+    }
+    Ok(())
 }
 
 /// Keep `views` up to date with the store: read everything, then watch from the next revision.
