@@ -237,9 +237,9 @@ async fn seed(store: &Store, keys: &Keys, config: &Config) -> Result<(), JoinErr
     Ok(())
 }
 
-/// Keep `views` up to date with the store: read everything, then watch from the next revision.
-/// After any watch error, start over with a full read (docs/failover.md: a router re-reads the
-/// table in full after a watch error).
+/// Keep `views` up to date with the store until `cancel`: read everything, then watch from the
+/// next revision. After any error, wait `retry` and start over with a full read
+/// (docs/failover.md: a router re-reads the table in full after a watch error).
 async fn follow(
     store: Store,
     keys: Keys,
@@ -247,62 +247,44 @@ async fn follow(
     retry: Duration,
     cancel: CancellationToken,
 ) {
-    let all = keys.all();
-    loop {
-        let Some(read) = cancel.run_until_cancelled(store.range(&all)).await else {
-            return;
-        };
-        let mut view = match read {
-            Ok((kvs, revision)) => View::from_range(&keys, kvs, revision),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the coordination store; keeping the current table");
-                if cancel
-                    .run_until_cancelled(tokio::time::sleep(retry))
-                    .await
-                    .is_none()
-                {
-                    return;
-                }
-                continue;
-            }
-        };
-        let _ = views.send(Arc::new(view.clone()));
-        let mut stream = match store.watch(&all, view.revision + 1).await {
-            Ok(stream) => stream,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch the coordination store");
-                if cancel
-                    .run_until_cancelled(tokio::time::sleep(retry))
-                    .await
-                    .is_none()
-                {
-                    return;
-                }
-                continue;
-            }
-        };
+    let following = async {
         loop {
-            let Some(next) = cancel.run_until_cancelled(stream.recv()).await else {
-                return;
-            };
-            match next {
-                Some(Ok(batch)) => {
-                    view.apply(&keys, batch);
-                    let _ = views.send(Arc::new(view.clone()));
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "watch broke; re-reading the table in full");
-                    break;
-                }
-                None => break,
-            }
+            follow_once(&store, &keys, &views).await;
+            tokio::time::sleep(retry).await;
         }
-        if cancel
-            .run_until_cancelled(tokio::time::sleep(retry))
-            .await
-            .is_none()
-        {
+    };
+    cancel.run_until_cancelled(following).await;
+}
+
+/// One round: read the whole table, publish it, then publish every change the watch brings
+/// until the watch breaks. A failed read keeps the current table.
+async fn follow_once(store: &Store, keys: &Keys, views: &watch::Sender<Arc<View>>) {
+    let all = keys.all();
+    let mut view = match store.range(&all).await {
+        Ok((kvs, revision)) => View::from_range(keys, kvs, revision),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the coordination store; keeping the current table");
             return;
+        }
+    };
+    let _ = views.send(Arc::new(view.clone()));
+    let mut stream = match store.watch(&all, view.revision + 1).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the coordination store");
+            return;
+        }
+    };
+    while let Some(next) = stream.recv().await {
+        match next {
+            Ok(batch) => {
+                view.apply(keys, batch);
+                let _ = views.send(Arc::new(view.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "watch broke; re-reading the table in full");
+                return;
+            }
         }
     }
 }
