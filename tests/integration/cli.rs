@@ -251,17 +251,3 @@ fn a_build_with_etcd_accepts_an_etcd_config() {
     );
     assert!(!String::from_utf8_lossy(&out.stderr).contains("built without"));
 }
-
-/// The production build (no `demo` feature) carries no emulated Loom: `demo` is a usage error
-/// that names what is missing.
-#[cfg(not(feature = "demo"))]
-#[test]
-fn a_build_without_the_demo_says_so_and_exits_2() {
-    let out = router(&["demo"]);
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("built without the demo (cargo feature `demo`"),
-        "{stderr}"
-    );
-}

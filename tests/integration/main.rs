@@ -9,7 +9,6 @@
 mod admin;
 mod certs;
 mod cli;
-#[cfg(feature = "demo")]
 mod demo;
 mod docker;
 mod edge;
