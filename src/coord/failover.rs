@@ -7,7 +7,7 @@
 //! The swap's new revision is the shard's new epoch. Health checks play no part: liveness is
 //! registration under a lease.
 //!
-//! What to move is decided by the pure [`plan`]; [`run_manager`], [`switchover`] and
+//! What to move is decided by the pure [`plan`]; [`Manager`], [`switchover`] and
 //! [`set_frozen`] are the store I/O. Routers learn of every move through their watch
 //! (`coord/control.rs`); this file never touches a router's table.
 
