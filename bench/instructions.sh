@@ -1,0 +1,233 @@
+#!/usr/bin/env bash
+# Instructions per request (issue 11): the router, nginx and HAProxy, each run under
+# `valgrind --tool=callgrind` with the same client load on the same backend, counted in CPU
+# instructions, the figure that machine noise barely moves. Method: docs/performance.md.
+#
+# One nginx (1 worker, not measured) is the backend for everyone and answers every path with a
+# fixed cluster JSON. nginx and HAProxy do the router's header work too (X-Forwarded-*, an
+# X-Request-Id generated when absent and sent both ways, Via both ways), as in bench/load.sh.
+# Scenarios:
+#   nginx           client → nginx proxy_pass (1 worker, upstream keepalive) → backend
+#   haproxy         client → haproxy (nbthread 1, http-reuse always) → backend
+#   router-read     client → loom-router us-east (GET, local read) → backend
+#   router-write    client → loom-router us-east → loom-router us-west (forwarded DELETE);
+#                   both routers are counted
+# Each scenario runs twice, with W and then W + N requests on one keep-alive connection; the
+# difference of the two totals, divided by N, cancels start-up, warm-up and shutdown. Every
+# answer must be 2xx. The routers probe health once an hour here, so that background probes do
+# not count as request cost.
+#
+# Usage: bench/instructions.sh [warm-up requests] [measured requests]   (default 500 5000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+warm=${1:-500}
+more=${2:-5000}
+
+need=()
+command -v valgrind > /dev/null || need+=(valgrind)
+command -v nginx > /dev/null || need+=(nginx-light)
+command -v haproxy > /dev/null || need+=(haproxy)
+if [ ${#need[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+fi
+cargo build --release --quiet
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2> /dev/null || true; done; wait 2> /dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+trap "exit 130" INT TERM
+read -r backend nginx_proxy haproxy_port east east_admin west west_admin < <(python3 -c '
+import socket
+socks = [socket.socket() for _ in range(7)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))')
+
+cat > "$work/backend.conf" << EOF
+worker_processes 1; daemon off; pid $work/backend.pid; error_log $work/backend.err warn;
+events { worker_connections 1024; }
+http { access_log off; keepalive_requests 1000000;
+  server { listen 127.0.0.1:$backend;
+    location / { default_type application/json;
+      return 200 '{"id":"00000011","name":"bench","status":"active"}'; } } }
+EOF
+# One process (no master): a forked worker's counts are not written out under callgrind, and the
+# master does no per-request work.
+cat > "$work/nginx.conf" << EOF
+master_process off; daemon off; pid $work/nginx.pid; error_log $work/nginx.err warn;
+events { worker_connections 1024; }
+http { access_log off; keepalive_requests 1000000;
+  upstream be { server 127.0.0.1:$backend; keepalive 16; }
+  map \$http_x_request_id \$rid { "" \$request_id; default \$http_x_request_id; }
+  server { listen 127.0.0.1:$nginx_proxy;
+    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme; proxy_set_header X-Forwarded-Host \$host;
+      proxy_set_header X-Request-Id \$rid; proxy_set_header Via "1.1 nginx";
+      add_header X-Request-Id \$rid; add_header Via "1.1 nginx"; } } }
+EOF
+cat > "$work/haproxy.cfg" << EOF
+global
+  nbthread 1
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:$haproxy_port
+  option forwardfor
+  unique-id-format %{+X}o%ci%cp%fp%Ts%rt%pid
+  http-request set-header X-Request-Id %[unique-id] unless { req.hdr(x-request-id) -m found }
+  http-request set-var(txn.rid) req.hdr(x-request-id)
+  http-request set-header X-Forwarded-Proto http
+  http-request set-header X-Forwarded-Host %[req.hdr(host)]
+  http-request add-header Via "1.1 haproxy"
+  http-response set-header X-Request-Id %[var(txn.rid)]
+  http-response add-header Via "1.1 haproxy"
+  default_backend be
+backend be
+  server s1 127.0.0.1:$backend
+EOF
+router_config() { # name http admin
+    cat << EOF
+datacenter = "$1"
+global_home = "us-east"
+[listen]
+http = "127.0.0.1:$2"
+admin = "127.0.0.1:$3"
+[loom]
+upstream = "http://127.0.0.1:$backend"
+[ids]
+increment = 10
+[health]
+interval = "1h"
+timeout = "2s"
+unhealthy_after = 1
+healthy_after = 1
+[log]
+access = "off"
+[[datacenters]]
+name = "us-east"
+id_start = 1
+router = "http://127.0.0.1:$east"
+replicas = ["us-west"]
+[[datacenters]]
+name = "us-west"
+id_start = 2
+router = "http://127.0.0.1:$west"
+replicas = ["us-east"]
+EOF
+}
+router_config us-east "$east" "$east_admin" > "$work/east.toml"
+router_config us-west "$west" "$west_admin" > "$work/west.toml"
+
+nginx -c "$work/backend.conf" & pids+=($!)
+
+# Send `count` requests on one keep-alive connection; fail on any non-2xx answer.
+client() { # port method path count
+    python3 - "$@" << 'PY'
+import http.client, sys, time
+port, method, path, count = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+for _ in range(600):  # up to a minute for a server starting under valgrind
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.connect()
+        break
+    except OSError:
+        time.sleep(0.1)
+else:
+    sys.exit(f"nothing listens on {port}")
+for i in range(count):
+    conn.request(method, path)
+    answer = conn.getresponse()
+    answer.read()
+    if not 200 <= answer.status < 300:
+        sys.exit(f"request {i}: status {answer.status}")
+conn.close()
+PY
+}
+
+# Until the admin listener says ready (the routers only).
+ready() { # admin port
+    for _ in $(seq 600); do
+        curl -fs "http://127.0.0.1:$1/readyz" > /dev/null && return 0
+        sleep 0.1
+    done
+    echo "router on admin port $1 did not become ready" >&2
+    return 1
+}
+
+callgrind() { # out-prefix command...
+    local out=$1; shift
+    valgrind --tool=callgrind --trace-children=yes --callgrind-out-file="$out.%p" "$@" 2> "$out.log"
+}
+
+router() { # out-prefix east|west
+    TOKIO_WORKER_THREADS=1 RUST_LOG=warn callgrind "$1" ./target/release/loom-router run --config "$work/$2.toml"
+}
+
+# Total instructions in every callgrind file with this prefix (one per process).
+total() { # out-prefix
+    local sum=0 file
+    for file in "$1".[0-9]*; do
+        sum=$((sum + $(awk '/^totals:/ { t = $2 } /^summary:/ { s = $2 } END { print (t ? t : s) + 0 }' "$file")))
+    done
+    echo "$sum"
+}
+
+# One measured run: start the servers, send `count` requests, stop them gracefully, and print
+# the total instructions they executed.
+run() { # scenario count
+    local scenario=$1 count=$2 out="$work/cg.$1.$2"
+    local started=()
+    case $scenario in
+        nginx)
+            callgrind "$out" nginx -c "$work/nginx.conf" & started+=($!)
+            client "$nginx_proxy" GET /v2/clusters/00000011 "$count"
+            kill -QUIT "$(cat "$work/nginx.pid")" ;;
+        haproxy)
+            callgrind "$out" haproxy -f "$work/haproxy.cfg" & started+=($!)
+            client "$haproxy_port" GET /v2/clusters/00000011 "$count"
+            pkill -USR1 -f "haproxy -f $work/haproxy.cfg" ;;
+        router-read | router-write)
+            # The owner first: us-east probes it once, at start, and must find it ready.
+            if [ "$scenario" = router-write ]; then
+                router "$out" west & started+=($!)
+                ready "$west_admin"
+            fi
+            router "$out" east & started+=($!)
+            ready "$east_admin"
+            if [ "$scenario" = router-read ]; then
+                client "$east" GET /v2/clusters/00000011 "$count"
+            else
+                client "$east" DELETE /v2/clusters/00000012 "$count"
+            fi
+            pkill -TERM -f "loom-router run --config $work/" ;;
+    esac
+    for p in "${started[@]}"; do wait "$p" || true; done
+    total "$out"
+}
+
+printf '%-14s %14s %14s %12s\n' scenario "Ir ($warm req)" "Ir (+$more req)" "Ir/request" >&2
+declare -A per
+for scenario in nginx haproxy router-read router-write; do
+    a=$(run "$scenario" "$warm")
+    b=$(run "$scenario" $((warm + more)))
+    per[$scenario]=$(( (b - a) / more ))
+    printf '%-14s %14d %14d %12d\n' "$scenario" "$a" "$b" "${per[$scenario]}" >&2
+done
+best=${per[nginx]}
+[ "${per[haproxy]}" -lt "$best" ] && best=${per[haproxy]}
+python3 - "${per[nginx]}" "${per[haproxy]}" "${per[router-read]}" "${per[router-write]}" "$best" << 'PY'
+import sys
+nginx, haproxy, read, write, best = map(int, sys.argv[1:])
+print(f"instructions per request: nginx {nginx}, haproxy {haproxy}, router read {read}, "
+      f"router forwarded write (both routers) {write}")
+print(f"router read / nginx = {read / nginx:.2f}; router read / best baseline = {read / best:.2f}; "
+      f"forwarded write / read = {write / read:.2f}")
+PY
