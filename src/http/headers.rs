@@ -61,6 +61,26 @@ pub fn via_token(dc: &str) -> String {
     format!("loom-router-{dc}")
 }
 
+/// The request's `X-Request-Id`, after giving it a new one (a v4 UUID) if it had none, so that
+/// one ID follows a request upstream, across routers and into Loom's logs.
+pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
+    if let Some(id) = headers.get(REQUEST_ID) {
+        return id.clone();
+    }
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+    let id = HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("-"));
+    headers.insert(REQUEST_ID, id.clone());
+    id
+}
+
+/// Give a response the request's `X-Request-Id`, unless the upstream already named one.
+pub fn propagate_request_id(headers: &mut HeaderMap, id: HeaderValue) {
+    if !headers.contains_key(REQUEST_ID) {
+        headers.insert(REQUEST_ID, id);
+    }
+}
+
 /// Remove hop-by-hop headers, including any the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One scan of the few names present finds which hop-by-hop headers to remove; most
@@ -324,6 +344,34 @@ pub fn prepare_downstream(headers: &mut HeaderMap, via: &HeaderValue) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_without_an_id_gets_a_v4_uuid_and_one_with_an_id_keeps_it() {
+        let mut h = HeaderMap::new();
+        let id = ensure_request_id(&mut h);
+        let text = id.to_str().unwrap();
+        assert_eq!(text.len(), 36, "{text}");
+        assert_eq!(text.as_bytes()[14], b'4', "version 4: {text}");
+        assert!(text
+            .bytes()
+            .all(|b| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+        assert_eq!(h.get(REQUEST_ID), Some(&id));
+        assert_ne!(ensure_request_id(&mut HeaderMap::new()), id);
+
+        let mut given = map(&[("x-request-id", "abc-123")]);
+        assert_eq!(ensure_request_id(&mut given), "abc-123");
+        assert_eq!(given.get_all(REQUEST_ID).iter().count(), 1);
+    }
+
+    #[test]
+    fn the_response_carries_the_request_id_unless_the_upstream_named_one() {
+        let mut response = HeaderMap::new();
+        propagate_request_id(&mut response, HeaderValue::from_static("abc-123"));
+        assert_eq!(response.get(REQUEST_ID).unwrap(), "abc-123");
+        let mut named = map(&[("x-request-id", "loom-7")]);
+        propagate_request_id(&mut named, HeaderValue::from_static("abc-123"));
+        assert_eq!(named.get(REQUEST_ID).unwrap(), "loom-7");
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

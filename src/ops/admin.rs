@@ -16,16 +16,17 @@ use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use serde_json::Value;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 use crate::coord::control::{Control, Snapshot};
 use crate::coord::failover::{self, OperatorError};
@@ -91,10 +92,17 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: Cancellat
             () = shutdown.cancelled() => break,
         };
         let state = state.clone();
-        let service = service_fn(move |request| {
-            let state = state.clone();
-            async move { Ok::<_, Infallible>(handle(&state, request).await) }
-        });
+        // Operator calls carry an `X-Request-Id` too (generated when absent, returned on the
+        // answer), so that a move or a reload can be found in the logs. Off the request path,
+        // tower-http's layers cost nothing that matters.
+        let service = tower::ServiceBuilder::new()
+            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+            .layer(PropagateRequestIdLayer::x_request_id())
+            .service_fn(move |request| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&state, request).await) }
+            });
+        let service = TowerToHyperService::new(service);
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();

@@ -53,7 +53,7 @@ impl Proxy {
             let config = &snap.config;
             tracing::info!(
                 target: "loom_router::access",
-                request_id = seen.request_id.and_then(|v| v.to_str().ok()),
+                request_id = seen.request_id.to_str().ok(),
                 method = %seen.method,
                 path = seen.path,
                 route = outcome.label.as_str(),

@@ -21,11 +21,9 @@ use std::time::Duration;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 use crate::config::{Limits, MIN_HEADER_BYTES};
 use crate::http::error::RouterError;
@@ -138,26 +136,20 @@ pub async fn serve(
     }
 }
 
-/// The per-connection service: cross-cutting layers, then the proxy. An `X-Request-Id` is
-/// generated for requests that have none; it travels upstream with the request and comes back
-/// on the response, so one ID follows a write across routers and into Loom's logs.
+/// The per-connection service: the proxy, called straight from hyper. (The request id it sets
+/// and returns was two tower-http layers; in the handler it costs less: docs/performance.md.)
 macro_rules! service {
     ($proxy:expr, $conn:expr) => {{
         let proxy = $proxy.clone();
         let conn = $conn;
-        TowerToHyperService::new(
-            tower::ServiceBuilder::new()
-                .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-                .layer(PropagateRequestIdLayer::x_request_id())
-                .service_fn(move |request| {
-                    let (proxy, conn) = (proxy.clone(), conn.clone());
-                    // Boxed per request: hyper keeps room for one service future in every
-                    // connection for the connection's whole life, and the proxy's future is
-                    // about 5 KiB; boxed, the room is a pointer. Idle connections went from 27
-                    // to 21 KiB of RSS each (docs/performance.md).
-                    Box::pin(async move { Ok::<_, Infallible>(proxy.handle(request, conn).await) })
-                }),
-        )
+        hyper::service::service_fn(move |request| {
+            let (proxy, conn) = (proxy.clone(), conn.clone());
+            // Boxed per request: hyper keeps room for one service future in every connection for
+            // the connection's whole life, and the proxy's future is about 5 KiB; boxed, the
+            // room is a pointer. Idle connections went from 27 to 21 KiB of RSS each
+            // (docs/performance.md).
+            Box::pin(async move { Ok::<_, Infallible>(proxy.handle(request, conn).await) })
+        })
     }};
 }
 

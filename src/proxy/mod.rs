@@ -228,14 +228,14 @@ impl Proxy {
     }
 
     /// Handle one request from a client or a peer router.
-    pub async fn handle(&self, request: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+    pub async fn handle(&self, mut request: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
         let start = Instant::now();
         let snap = self.inner.control.snapshot();
         let method = request.method().clone();
         let version = request.version();
         // The URI's parts are shared bytes: cloning it copies no path.
         let uri = request.uri().clone();
-        let request_id = request.headers().get(headers::REQUEST_ID).cloned();
+        let request_id = headers::ensure_request_id(request.headers_mut());
         let notes = Notes::default();
         let outcome = {
             // Decremented on drop too: hyper drops this future when the client goes away.
@@ -251,11 +251,13 @@ impl Proxy {
             method: &method,
             version,
             path: uri.path(),
-            request_id: request_id.as_ref(),
+            request_id: &request_id,
             cluster: notes.cluster(),
             start,
         };
-        self.finish(&snap, &seen, outcome)
+        let mut response = self.finish(&snap, &seen, outcome);
+        headers::propagate_request_id(response.headers_mut(), request_id);
+        response
     }
 
     /// Steps 3 to 5 of the life of a request (see `lib.rs`).

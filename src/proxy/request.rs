@@ -167,7 +167,7 @@ pub(super) struct Seen<'a> {
     pub(super) method: &'a Method,
     pub(super) version: Version,
     pub(super) path: &'a str,
-    pub(super) request_id: Option<&'a HeaderValue>,
+    pub(super) request_id: &'a HeaderValue,
     pub(super) cluster: Option<u64>,
     pub(super) start: Instant,
 }

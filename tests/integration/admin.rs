@@ -9,6 +9,8 @@ async fn healthz_and_readyz() {
     assert_eq!(r.status, 200);
     let r = get(&c.dc(EAST).admin_url("/readyz")).await;
     assert_eq!(r.status, 200);
+    // Operator calls get a request id too, so a move or a reload can be found in the logs.
+    assert_eq!(r.header("x-request-id").map(str::len), Some(36));
     // Peers probe the same readiness on the data listener; it never reaches Loom.
     let r = get(&c.dc(EAST).url("/loom-router/readyz")).await;
     assert_eq!(r.status, 200);
