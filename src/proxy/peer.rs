@@ -53,6 +53,8 @@ impl Proxy {
             Err(error) => return Outcome::error(to.label, error),
         };
         let sent = Instant::now();
+        // 421s that sent the write on again; the edge counts them, however the write ends.
+        let mut retries = 0;
         for attempt in 0..=MAX_MISDIRECTED_RETRIES {
             let body = match (&replayable, once.take()) {
                 (Some(bytes), _) => Body::full(bytes.clone()),
@@ -61,17 +63,21 @@ impl Proxy {
             };
             let response = match self.send_hop(config, &to, &mut parts, body).await {
                 Ok(response) => response,
-                Err(failed) => return failed.outcome(&to, sent.elapsed()),
+                Err(failed) => {
+                    let failed = failed.outcome(&to, sent.elapsed());
+                    return Outcome { retries, ..failed };
+                }
             };
             if !is_misdirected(&response) {
-                return answered(ctx.snap, &to, response, sent.elapsed());
+                let answer = answered(ctx.snap, &to, response, sent.elapsed());
+                return Outcome { retries, ..answer };
             }
             // 421: the peer's Loom never saw the request, so even a POST may be sent again.
             let view = misdirected_view(response).await;
             if attempt == MAX_MISDIRECTED_RETRIES || replayable.is_none() {
                 break;
             }
-            let retries = attempt as u8 + 1;
+            retries += 1;
             match self.next_owner(to.route, to.shard, view).await {
                 Some(NextOwner::Peer { dc, epoch }) => (to.dc, to.epoch) = (dc, epoch),
                 Some(NextOwner::Here { snap, epoch }) => {
@@ -96,7 +102,11 @@ impl Proxy {
                 return Outcome { retries, ..down };
             }
         }
-        Outcome::error(to.label, RouterError::OwnershipConflict(to.shard))
+        let conflict = Outcome::error(to.label, RouterError::OwnershipConflict(to.shard));
+        Outcome {
+            retries,
+            ..conflict
+        }
     }
 
     /// One attempt: the write, stamped with the epoch `to` names, sent to `to.dc`'s router.

@@ -189,3 +189,45 @@ async fn the_origin_sends_a_misdirected_write_three_times_at_most() {
     );
     assert!(c.who_saw("POST", "/v2/clusters/00000002/abort").is_empty());
 }
+
+/// Each 421 that sends a write on again is counted once, in `loom_router_retries_total`, whether
+/// the write then succeeds or, as here, ends in `ownership_conflict`. A child router, so that the
+/// count is its own.
+#[test]
+fn every_retry_after_a_421_is_counted_once() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let loom = rt.block_on(slow_loom(std::time::Duration::from_millis(1)));
+    let (peer, seen) = rt.block_on(stub(
+        421,
+        "application/json",
+        r#"{"shard": 2, "owner": "b", "epoch": 1}"#,
+    ));
+    let extra = format!(
+        "[[datacenters]]\nname = \"b\"\nid_start = 2\nrouter = \"http://{peer}\"\n\
+         [health]\ninterval = \"100ms\"\n"
+    );
+    let router = ChildRouter::start(loom, &extra, "warn", std::process::Stdio::null());
+    router.until_readyz(&rt, 200);
+    let r = rt.block_on(send(
+        "POST",
+        &router.url("/v2/clusters/00000002/abort"),
+        &COOPR,
+        b"{}",
+    ));
+    r.assert_router_error(503, "ownership_conflict", "write-forwarded");
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        3,
+        "the first try and two retries"
+    );
+    let metrics = rt.block_on(get(&router.admin_url("/metrics"))).text();
+    let retries: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("loom_router_retries_total{reason=\"misdirected\"}"))
+        .collect();
+    assert_eq!(
+        retries,
+        ["loom_router_retries_total{reason=\"misdirected\"} 2"],
+        "{metrics}"
+    );
+}
