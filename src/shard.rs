@@ -101,6 +101,18 @@ impl ShardState {
     }
 }
 
+impl FromStr for ShardState {
+    type Err = ();
+
+    /// The words of [`ShardState::as_str`], and nothing else.
+    fn from_str(s: &str) -> Result<Self, ()> {
+        [Self::Active, Self::Fenced]
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

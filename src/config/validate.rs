@@ -344,17 +344,16 @@ fn shard_key(p: &mut Problems, i: usize, residue: &RawResidue, increment: u64) -
 
 /// `shards[i].state`: `"active"` (the default) or `"fenced"`.
 fn shard_state(p: &mut Problems, i: usize, state: Option<&str>) -> ShardState {
-    match state {
-        None | Some("active") => ShardState::Active,
-        Some("fenced") => ShardState::Fenced,
-        Some(other) => {
-            p.push(
-                format!("shards[{i}].state"),
-                format!("unknown state {other:?}; use \"active\" or \"fenced\""),
-            );
-            ShardState::Active
-        }
-    }
+    let Some(state) = state else {
+        return ShardState::Active;
+    };
+    state.parse().unwrap_or_else(|()| {
+        p.push(
+            format!("shards[{i}].state"),
+            format!("unknown state {state:?}; use \"active\" or \"fenced\""),
+        );
+        ShardState::Active
+    })
 }
 
 /// `[listen]`.

@@ -25,7 +25,7 @@ use crate::coord::store::Store;
 use crate::coord::{now_rfc3339, Compare, CoordError, Keys, Op, Revision, ShardRecord, View};
 use crate::http::forward::Forwarder;
 use crate::metrics;
-use crate::shard::ShardKey;
+use crate::shard::{ShardKey, ShardState};
 
 /// One shard to move.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,7 +107,7 @@ pub fn moved(record: &ShardRecord, to: &str, by: &str, reason: String) -> ShardR
     ShardRecord {
         owner: to.to_owned(),
         replicas,
-        state: "active".to_owned(),
+        state: ShardState::Active.as_str().to_owned(),
         previous_owner: Some(record.owner.clone()),
         owner_changes: record.owner_changes + 1,
         ..stamped(record, by, reason)
@@ -356,7 +356,7 @@ pub async fn switchover(
         return Err(OperatorError::NotAlive(to.to_owned()));
     }
     let fenced = ShardRecord {
-        state: "fenced".to_owned(),
+        state: ShardState::Fenced.as_str().to_owned(),
         ..stamped(record, by, format!("switchover to {to}: draining writes"))
     };
     let fence = replace_record(store, keys, shard, *seen, &fenced)

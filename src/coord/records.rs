@@ -78,11 +78,8 @@ fn shard(config: &Config, key: ShardKey, record: &ShardRecord, epoch: i64) -> Op
         owner,
         replicas: record.replicas.iter().filter_map(|r| dc(r)).collect(),
         epoch: u64::try_from(epoch).unwrap_or(0),
-        state: if record.state == "fenced" {
-            ShardState::Fenced
-        } else {
-            ShardState::Active
-        },
+        // A state this build does not know admits writes, as it always has.
+        state: record.state.parse().unwrap_or(ShardState::Active),
         frozen: record.frozen,
         changed_at: humantime::parse_rfc3339(&record.changed_at).unwrap_or(SystemTime::UNIX_EPOCH),
         changed_by: record.changed_by.clone(),

@@ -63,8 +63,8 @@ impl Proxy {
             };
             let response = match self.send_hop(config, &to, &mut parts, body).await {
                 Ok(response) => response,
-                Err(failed) => {
-                    let failed = failed.outcome(&to, sent.elapsed());
+                Err(error) => {
+                    let failed = hop_failed(&to, error, sent.elapsed());
                     return Outcome { retries, ..failed };
                 }
             };
@@ -116,7 +116,7 @@ impl Proxy {
         to: &ToPeer,
         parts: &mut Parts,
         body: Body,
-    ) -> Result<Response<Incoming>, HopFailed> {
+    ) -> Result<Response<Incoming>, RouterError> {
         parts
             .headers
             .insert(headers::EPOCH, HeaderValue::from(to.epoch));
@@ -126,9 +126,9 @@ impl Proxy {
         // time out on a write the owner applied.
         let timeout = config.loom.write_timeout + Duration::from_secs(1);
         let sent = self.inner.forwarder.send(rebuild(parts, body), timeout);
-        sent.await.map_err(|e| HopFailed {
-            error: RouterError::from_peer(e, config.datacenters[to.dc].name.clone(), timeout),
-        })
+        let name = || config.datacenters[to.dc].name.clone();
+        sent.await
+            .map_err(|e| RouterError::from_peer(e, name(), timeout))
     }
 
     /// After a 421: where the write goes next, by this router's refreshed table, adopting the
@@ -182,28 +182,17 @@ impl Proxy {
     }
 }
 
-/// A hop that got no answer from the peer router.
-struct HopFailed {
-    error: RouterError,
-}
-
-impl HopFailed {
-    /// The outcome of the write: the peer's failure, or the client's if its body stalled.
-    fn outcome(self, to: &ToPeer, upstream_time: Duration) -> Outcome {
-        let error = Outcome::error(to.label, self.error);
-        if error
-            .result
-            .as_ref()
-            .is_err_and(RouterError::is_client_fault)
-        {
-            return error;
-        }
-        Outcome {
-            target: Some(to.dc),
-            shard: Some(to.shard),
-            upstream_time: Some(upstream_time),
-            ..error
-        }
+/// A hop that got no answer from the peer router: the peer's failure, with where it was sent,
+/// or the client's if its body stalled.
+fn hop_failed(to: &ToPeer, error: RouterError, upstream_time: Duration) -> Outcome {
+    if error.is_client_fault() {
+        return Outcome::error(to.label, error);
+    }
+    Outcome {
+        target: Some(to.dc),
+        shard: Some(to.shard),
+        upstream_time: Some(upstream_time),
+        ..Outcome::error(to.label, error)
     }
 }
 
