@@ -39,92 +39,21 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2> /dev/null || true; done; wait 2> /dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 trap "exit 130" INT TERM
-read -r backend nginx_proxy haproxy_port east east_admin west west_admin < <(python3 -c '
-import socket
-socks = [socket.socket() for _ in range(7)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in socks))')
-
-cat > "$work/backend.conf" << EOF
-worker_processes 1; daemon off; pid $work/backend.pid; error_log $work/backend.err warn;
-events { worker_connections 1024; }
-http { access_log off; keepalive_requests 1000000;
-  server { listen 127.0.0.1:$backend;
-    location / { default_type application/json;
-      return 200 '{"id":"00000011","name":"bench","status":"active"}'; } } }
-EOF
+source bench/lib.sh
+ports
+backend_conf > "$work/backend.conf"
 # One process (no master): a forked worker's counts are not written out under callgrind, and the
 # master does no per-request work.
-cat > "$work/nginx.conf" << EOF
-master_process off; daemon off; pid $work/nginx.pid; error_log $work/nginx.err warn;
-events { worker_connections 1024; }
-http { access_log off; keepalive_requests 1000000;
-  upstream be { server 127.0.0.1:$backend; keepalive 16; }
-  map \$http_x_request_id \$rid { "" \$request_id; default \$http_x_request_id; }
-  server { listen 127.0.0.1:$nginx_proxy;
-    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection "";
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto \$scheme; proxy_set_header X-Forwarded-Host \$host;
-      proxy_set_header X-Request-Id \$rid; proxy_set_header Via "1.1 nginx";
-      add_header X-Request-Id \$rid; add_header Via "1.1 nginx"; } } }
-EOF
-cat > "$work/haproxy.cfg" << EOF
-global
-  nbthread 1
-defaults
-  mode http
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
-  http-reuse always
-frontend fe
-  bind 127.0.0.1:$haproxy_port
-  option forwardfor
-  unique-id-format %{+X}o%ci%cp%fp%Ts%rt%pid
-  http-request set-header X-Request-Id %[unique-id] unless { req.hdr(x-request-id) -m found }
-  http-request set-var(txn.rid) req.hdr(x-request-id)
-  http-request set-header X-Forwarded-Proto http
-  http-request set-header X-Forwarded-Host %[req.hdr(host)]
-  http-request add-header Via "1.1 haproxy"
-  http-response set-header X-Request-Id %[var(txn.rid)]
-  http-response add-header Via "1.1 haproxy"
-  default_backend be
-backend be
-  server s1 127.0.0.1:$backend
-EOF
-router_config() { # name http admin
-    cat << EOF
-datacenter = "$1"
-global_home = "us-east"
-[listen]
-http = "127.0.0.1:$2"
-admin = "127.0.0.1:$3"
-[loom]
-upstream = "http://127.0.0.1:$backend"
-[ids]
-increment = 10
-[health]
+nginx_conf "master_process off;" > "$work/nginx.conf"
+haproxy_cfg > "$work/haproxy.cfg"
+# The routers probe health once an hour here, so that background probes do not count.
+hourly='[health]
 interval = "1h"
 timeout = "2s"
 unhealthy_after = 1
-healthy_after = 1
-[log]
-access = "off"
-[[datacenters]]
-name = "us-east"
-id_start = 1
-router = "http://127.0.0.1:$east"
-replicas = ["us-west"]
-[[datacenters]]
-name = "us-west"
-id_start = 2
-router = "http://127.0.0.1:$west"
-replicas = ["us-east"]
-EOF
-}
-router_config us-east "$east" "$east_admin" > "$work/east.toml"
-router_config us-west "$west" "$west_admin" > "$work/west.toml"
+healthy_after = 1'
+router_config us-east "$east" "$east_admin" "$hourly" > "$work/east.toml"
+router_config us-west "$west" "$west_admin" "$hourly" > "$work/west.toml"
 
 nginx -c "$work/backend.conf" & pids+=($!)
 

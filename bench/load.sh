@@ -44,66 +44,11 @@ pids=()
 cleanup() { for p in "${pids[@]}" $(cat "$work/swapper.pid" 2> /dev/null); do kill "$p" 2> /dev/null || true; done; wait 2> /dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 trap "exit 130" INT TERM
-# Seven distinct free ports, all bound at once so none is handed out twice.
-read -r backend nginx_proxy haproxy_port east east_admin west west_admin < <(python3 -c '
-import socket
-socks = [socket.socket() for _ in range(7)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in socks))')
-
-# --- backend and baselines ---------------------------------------------------------------
-cat > "$work/backend.conf" << EOF
-worker_processes 1; daemon off; pid $work/backend.pid; error_log $work/backend.err warn;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  server { listen 127.0.0.1:$backend;
-    location / { default_type application/json;
-      return 200 '{"id":"00000011","name":"bench","status":"active"}'; } } }
-EOF
-# The baselines do the header work the router does on every request: X-Forwarded-For/-Proto/
-# -Host upstream, an X-Request-Id generated when absent and sent both ways, and Via both ways
-# (Envoy's benchmarking advice: compare proxies doing the same work).
-cat > "$work/nginx.conf" << EOF
-worker_processes 1; daemon off; pid $work/nginx.pid; error_log $work/nginx.err warn;
-worker_rlimit_nofile 20000;
-events { worker_connections 16384; }
-http { access_log off; keepalive_requests 1000000;
-  upstream be { server 127.0.0.1:$backend; keepalive 128; }
-  map \$http_x_request_id \$rid { "" \$request_id; default \$http_x_request_id; }
-  server { listen 127.0.0.1:$nginx_proxy;
-    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection "";
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto \$scheme; proxy_set_header X-Forwarded-Host \$host;
-      proxy_set_header X-Request-Id \$rid; proxy_set_header Via "1.1 nginx";
-      add_header X-Request-Id \$rid; add_header Via "1.1 nginx"; } } }
-EOF
-cat > "$work/haproxy.cfg" << EOF
-global
-  nbthread 1
-  # 2 fds per connection must fit this machine's hard limit of 20 000 open files.
-  maxconn 9900
-defaults
-  mode http
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
-  http-reuse always
-frontend fe
-  bind 127.0.0.1:$haproxy_port
-  option forwardfor
-  unique-id-format %{+X}o%ci%cp%fp%Ts%rt%pid
-  http-request set-header X-Request-Id %[unique-id] unless { req.hdr(x-request-id) -m found }
-  http-request set-var(txn.rid) req.hdr(x-request-id)
-  http-request set-header X-Forwarded-Proto http
-  http-request set-header X-Forwarded-Host %[req.hdr(host)]
-  http-request add-header Via "1.1 haproxy"
-  http-response set-header X-Request-Id %[var(txn.rid)]
-  http-response add-header Via "1.1 haproxy"
-  default_backend be
-backend be
-  server s1 127.0.0.1:$backend
-EOF
+source bench/lib.sh
+ports
+backend_conf > "$work/backend.conf"
+nginx_conf "worker_processes 1;" > "$work/nginx.conf"
+haproxy_cfg > "$work/haproxy.cfg"
 # taskset execs the program, so $! is the server's own pid (for its CPU time).
 taskset -c 0 nginx -c "$work/backend.conf" & pids+=($!); backend_pid=$!
 taskset -c 0 nginx -c "$work/nginx.conf" & pids+=($!); nginx_pid=$!
@@ -114,33 +59,8 @@ for p in "$backend_pid" "$nginx_pid" "$haproxy_pid"; do
 done
 
 # --- two routers: us-east (measured) and us-west (owner of the forwarded writes) -----------
-router_config() { # name id_start http admin
-    cat << EOF
-datacenter = "$1"
-global_home = "us-east"
-[listen]
-http = "127.0.0.1:$3"
-admin = "127.0.0.1:$4"
-[loom]
-upstream = "http://127.0.0.1:$backend"
-[ids]
-increment = 10
-[log]
-access = "off"
-[[datacenters]]
-name = "us-east"
-id_start = 1
-router = "http://127.0.0.1:$east"
-replicas = ["us-west"]
-[[datacenters]]
-name = "us-west"
-id_start = 2
-router = "http://127.0.0.1:$west"
-replicas = ["us-east"]
-EOF
-}
-router_config us-east 1 "$east" "$east_admin" > "$work/east.toml"
-router_config us-west 2 "$west" "$west_admin" > "$work/west.toml"
+router_config us-east "$east" "$east_admin" > "$work/east.toml"
+router_config us-west "$west" "$west_admin" > "$work/west.toml"
 TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 ./target/release/loom-router run --config "$work/east.toml" 2> "$work/east.log" & pids+=($!); east_pid=$!
 TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 ./target/release/loom-router run --config "$work/west.toml" 2> "$work/west.log" & pids+=($!)
 for _ in $(seq 100); do
@@ -174,7 +94,7 @@ reloads() {
 # Swap us-east's table every 100 ms: rewrite its config with a growing [[shards]] epoch and ask
 # for a reload. One long-lived process on oha's CPU: a curl started every 100 ms costs more CPU
 # than the swap and showed up in oha's own p99 (measured: +230 % for a GET /healthz loop).
-router_config us-east 1 "$east" "$east_admin" > "$work/east.base"
+router_config us-east "$east" "$east_admin" > "$work/east.base"
 swapper() {
     exec taskset -c 1 python3 - "$work/east.base" "$work/east.toml" "$east_admin" "$t0" << 'PY'
 import http.client, os, sys, time
