@@ -153,6 +153,7 @@ impl App {
             config.loom.connect_timeout,
             config.limits.idle_timeout,
             crate::http::tls::client_config(&config)?,
+            config.limits.max_upstream_connections,
         );
         let board = Arc::new(HealthBoard::new());
         // Background tasks stop only after the listeners have drained; every early return below

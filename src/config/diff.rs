@@ -75,6 +75,12 @@ impl Config {
         if self.coordination.failover_cooldown != next.coordination.failover_cooldown {
             out.push("coordination.failover_cooldown");
         }
+        if self.limits.max_upstream_connections != next.limits.max_upstream_connections {
+            out.push("limits.max_upstream_connections");
+        }
+        if self.workers != next.workers {
+            out.push("runtime.workers");
+        }
         if self.drain_timeout != next.drain_timeout {
             out.push("shutdown.drain_timeout");
         }

@@ -105,6 +105,9 @@ pub struct Config {
     /// `[admin] token`: bearer token for admin calls that change state.
     pub admin_token: Option<String>,
     pub drain_timeout: Duration,
+    /// `[runtime] workers`: request workers, each a single-threaded runtime with its own
+    /// listener sockets and upstream connections (docs/performance.md).
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,6 +206,9 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Connections the router opens at most to one upstream (the local Loom, each peer router),
+    /// pooled and connection-owned together.
+    pub max_upstream_connections: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,6 +253,11 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Per upstream, as nginx's and HAProxy's connection caps are: far more than a Loom needs, few
+/// enough that a flood of idle clients cannot open a connection each.
+pub const DEFAULT_MAX_UPSTREAM_CONNECTIONS: usize = 1024;
+/// The most `[runtime] workers`: a thread each.
+pub const MAX_WORKERS: usize = 1024;
 /// The largest `max_concurrent_requests`: far above what one process can serve, and well inside
 /// what a semaphore can count.
 pub const MAX_CONCURRENT_REQUESTS: usize = 1_000_000_000;
@@ -445,6 +456,34 @@ replicas = ["us-east"]
         assert_error(
             &GOOD.replace("increment = 10", "increment = 0"),
             "ids.increment: must be at least 1",
+        );
+    }
+
+    #[test]
+    fn workers_and_upstream_connections() {
+        let config = Config::from_toml(&format!(
+            "{GOOD}\n[limits]\nmax_upstream_connections = 16\n[runtime]\nworkers = 3\n"
+        ));
+        let config = config.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (config.limits.max_upstream_connections, config.workers),
+            (16, 3)
+        );
+        let defaults = Config::from_toml(GOOD).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(defaults.limits.max_upstream_connections, 1024);
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        assert_eq!(defaults.workers, cores);
+        assert_error(
+            &format!("{GOOD}\n[runtime]\nworkers = 0\n"),
+            "runtime.workers: must be at least 1",
+        );
+        assert_error(
+            &format!("{GOOD}\n[runtime]\nworkers = 5000\n"),
+            "runtime.workers: must be at most 1024",
+        );
+        assert_error(
+            &format!("{GOOD}\n[limits]\nmax_upstream_connections = 0\n"),
+            "limits.max_upstream_connections: must be at least 1",
         );
     }
 

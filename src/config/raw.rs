@@ -38,6 +38,8 @@ pub struct RawConfig {
     pub(super) admin: RawAdmin,
     #[serde(default)]
     pub(super) shutdown: RawShutdown,
+    #[serde(default)]
+    pub(super) runtime: RawRuntime,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -135,6 +137,7 @@ pub(super) struct RawLimits {
     pub(super) header_read_timeout: Option<String>,
     pub(super) body_read_timeout: Option<String>,
     pub(super) idle_timeout: Option<String>,
+    pub(super) max_upstream_connections: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -159,6 +162,12 @@ pub(super) struct RawAdmin {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawShutdown {
     pub(super) drain_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRuntime {
+    pub(super) workers: Option<i64>,
 }
 
 /// TOML text → [`RawConfig`]. Syntax errors carry line and column; type errors and unknown keys

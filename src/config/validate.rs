@@ -14,7 +14,7 @@ use http::Uri;
 
 use super::raw::{
     RawConfig, RawCoordination, RawDatacenter, RawHealth, RawIds, RawLimits, RawListen, RawLoom,
-    RawResidue, RawShard, RawTls,
+    RawResidue, RawRuntime, RawShard, RawTls,
 };
 use super::*;
 use crate::routing::fence;
@@ -150,6 +150,7 @@ impl TryFrom<RawConfig> for Config {
             raw.shutdown.drain_timeout.as_deref(),
             DEFAULT_DRAIN_TIMEOUT,
         );
+        let workers = workers(&mut p, &raw.runtime);
         if !p.0.is_empty() {
             return Err(ConfigErrors(p.0));
         }
@@ -169,6 +170,7 @@ impl TryFrom<RawConfig> for Config {
             access_log,
             admin_token: raw.admin.token,
             drain_timeout,
+            workers,
         })
     }
 }
@@ -630,6 +632,11 @@ fn limits(p: &mut Problems, l: &RawLimits) -> Limits {
             l.idle_timeout.as_deref(),
             DEFAULT_IDLE_TIMEOUT,
         ),
+        max_upstream_connections: p.positive(
+            "limits.max_upstream_connections",
+            l.max_upstream_connections,
+            DEFAULT_MAX_UPSTREAM_CONNECTIONS,
+        ),
     };
     if limits.max_concurrent_requests > MAX_CONCURRENT_REQUESTS {
         p.push(
@@ -644,6 +651,17 @@ fn limits(p: &mut Problems, l: &RawLimits) -> Limits {
         );
     }
     limits
+}
+
+/// `[runtime] workers`: 1 to [`MAX_WORKERS`]; by default one per core the process may use.
+fn workers(p: &mut Problems, runtime: &RawRuntime) -> usize {
+    let cores = || std::thread::available_parallelism().map_or(1, usize::from);
+    let workers = p.positive("runtime.workers", runtime.workers, cores());
+    if workers > MAX_WORKERS {
+        p.push("runtime.workers", format!("must be at most {MAX_WORKERS}"));
+        return cores().min(MAX_WORKERS);
+    }
+    workers
 }
 
 /// `[log] access`: `text` (the default), `json` or `off`.

@@ -1,45 +1,57 @@
 //! Forwarding: the I/O of sending a request to the local Loom or a peer router.
 //!
 //! One pooled keep-alive client (hyper-util's legacy `Client`) is built at start-up and shared by
-//! every request and every health probe. This file owns timeouts, the mapping of transport
+//! every request and every health probe; a keep-alive client connection sends its requests to
+//! the local Loom over an upstream connection of its own (`affine.rs`), and every upstream's
+//! connections are bounded (`bound.rs`). This file owns timeouts, the mapping of transport
 //! failures to [`UpstreamKind`], and reading bodies into memory when the router has to. It must
 //! not decide *where* a request goes: `proxy/` does that from the ownership table.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::uri::{PathAndQuery, Uri};
+use http::uri::{PathAndQuery, Scheme, Uri};
 use http::{Request, Response};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::OwnedSemaphorePermit;
 
-use crate::http::body::{Body, ClientBody};
+use crate::http::affine::{Affine, Owned};
+use crate::http::body::{Body, BodyProgress, ClientBody};
+use crate::http::bound::{Bound, Bounded};
 use crate::http::error::{BoxError, SendError, UpstreamKind};
 
 /// Idle pooled connections kept per upstream host. Enough for a burst of concurrent writes to
 /// one peer without reconnecting; the rest are closed when they go idle.
 const POOL_MAX_IDLE_PER_HOST: usize = 256;
 
-/// Plain HTTP, or rustls for `https://` upstreams, on one pooled connector.
-type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+/// Plain HTTP, or rustls for `https://` upstreams, on one pooled connector that counts its
+/// connections against `max_upstream_connections`.
+type Connector = Bounded<hyper_rustls::HttpsConnector<HttpConnector>>;
 
-/// The shared upstream client.
+/// The upstream client: the shared pool, and connections owned by client connections.
 #[derive(Debug, Clone)]
 pub struct Forwarder {
-    /// Cloning shares the pool; every request and probe goes through this one client.
+    /// Cloning shares the pool; every pooled request and probe goes through this one client.
     client: Client<Connector, Body>,
+    bound: Arc<Bound>,
+    connect_timeout: Duration,
 }
 
 impl Forwarder {
-    /// `tls` is used toward `https://` upstreams (`http/tls.rs`: peer routers and the Loom).
+    /// `tls` is used toward `https://` upstreams (`http/tls.rs`: peer routers and the Loom);
+    /// `max_connections` bounds the connections to each upstream (`http/bound.rs`).
     pub fn new(
         connect_timeout: Duration,
         idle_timeout: Duration,
-        tls: std::sync::Arc<rustls::ClientConfig>,
+        tls: Arc<rustls::ClientConfig>,
+        max_connections: usize,
     ) -> Self {
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(connect_timeout));
@@ -51,62 +63,215 @@ impl Forwarder {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
+        let bound = Arc::new(Bound::new(max_connections));
+        let connector = Bounded {
+            inner: connector,
+            bound: bound.clone(),
+            wait: connect_timeout,
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(idle_timeout)
             .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
             // Without a timer the pool never evicts idle connections.
             .pool_timer(TokioTimer::new())
             .build(connector);
-        Self { client }
+        Self {
+            client,
+            bound,
+            connect_timeout,
+        }
     }
 
-    /// Send a request and wait for the response head, at most `timeout`. A failure that was the
-    /// client's (its body broke, stalled, or was still awaited from it at the deadline) is told
-    /// apart from the upstream's here, where the body is handed over.
+    /// Connections open to this upstream now, pooled and owned (tests and `/metrics` read it).
+    pub fn open_connections(&self, upstream: &Uri) -> usize {
+        self.bound.open(upstream)
+    }
+
+    /// Send a request through the shared pool and wait for the response head, at most
+    /// `timeout`.
     pub async fn send(
         &self,
         request: Request<Body>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, SendError> {
         let progress = request.body().progress();
-        match tokio::time::timeout(timeout, self.client.request(request)).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => {
-                let kind = if tls_failed(&e) {
-                    UpstreamKind::Tls
-                } else if e.is_connect() {
-                    UpstreamKind::Connect
-                } else if client_body_failed(&e) {
-                    match crate::http::body::client_timeout(&e) {
-                        Some(after) => UpstreamKind::ClientStalled(after),
-                        None => UpstreamKind::ClientBody,
+        let sent = tokio::time::timeout(timeout, self.pooled(request)).await;
+        settle(sent, progress, timeout)
+    }
+
+    /// Send a request to the local Loom: over the client connection's own upstream connection
+    /// when it has a slot for one (`http/affine.rs`) and the Loom speaks plain HTTP, else
+    /// through the pool.
+    pub async fn send_local(
+        &self,
+        affine: Option<&Affine>,
+        request: Request<Body>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, SendError> {
+        let Some(affine) = affine.filter(|_| request.uri().scheme() == Some(&Scheme::HTTP)) else {
+            return self.send(request, timeout).await;
+        };
+        let progress = request.body().progress();
+        let sent = tokio::time::timeout(timeout, self.owned(affine, request)).await;
+        settle(sent, progress, timeout)
+    }
+
+    async fn pooled(&self, request: Request<Body>) -> Result<Response<Incoming>, SendError> {
+        self.client.request(request).await.map_err(|e| {
+            let kind = kind_of(&e, e.is_connect());
+            SendError {
+                kind,
+                source: Some(Box::new(e)),
+            }
+        })
+    }
+
+    /// Send over the connection `affine` owns, opening one if it has none. A request the
+    /// connection closed under before it was written goes out once more, on a fresh
+    /// connection; one that was written is never sent twice.
+    async fn owned(
+        &self,
+        affine: &Affine,
+        mut request: Request<Body>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let mut reused = match affine.take() {
+            Owned::First => return self.pooled(request).await,
+            Owned::Ready(sender) => Some(sender),
+            Owned::None => None,
+        };
+        let upstream = request.uri().clone();
+        // hyper's connections send the URI as given, and add no `Host`: Loom expects
+        // origin-form, and the pool's `Host` (the upstream's authority).
+        if let Some(path) = upstream.path_and_query() {
+            *request.uri_mut() = Uri::from(path.clone());
+        }
+        if let Some(host) = upstream.authority().map(|a| a.as_str()) {
+            if let Ok(host) = http::HeaderValue::from_str(host) {
+                request.headers_mut().insert(http::header::HOST, host);
+            }
+        }
+        loop {
+            let (mut sender, fresh) = match reused.take() {
+                Some(sender) => (sender, false),
+                None => match self.bound.own(&upstream) {
+                    Some(permit) => (self.open(affine, &upstream, permit).await?, true),
+                    None => {
+                        // Past the share of the bound owned connections may take: the pool.
+                        *request.uri_mut() = upstream;
+                        return self.pooled(request).await;
                     }
+                },
+            };
+            if std::future::poll_fn(|cx| sender.poll_ready(cx))
+                .await
+                .is_err()
+            {
+                if fresh {
+                    return Err(SendError {
+                        kind: UpstreamKind::Reset,
+                        source: None,
+                    });
+                }
+                continue;
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    affine.put(sender);
+                    return Ok(response);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if !fresh => request = unsent,
+                    _ => {
+                        let e = e.into_error();
+                        return Err(SendError {
+                            kind: kind_of(&e, false),
+                            source: Some(Box::new(e)),
+                        });
+                    }
+                },
+            }
+        }
+    }
+
+    /// Open a connection for `affine` to own, holding `permit` while it is open.
+    async fn open(
+        &self,
+        affine: &Affine,
+        upstream: &Uri,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<SendRequest<Body>, SendError> {
+        let connect_failed = |source: BoxError| SendError {
+            kind: UpstreamKind::Connect,
+            source: Some(source),
+        };
+        let authority = upstream
+            .authority()
+            .ok_or_else(|| connect_failed("the upstream has no host".into()))?;
+        let port = authority.port_u16().unwrap_or(80);
+        let connect = tokio::net::TcpStream::connect((authority.host(), port));
+        let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Err(connect_failed(Box::new(e))),
+            Err(_) => return Err(connect_failed("connect timed out".into())),
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| connect_failed(Box::new(e)))?;
+        affine.opened(Box::pin(async move {
+            let _permit = permit;
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "owned upstream connection ended with an error");
+            }
+        }));
+        Ok(sender)
+    }
+}
+
+/// A send's outcome under its deadline. A failure that was the client's (its body broke,
+/// stalled, or was still awaited from it at the deadline) is told apart from the upstream's
+/// here, where the body was handed over.
+fn settle(
+    sent: Result<Result<Response<Incoming>, SendError>, tokio::time::error::Elapsed>,
+    progress: Option<BodyProgress>,
+    timeout: Duration,
+) -> Result<Response<Incoming>, SendError> {
+    match sent {
+        Ok(result) => result,
+        Err(_) => {
+            let waiting_on_client = progress.is_some_and(|p| p.waiting_on_client());
+            Err(SendError {
+                kind: if waiting_on_client {
+                    UpstreamKind::ClientStalled(timeout)
                 } else {
-                    UpstreamKind::Reset
-                };
-                Err(SendError {
-                    kind,
-                    source: Some(Box::new(e)),
-                })
-            }
-            Err(_) => {
-                let waiting_on_client = progress.is_some_and(|p| p.waiting_on_client());
-                Err(SendError {
-                    kind: if waiting_on_client {
-                        UpstreamKind::ClientStalled(timeout)
-                    } else {
-                        UpstreamKind::Timeout
-                    },
-                    source: None,
-                })
-            }
+                    UpstreamKind::Timeout
+                },
+                source: None,
+            })
         }
     }
 }
 
+/// What kind of failure `e` was; `connect` if it happened before a connection was open.
+fn kind_of(e: &(dyn std::error::Error + 'static), connect: bool) -> UpstreamKind {
+    if tls_failed(e) {
+        UpstreamKind::Tls
+    } else if connect {
+        UpstreamKind::Connect
+    } else if client_body_failed(e) {
+        match crate::http::body::client_timeout(e) {
+            Some(after) => UpstreamKind::ClientStalled(after),
+            None => UpstreamKind::ClientBody,
+        }
+    } else {
+        UpstreamKind::Reset
+    }
+}
+
 /// Whether a send failed in the TLS handshake (rustls reports through an `io::Error`).
-fn tls_failed(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut source = std::error::Error::source(e);
+fn tls_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
     while let Some(err) = source {
         if err.is::<rustls::Error>() {
             return true;
@@ -126,8 +291,8 @@ fn tls_failed(e: &hyper_util::client::legacy::Error) -> bool {
 
 /// Whether a send failed because the request body we were streaming from the client failed
 /// (hyper reports errors of the body it was given as "user" errors).
-fn client_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut source = std::error::Error::source(e);
+fn client_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
     while let Some(err) = source {
         if let Some(hyper_error) = err.downcast_ref::<hyper::Error>() {
             if hyper_error.is_user() {

@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Limits, MIN_HEADER_BYTES};
+use crate::http::affine::{Affine, Drive};
 use crate::http::error::RouterError;
 use crate::proxy::{ConnInfo, Proxy};
 
@@ -153,8 +154,9 @@ macro_rules! service {
     }};
 }
 
-/// Serve HTTP/1.1 on one connection (plain or TLS), with hyper's canned errors rewritten.
-fn serve_http1<S>(shared: &Shared, stream: S, conn: ConnInfo, watcher: Watcher)
+/// Serve HTTP/1.1 on one connection (plain or TLS), with hyper's canned errors rewritten. The
+/// connection's own upstream connection (`http::affine`) is driven in the same task.
+fn serve_http1<S>(shared: &Shared, stream: S, mut conn: ConnInfo, watcher: Watcher)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -165,13 +167,16 @@ where
         config.limits.max_header_bytes,
         config.route_headers,
     ));
+    let affine = Affine::new();
+    conn.affine = Some(affine.clone());
     let connection =
         builder(&config.limits).serve_connection(io, service!(shared.proxy, conn.clone()));
     let remote = conn.remote;
     let open = crate::metrics::OpenConnection::start(if conn.https { "https" } else { "http" });
+    let connection = Drive::new(watcher.watch(connection), affine);
     tokio::spawn(async move {
         let _open = open;
-        if let Err(e) = watcher.watch(connection).await {
+        if let Err(e) = connection.await {
             tracing::debug!(error = %e, %remote, "connection ended with an error");
         }
     });

@@ -182,7 +182,11 @@ impl Proxy {
         let result = self
             .inner
             .forwarder
-            .send(Request::from_parts(parts, body), timeout)
+            .send_local(
+                conn.affine.as_ref(),
+                Request::from_parts(parts, body),
+                timeout,
+            )
             .await;
         let upstream_time = Some(sent.elapsed());
         let result = match result {

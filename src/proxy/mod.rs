@@ -43,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use crate::coord::control::{Control, Snapshot};
 use crate::coord::lease::Gate;
 use crate::health::{HealthBoard, Status};
+use crate::http::affine::Affine;
 use crate::http::body::Body;
 use crate::http::error::RouterError;
 use crate::http::forward::Forwarder;
@@ -62,6 +63,9 @@ pub struct ConnInfo {
     pub peer_verified: bool,
     /// The client's address as `X-Forwarded-For` appends it, formatted once per connection.
     pub forwarded_for: HeaderValue,
+    /// The connection's slot for an upstream connection of its own to the local Loom (HTTP/1
+    /// connections: `http::affine`); `None` sends everything through the shared pool.
+    pub affine: Option<Affine>,
 }
 
 impl ConnInfo {
@@ -71,6 +75,7 @@ impl ConnInfo {
             https,
             peer_verified,
             forwarded_for: headers::ip_value(remote.ip()),
+            affine: None,
         }
     }
 }

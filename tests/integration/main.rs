@@ -23,3 +23,4 @@ mod reload;
 mod routing;
 mod support;
 mod tls;
+mod upstream;
