@@ -97,7 +97,7 @@ callgrind() { # out-prefix command...
 }
 
 router() { # out-prefix east|west
-    TOKIO_WORKER_THREADS=1 RUST_LOG=warn callgrind "$1" ./target/release/loom-router run --config "$work/$2.toml"
+    RUST_LOG=warn callgrind "$1" ./target/release/loom-router run --config "$work/$2.toml"
 }
 
 # Total instructions in every callgrind file with this prefix (one per process).

@@ -91,6 +91,8 @@ upstream = "http://127.0.0.1:$backend"
 increment = 10
 [log]
 access = "off"
+[runtime]
+workers = 1
 ${4:-}
 [[datacenters]]
 name = "us-east"

@@ -14,7 +14,7 @@
 # generated X-Request-Id sent both ways, Via both ways), so each proxy does the same job.
 # Before the rounds, bench/idle_conns.py holds $LOAD_IDLE_CONNS (10 000) idle keep-alive client
 # connections open against each proxy and reads its RSS growth per connection.
-# Proxies and backend are pinned to CPU 0, oha to CPU 1; the router runs one tokio worker,
+# Proxies and backend are pinned to CPU 0, oha to CPU 1; the router runs one request worker,
 # like the single nginx worker and HAProxy thread. Each scenario runs closed loop (capacity,
 # `-c 32`) and at a fixed rate with --latency-correction (latency). Every run's status codes
 # are checked (oha counts 5xx as success); any non-2xx aborts. CPU µs per request comes from
@@ -61,8 +61,8 @@ done
 # --- two routers: us-east (measured) and us-west (owner of the forwarded writes) -----------
 router_config us-east "$east" "$east_admin" > "$work/east.toml"
 router_config us-west "$west" "$west_admin" > "$work/west.toml"
-TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 ./target/release/loom-router run --config "$work/east.toml" 2> "$work/east.log" & pids+=($!); east_pid=$!
-TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c 0 ./target/release/loom-router run --config "$work/west.toml" 2> "$work/west.log" & pids+=($!)
+RUST_LOG=warn taskset -c 0 ./target/release/loom-router run --config "$work/east.toml" 2> "$work/east.log" & pids+=($!); east_pid=$!
+RUST_LOG=warn taskset -c 0 ./target/release/loom-router run --config "$work/west.toml" 2> "$work/west.log" & pids+=($!)
 for _ in $(seq 100); do
     curl -fs "http://127.0.0.1:$east_admin/readyz" > /dev/null \
         && curl -fs "http://127.0.0.1:$west_admin/readyz" > /dev/null && break

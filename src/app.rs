@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Backend, Config};
@@ -22,6 +21,7 @@ use crate::http::forward::Forwarder;
 use crate::metrics;
 use crate::ops::admin;
 use crate::proxy::listener;
+use crate::proxy::workers::{Serve, Sockets, Workers};
 use crate::proxy::Proxy;
 
 /// Why a router could not start.
@@ -49,6 +49,8 @@ pub enum AppError {
     EtcdUnavailable,
     #[error("coordination: {0}")]
     Join(#[from] crate::coord::join::JoinError),
+    #[error("cannot start the request workers: {0}")]
+    Workers(#[source] std::io::Error),
 }
 
 /// A router with its listeners bound, ready to run.
@@ -56,9 +58,9 @@ pub enum AppError {
 pub struct App {
     config: Config,
     /// The plain-HTTP data listener (`listen.http`), if configured.
-    http: Option<TcpListener>,
+    http: Option<Sockets>,
     /// The TLS data listener (`listen.https`), if configured.
-    https: Option<TcpListener>,
+    https: Option<Sockets>,
     admin: TcpListener,
     /// The coordination store, for the memory backend (the caller shares one store between the
     /// routers of a process).
@@ -76,11 +78,11 @@ impl App {
         // Load the certificates now, so that a bad file fails start-up, not the first handshake.
         crate::http::tls::server_config(&config)?;
         let http = match config.listen.http {
-            Some(addr) => Some(bind("listen.http", addr).await?),
+            Some(addr) => Some(bind_workers("listen.http", addr, config.workers)?),
             None => None,
         };
         let https = match config.listen.https {
-            Some(addr) => Some(bind("listen.https", addr).await?),
+            Some(addr) => Some(bind_workers("listen.https", addr, config.workers)?),
             None => None,
         };
         let admin = bind("listen.admin", config.listen.admin).await?;
@@ -94,11 +96,12 @@ impl App {
         })
     }
 
-    /// Use listeners the caller bound (tests and the demo bind port 0 or fixed ports).
+    /// Use listeners the caller bound (tests and the demo bind port 0 or fixed ports). Every
+    /// request worker accepts on the one data socket.
     pub fn from_listeners(config: Config, http: TcpListener, admin: TcpListener) -> Self {
         Self {
             config,
-            http: Some(http),
+            http: Some(Sockets::Shared(http)),
             https: None,
             admin,
             store: None,
@@ -116,7 +119,7 @@ impl App {
     /// Also serve TLS on this listener (it needs `[tls]` in the config).
     #[must_use]
     pub fn with_https(mut self, https: TcpListener) -> Self {
-        self.https = Some(https);
+        self.https = Some(Sockets::Shared(https));
         self
     }
 
@@ -128,11 +131,11 @@ impl App {
     }
 
     pub fn http_addr(&self) -> Option<SocketAddr> {
-        self.http.as_ref().and_then(|l| l.local_addr().ok())
+        self.http.as_ref().and_then(|s| s.local_addr().ok())
     }
 
     pub fn https_addr(&self) -> Option<SocketAddr> {
-        self.https.as_ref().and_then(|l| l.local_addr().ok())
+        self.https.as_ref().and_then(|s| s.local_addr().ok())
     }
 
     pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
@@ -219,9 +222,7 @@ impl App {
         tracing::info!("shutting down: readyz is 503, draining in-flight requests");
         proxy.start_draining();
         data_stop.cancel();
-        for listener in data {
-            let _ = listener.await;
-        }
+        data.join().await;
         runtime.background.cancel();
         let _ = admin.await;
         Ok(())
@@ -262,37 +263,38 @@ impl Runtime {
 
 /// The data listeners, and the TLS config for the https one.
 struct DataListeners {
-    http: Option<TcpListener>,
-    https: Option<TcpListener>,
+    http: Option<Sockets>,
+    https: Option<Sockets>,
     server_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl DataListeners {
-    /// Serve every listener until `stop` fires; each task ends once its connections drained.
+    /// Start the request workers on every listener, until `stop` fires.
     fn serve(
         self,
         config: &Config,
         proxy: &Proxy,
         stop: &CancellationToken,
-    ) -> Result<Vec<JoinHandle<()>>, AppError> {
-        let drain = config.drain_timeout;
-        let mut tasks = Vec::new();
-        if let Some(http) = self.http {
-            let serve = listener::serve(http, None, proxy.clone(), drain, stop.clone());
-            tasks.push(tokio::spawn(serve));
-        }
-        if let Some(https) = self.https {
-            let (Some(server_tls), Some(tls)) = (self.server_tls, &config.tls) else {
-                return Err(AppError::Tls(crate::http::tls::TlsError::NoServerConfig));
-            };
-            let accept = listener::TlsAccept {
-                acceptor: tokio_rustls::TlsAcceptor::from(server_tls),
-                handshake_timeout: tls.handshake_timeout,
-            };
-            let serve = listener::serve(https, Some(accept), proxy.clone(), drain, stop.clone());
-            tasks.push(tokio::spawn(serve));
-        }
-        Ok(tasks)
+    ) -> Result<Workers, AppError> {
+        let https = match self.https {
+            None => None,
+            Some(sockets) => {
+                let (Some(server_tls), Some(tls)) = (self.server_tls, &config.tls) else {
+                    return Err(AppError::Tls(crate::http::tls::TlsError::NoServerConfig));
+                };
+                let accept = listener::TlsAccept {
+                    acceptor: tokio_rustls::TlsAcceptor::from(server_tls),
+                    handshake_timeout: tls.handshake_timeout,
+                };
+                Some((sockets, accept))
+            }
+        };
+        let serve = Serve {
+            http: self.http,
+            https,
+            drain_timeout: config.drain_timeout,
+        };
+        Workers::start(config.workers, serve, proxy, stop).map_err(AppError::Workers)
     }
 }
 
@@ -307,6 +309,11 @@ async fn connect_etcd(endpoints: &[String]) -> Result<Store, AppError> {
 #[cfg(not(feature = "etcd"))]
 async fn connect_etcd(_endpoints: &[String]) -> Result<Store, AppError> {
     Err(AppError::EtcdUnavailable)
+}
+
+/// A data listener: one `SO_REUSEPORT` socket per request worker.
+fn bind_workers(key: &'static str, addr: SocketAddr, workers: usize) -> Result<Sockets, AppError> {
+    Sockets::bind(addr, workers).map_err(|source| AppError::Bind { key, addr, source })
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {

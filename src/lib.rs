@@ -20,8 +20,10 @@
 //!   admit), `fence` (the lease arithmetic).
 //! - `config/`: the TOML file (`raw`), its validation with one function per section
 //!   (`validate`), what a reload changes (`diff`), and the table a config describes (`table`).
-//! - `http/`: HTTP plumbing: the body type, header rules, the pooled upstream client
-//!   (`forward`), TLS configs, and `error`, where every router error becomes a response.
+//! - `http/`: HTTP plumbing: the body type, header rules, the upstream client (`forward`: the
+//!   shared pool, a client connection's own Loom connection in `affine`, the per-upstream
+//!   connection bound in `bound`), TLS configs, and `error`, where every router error becomes a
+//!   response.
 //! - `health`: probes of the local Loom and peer routers, and the threshold state machine.
 //! - `coord/`: the coordination store (interface, `memory` and `etcd` backends), joining and
 //!   following it (`join`), the single snapshot writer (`control`), the lease and write gate,
@@ -29,7 +31,8 @@
 //! - `proxy/`: the request path: the per-request context (`request`), a client's request
 //!   (`client`), what the local Loom serves (`local`), a write sent to the owner (`peer`), the
 //!   routers' probes (`probe`), the one edge where responses are finished and counted (`edge`),
-//!   and the data listeners (`listener`).
+//!   the data listeners (`listener`), and the request workers that run them (`workers`: a thread
+//!   and a single-threaded runtime each).
 //! - `ops/`: the admin listener, reload triggers and the operator CLI.
 //! - `app`: wiring; bind, run, drain.
 //! - `demo/` (cargo feature `demo`, on by default): the three-DC sandbox of `loom-router demo`
@@ -40,8 +43,9 @@
 //!
 //! # The life of a request
 //!
-//! 1. `proxy::listener` accepts a connection; hyper parses each request head within the header
-//!    size and time limits (hyper's own 400 and 431 are rewritten into router errors with codes).
+//! 1. A request worker's `proxy::listener` accepts a connection and serves it to the end on that
+//!    worker's thread; hyper parses each request head within the header size and time limits
+//!    (hyper's own 400 and 431 are rewritten into router errors with codes).
 //! 2. `proxy` loads the current snapshot (config + table) once, with one `ArcSwap` load, and
 //!    refuses a request without exactly one valid `Host`.
 //! 3. `routing::classify` refuses a path that is not in the normal form Loom routes on (no `//`,
@@ -51,8 +55,10 @@
 //! 4. `routing::table` resolves the key against the table: the local Loom, or the owner DC's
 //!    router. A request from a peer router (`X-Loom-Router-Hop`) is instead admitted or
 //!    answered 421.
-//! 5. `http::forward` sends it over a pooled keep-alive connection, with hop headers for peers,
-//!    and streams the response back; a 421 from a peer is retried at most twice.
+//! 5. `http::forward` sends it: to the local Loom over the client connection's own upstream
+//!    connection (its first request, and any past the connection bound, through the pool), to a
+//!    peer over a pooled keep-alive connection with hop headers; it streams the response back,
+//!    and a 421 from a peer is retried at most twice.
 //! 6. `proxy::edge` adds `X-Loom-Route` and `X-Loom-Served-By`, turns any error into its
 //!    status and code (`http::error`), and logs and counts the request once.
 //!

@@ -96,6 +96,10 @@ struct AdminArgs {
     token: Option<String>,
 }
 
+/// Threads of the control plane's runtime: its work is a few probes, lease renewals and admin
+/// calls a second, and one thread blocked on a slow call must not hold up the lease.
+const CONTROL_THREADS: usize = 2;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -157,7 +161,14 @@ fn run(path: &std::path::Path) -> ExitCode {
         );
         return ExitCode::from(1);
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    // The control plane's runtime (health, lease, coordinator, admin, reloads): requests run on
+    // the request workers' own runtimes (`[runtime] workers`, src/proxy/workers.rs).
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(CONTROL_THREADS)
+        .thread_name("loom-control")
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");

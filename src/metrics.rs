@@ -32,6 +32,7 @@ pub const SHARD_UNPROTECTED: &str = "loom_router_shard_unprotected";
 pub const BUILD_INFO: &str = "loom_router_build_info";
 pub const RETRIES_TOTAL: &str = "loom_router_retries_total";
 pub const OPEN_CONNECTIONS: &str = "loom_router_open_connections";
+pub const WORKER_CONNECTIONS_TOTAL: &str = "loom_router_worker_connections_total";
 pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "loom_router_tls_handshake_failures_total";
 pub const CLIENT_ERRORS_TOTAL: &str = "loom_router_client_errors_total";
 
@@ -128,6 +129,10 @@ pub fn describe() {
     describe_gauge!(
         OPEN_CONNECTIONS,
         "Client connections open on the data listeners, by listener (http or https)."
+    );
+    describe_counter!(
+        WORKER_CONNECTIONS_TOTAL,
+        "Client connections accepted, by request worker ([runtime] workers)."
     );
     describe_counter!(
         TLS_HANDSHAKE_FAILURES_TOTAL,
@@ -325,6 +330,12 @@ impl Drop for OpenConnection {
     fn drop(&mut self) {
         gauge!(OPEN_CONNECTIONS, "listener" => self.0).decrement(1.0);
     }
+}
+
+/// The counter of client connections request worker `worker` accepted, for its accept loop to
+/// hold (one label formatted per listener, not per connection).
+pub fn worker_connections(worker: usize) -> metrics::Counter {
+    counter!(WORKER_CONNECTIONS_TOTAL, "worker" => worker.to_string())
 }
 
 pub fn tls_handshake_failed() {

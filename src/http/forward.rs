@@ -40,6 +40,9 @@ type Connector = Bounded<hyper_rustls::HttpsConnector<HttpConnector>>;
 pub struct Forwarder {
     /// Cloning shares the pool; every pooled request and probe goes through this one client.
     client: Client<Connector, Body>,
+    /// For the pool of each request worker ([`Self::for_worker`]).
+    connector: Connector,
+    idle_timeout: Duration,
     bound: Arc<Bound>,
     connect_timeout: Duration,
 }
@@ -69,16 +72,23 @@ impl Forwarder {
             bound: bound.clone(),
             wait: connect_timeout,
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(idle_timeout)
-            .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
-            // Without a timer the pool never evicts idle connections.
-            .pool_timer(TokioTimer::new())
-            .build(connector);
         Self {
-            client,
+            client: pool(connector.clone(), idle_timeout),
+            connector,
+            idle_timeout,
             bound,
             connect_timeout,
+        }
+    }
+
+    /// The same client with a pool of its own, for one request worker: its pooled connections
+    /// are driven on the worker's runtime, and never wake another worker's thread. The bound on
+    /// connections stays shared.
+    #[must_use]
+    pub fn for_worker(&self) -> Self {
+        Self {
+            client: pool(self.connector.clone(), self.idle_timeout),
+            ..self.clone()
         }
     }
 
@@ -227,6 +237,15 @@ impl Forwarder {
         }));
         Ok(sender)
     }
+}
+
+fn pool(connector: Connector, idle_timeout: Duration) -> Client<Connector, Body> {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(idle_timeout)
+        .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
+        // Without a timer the pool never evicts idle connections.
+        .pool_timer(TokioTimer::new())
+        .build(connector)
 }
 
 /// A send's outcome under its deadline. A failure that was the client's (its body broke,

@@ -160,7 +160,6 @@ impl Proxy {
             forward::upstream_uri(&snap.config.loom.upstream, parts.uri.path_and_query());
         *request.headers_mut() = headers;
         let response = self
-            .inner
             .forwarder
             .send(request, snap.config.loom.request_timeout)
             .await

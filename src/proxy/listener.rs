@@ -56,15 +56,22 @@ struct Shared {
     via: String,
 }
 
-/// Serve `listener` (over TLS if `tls` is set) until `shutdown` fires, then stop accepting and
-/// give in-flight requests up to `drain_timeout` to finish.
-pub async fn serve(
-    listener: TcpListener,
-    tls: Option<TlsAccept>,
-    proxy: Proxy,
-    drain_timeout: Duration,
-    shutdown: CancellationToken,
-) {
+/// Which worker serves a listener, with TLS or not, and how long its drain may take.
+#[derive(Debug)]
+pub struct On {
+    pub worker: usize,
+    pub tls: Option<TlsAccept>,
+    pub drain_timeout: Duration,
+}
+
+/// Serve `listener` (over TLS if `on.tls` is set) until `shutdown` fires, then stop accepting
+/// and give in-flight requests up to `on.drain_timeout` to finish.
+pub async fn serve(listener: TcpListener, on: On, proxy: Proxy, shutdown: CancellationToken) {
+    let On {
+        worker,
+        tls,
+        drain_timeout,
+    } = on;
     let graceful = GracefulShutdown::new();
     let snap = proxy.control().snapshot();
     let shared = Shared {
@@ -72,6 +79,7 @@ pub async fn serve(
         proxy,
     };
     drop(snap);
+    let accepted = crate::metrics::worker_connections(worker);
     loop {
         let (stream, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -86,6 +94,7 @@ pub async fn serve(
             () = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
+        accepted.increment(1);
         let watcher = graceful.watcher();
         match &tls {
             None => {

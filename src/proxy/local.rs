@@ -180,7 +180,6 @@ impl Proxy {
             _ => None,
         };
         let result = self
-            .inner
             .forwarder
             .send_local(
                 conn.affine.as_ref(),

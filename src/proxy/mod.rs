@@ -15,7 +15,8 @@
 //! - `peer.rs`: a write sent on to the owner's router, and the 421 retry loop;
 //! - `probe.rs`: the router-to-router probes (`/loom-router/readyz`, `/loom-router/drained`);
 //! - `edge.rs`: the response the client gets, with route headers, counted and logged once;
-//! - `listener.rs`: the data listeners' accept loop, TLS, connection limits and drain.
+//! - `listener.rs`: the data listeners' accept loop, TLS, connection limits and drain;
+//! - `workers.rs`: the request workers, a thread and a single-threaded runtime each.
 //!
 //! Nothing here parses paths (`routing::classify`), computes shards (`routing::table`), builds
 //! HTTP clients (`http::forward`) or writes the snapshot (`coord::control`).
@@ -27,6 +28,7 @@ mod local;
 mod peer;
 mod probe;
 mod request;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -84,6 +86,8 @@ impl ConnInfo {
 #[derive(Debug, Clone)]
 pub struct Proxy {
     inner: Arc<Inner>,
+    /// Each request worker has its own pool ([`Proxy::for_worker`]).
+    forwarder: Forwarder,
 }
 
 #[derive(Debug)]
@@ -91,7 +95,6 @@ struct Inner {
     control: Control,
     /// Written by the health probes; read here to fail fast on a dead owner.
     health: Arc<HealthBoard>,
-    forwarder: Forwarder,
     /// `max_concurrent_requests` permits; a request that finds none gets 503 `overloaded`.
     limiter: Semaphore,
     /// The limit the semaphore was sized for, so a reload can grow or shrink it.
@@ -152,7 +155,6 @@ impl Proxy {
             inner: Arc::new(Inner {
                 control,
                 health,
-                forwarder,
                 limiter: Semaphore::new(limit),
                 limit: std::sync::atomic::AtomicUsize::new(limit),
                 draining: AtomicBool::new(false),
@@ -161,6 +163,16 @@ impl Proxy {
                 metrics: metrics::RequestMetrics::default(),
                 peers_need_certificates,
             }),
+            forwarder,
+        }
+    }
+
+    /// This proxy for one request worker: the same state, with an upstream pool of its own.
+    #[must_use]
+    pub fn for_worker(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            forwarder: self.forwarder.for_worker(),
         }
     }
 

@@ -125,7 +125,7 @@ impl Proxy {
         // The owner bounds the write by write_timeout; wait a second longer so that we do not
         // time out on a write the owner applied.
         let timeout = config.loom.write_timeout + Duration::from_secs(1);
-        let sent = self.inner.forwarder.send(rebuild(parts, body), timeout);
+        let sent = self.forwarder.send(rebuild(parts, body), timeout);
         let name = || config.datacenters[to.dc].name.clone();
         sent.await
             .map_err(|e| RouterError::from_peer(e, name(), timeout))

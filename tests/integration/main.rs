@@ -24,3 +24,4 @@ mod routing;
 mod support;
 mod tls;
 mod upstream;
+mod workers;

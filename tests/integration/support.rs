@@ -662,6 +662,45 @@ pub async fn slow_loom(delay: Duration) -> SocketAddr {
     addr
 }
 
+/// One keep-alive client connection to a router (a test knows which connection carries what).
+pub struct KeepAlive {
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Empty<Bytes>>,
+}
+
+impl KeepAlive {
+    pub async fn open(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        Self { sender }
+    }
+
+    /// Send one request on this connection: status, route header and body.
+    pub async fn send(&mut self, method: &str, path: &str) -> (u16, String, String) {
+        self.sender.ready().await.unwrap();
+        let mut request = Request::builder().method(method).uri(path);
+        for (name, value) in COOPR {
+            request = request.header(name, value);
+        }
+        let request = request
+            .header("host", "loom")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let response = self.sender.send_request(request).await.unwrap();
+        let status = response.status().as_u16();
+        let route = response
+            .headers()
+            .get("x-loom-route")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, route, String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
 /// A free loopback port (bound and released; fine for tests that start a child process).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -791,6 +830,14 @@ impl ChildRouter {
 
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.admin)
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.http))
+    }
+
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self._dir.path().join("router.toml")
     }
 
     /// Wait until `/readyz` on the admin listener answers `status`.

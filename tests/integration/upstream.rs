@@ -9,9 +9,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::Request;
-use http_body_util::{BodyExt, Empty};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -132,45 +129,6 @@ async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> 
             Ok(0) | Err(_) => return None,
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
-    }
-}
-
-/// One keep-alive client connection to a router.
-struct KeepAlive {
-    sender: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
-}
-
-impl KeepAlive {
-    async fn open(addr: SocketAddr) -> Self {
-        let stream = TcpStream::connect(addr).await.unwrap();
-        let (sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(connection);
-        Self { sender }
-    }
-
-    /// Send one request on this connection: status, route header and body.
-    async fn send(&mut self, method: &str, path: &str) -> (u16, String, String) {
-        self.sender.ready().await.unwrap();
-        let mut request = Request::builder().method(method).uri(path);
-        for (name, value) in COOPR {
-            request = request.header(name, value);
-        }
-        let request = request
-            .header("host", "loom")
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        let response = self.sender.send_request(request).await.unwrap();
-        let status = response.status().as_u16();
-        let route = response
-            .headers()
-            .get("x-loom-route")
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default();
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        (status, route, String::from_utf8_lossy(&body).into_owned())
     }
 }
 

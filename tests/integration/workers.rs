@@ -1,0 +1,67 @@
+//! Request workers (`[runtime] workers`): a router process with two workers, each accepting on
+//! its own `SO_REUSEPORT` socket, and a reload that every worker's connections see at once.
+
+use std::time::Duration;
+
+use crate::support::*;
+
+/// `loom_router_worker_connections_total` for each of the first `n` workers.
+async fn accepted(router: &ChildRouter, n: usize) -> Vec<u64> {
+    let metrics = get(&router.admin_url("/metrics")).await.text();
+    (0..n)
+        .map(|worker| {
+            let name = format!("loom_router_worker_connections_total{{worker=\"{worker}\"}} ");
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&name))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+#[test]
+fn every_worker_serves_with_the_reloaded_config() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let loom = rt.block_on(slow_loom(Duration::from_millis(1)));
+    let extra = "[runtime]\nworkers = 2\n";
+    let router = ChildRouter::start(loom, extra, "warn", std::process::Stdio::null());
+    router.until_readyz(&rt, 200);
+    rt.block_on(async {
+        // Open connections until both workers hold some: the kernel spreads them by hash.
+        let mut held = Vec::new();
+        while held.len() < 64 {
+            let mut client = KeepAlive::open(router.http_addr()).await;
+            let (status, route, body) = client.send("GET", "/v2/clusters").await;
+            assert_eq!(
+                (status, route.as_str(), body.as_str()),
+                (200, "read", "slow")
+            );
+            held.push(client);
+            let counts = accepted(&router, 2).await;
+            if counts.iter().all(|c| *c > 0) {
+                break;
+            }
+        }
+        let counts = accepted(&router, 2).await;
+        assert!(counts.iter().all(|c| *c > 0), "{counts:?}");
+        assert_eq!(counts.iter().sum::<u64>(), held.len() as u64);
+
+        // Turn the route headers off and reload.
+        let path = router.config_path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(
+            &path,
+            format!("{text}\n[response]\nroute_headers = false\n"),
+        )
+        .unwrap();
+        let r = send("POST", &router.admin_url("/admin/reload"), &[], b"").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+
+        // Every connection, on either worker, is served under the new config.
+        for client in &mut held {
+            let (status, route, body) = client.send("GET", "/v2/clusters").await;
+            assert_eq!((status, route.as_str(), body.as_str()), (200, "", "slow"));
+        }
+    });
+}
