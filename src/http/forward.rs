@@ -145,7 +145,8 @@ impl Forwarder {
         mut request: Request<Body>,
     ) -> Result<Response<Incoming>, SendError> {
         let mut reused = match affine.take() {
-            Owned::First => return self.pooled(request).await,
+            // Boxed, as `open` below: rare paths must not grow every request's future.
+            Owned::First => return Box::pin(self.pooled(request)).await,
             Owned::Ready(sender) => Some(sender),
             Owned::None => None,
         };
@@ -164,11 +165,11 @@ impl Forwarder {
             let (mut sender, fresh) = match reused.take() {
                 Some(sender) => (sender, false),
                 None => match self.bound.own(&upstream) {
-                    Some(permit) => (self.open(affine, &upstream, permit).await?, true),
+                    Some(permit) => (Box::pin(self.open(affine, &upstream, permit)).await?, true),
                     None => {
                         // Past the share of the bound owned connections may take: the pool.
                         *request.uri_mut() = upstream;
-                        return self.pooled(request).await;
+                        return Box::pin(self.pooled(request)).await;
                     }
                 },
             };

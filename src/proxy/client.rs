@@ -83,7 +83,9 @@ impl Proxy {
                     epoch,
                 };
                 let request = Request::from_parts(parts, body);
-                self.forward_to_peer(ctx, to, request).await
+                // Boxed, as every path off the read path: the future hyper keeps for each request
+                // stays the size of a read's (docs/performance.md).
+                Box::pin(self.forward_to_peer(ctx, to, request)).await
             }
         }
     }
@@ -118,8 +120,10 @@ impl Proxy {
                 // The body stalls after body_read_timeout without a byte (the body's own timer);
                 // a client that trickles it is cut off at the same bound for the whole body.
                 let stalled = RouterError::ClientTimeout(limits.body_read_timeout);
-                let read =
-                    tokio::time::timeout(limits.body_read_timeout, forward::read_body(body, limit));
+                let read = Box::pin(tokio::time::timeout(
+                    limits.body_read_timeout,
+                    forward::read_body(body, limit),
+                ));
                 let bytes = match read.await {
                     Ok(Ok(bytes)) => bytes,
                     Ok(Err(ReadBodyError::TooLarge)) => {
@@ -138,7 +142,7 @@ impl Proxy {
                 ))
             }
             Key::NodeLookup => {
-                let cluster = self.node_cluster(ctx, parts).await;
+                let cluster = Box::pin(self.node_cluster(ctx, parts)).await;
                 if let Some(id) = cluster {
                     notes.set_cluster(id);
                 }

@@ -321,8 +321,10 @@ impl Proxy {
             if self.inner.peers_need_certificates && !ctx.conn.peer_verified {
                 return Outcome::error(label, RouterError::PeerUnauthenticated);
             }
-            return self.receive_forwarded(ctx, class, request).await;
+            // Boxed: a hop is off the read path (see `client.rs`).
+            return Box::pin(self.receive_forwarded(ctx, class, request)).await;
         }
         self.route_from_client(ctx, class, request).await
     }
 }
+
