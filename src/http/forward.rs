@@ -227,6 +227,8 @@ impl Forwarder {
         };
         let _ = stream.set_nodelay(true);
         let (sender, connection) = http1::Builder::new()
+            // As the client side's (`proxy/listener.rs`): one buffer, one write.
+            .writev(false)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| connect_failed(Box::new(e)))?;

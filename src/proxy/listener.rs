@@ -226,7 +226,10 @@ fn builder(limits: &Limits) -> http1::Builder {
         // header fields as too large (431), as HAProxy's default tune.http.maxhdr does.
         .header_read_timeout(limits.header_read_timeout)
         .max_header_size(limits.max_header_bytes)
-        .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BYTES) + MIN_HEADER_BYTES);
+        .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BYTES) + MIN_HEADER_BYTES)
+        // One buffer, one write(2): the head and a small body are copied together rather than
+        // gathered, which callgrind finds cheaper for Loom's small answers (docs/performance.md).
+        .writev(false);
     builder
 }
 
