@@ -7,9 +7,9 @@
 //!
 //! This file must not decide what to record; callers do.
 
+use std::sync::{OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
-use dashmap::DashMap;
 use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
     Gauge, Histogram, Unit,
@@ -152,45 +152,63 @@ pub fn describe() {
 ///
 /// `counter!` with labels builds a key and finds it in the recorder's registry on every call:
 /// callgrind put that at about 2,000 instructions of a proxied read, for three metrics. The
-/// proxy owns one of these, made after [`install`], and records through the cached handles.
+/// proxy owns one of these, made after [`install`], and records through the cached handles. A
+/// route is an index the caller assigns (its route enum), so finding a route's handles hashes
+/// nothing; a route's status codes are a short list, scanned.
 #[derive(Debug)]
 pub struct RequestMetrics {
     inflight: Gauge,
-    counts: DashMap<(&'static str, u16), Counter>,
-    durations: DashMap<&'static str, Histogram>,
+    routes: Box<[RouteCells]>,
 }
 
-impl Default for RequestMetrics {
-    fn default() -> Self {
-        Self {
-            inflight: gauge!(INFLIGHT_REQUESTS),
-            counts: DashMap::new(),
-            durations: DashMap::new(),
-        }
-    }
+/// One route of [`RequestMetrics`]: its index there and its label.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteLabel {
+    pub index: usize,
+    pub name: &'static str,
+}
+
+#[derive(Debug, Default)]
+struct RouteCells {
+    /// Made on the route's first request, so that a route never taken exports no series.
+    duration: OnceLock<Histogram>,
+    /// By status code; a route sees a handful.
+    counts: RwLock<Vec<(u16, Counter)>>,
 }
 
 impl RequestMetrics {
+    /// Cells for routes `0..routes`.
+    pub fn new(routes: usize) -> Self {
+        Self {
+            inflight: gauge!(INFLIGHT_REQUESTS),
+            routes: (0..routes).map(|_| RouteCells::default()).collect(),
+        }
+    }
+
     /// Record one answered request.
-    pub fn request(&self, route: &'static str, status: u16, elapsed: Duration) {
-        match self.counts.get(&(route, status)) {
-            Some(counter) => counter.increment(1),
-            None => {
-                let counter =
-                    counter!(REQUESTS_TOTAL, "route" => route, "code" => status_label(status));
-                counter.increment(1);
-                self.counts.insert((route, status), counter);
+    pub fn request(&self, route: RouteLabel, status: u16, elapsed: Duration) {
+        let Some(cells) = self.routes.get(route.index) else {
+            return;
+        };
+        let counted = {
+            let counts = cells.counts.read().unwrap_or_else(PoisonError::into_inner);
+            let found = counts.iter().find(|(code, _)| *code == status);
+            found.map(|(_, counter)| counter.increment(1)).is_some()
+        };
+        if !counted {
+            let counter =
+                counter!(REQUESTS_TOTAL, "route" => route.name, "code" => status_label(status));
+            counter.increment(1);
+            let mut counts = cells.counts.write().unwrap_or_else(PoisonError::into_inner);
+            // Another worker may have added it meanwhile; both handles count the same series.
+            if !counts.iter().any(|(code, _)| *code == status) {
+                counts.push((status, counter));
             }
         }
-        let seconds = elapsed.as_secs_f64();
-        match self.durations.get(route) {
-            Some(histogram) => histogram.record(seconds),
-            None => {
-                let histogram = histogram!(REQUEST_DURATION_SECONDS, "route" => route);
-                histogram.record(seconds);
-                self.durations.insert(route, histogram);
-            }
-        }
+        cells
+            .duration
+            .get_or_init(|| histogram!(REQUEST_DURATION_SECONDS, "route" => route.name))
+            .record(elapsed.as_secs_f64());
     }
 
     /// Count a request in `loom_router_inflight_requests` until the guard is dropped.
@@ -366,10 +384,19 @@ mod tests {
     #[test]
     fn a_request_is_counted_by_route_and_numeric_code_with_its_latency() {
         let text = rendered(|| {
-            let metrics = RequestMetrics::default();
-            metrics.request("write-forwarded", 200, Duration::from_millis(3));
-            metrics.request("write-forwarded", 200, Duration::from_millis(3));
-            metrics.request("read", 418, Duration::from_micros(300));
+            let metrics = RequestMetrics::new(2);
+            let forwarded = RouteLabel {
+                index: 0,
+                name: "write-forwarded",
+            };
+            let read = RouteLabel {
+                index: 1,
+                name: "read",
+            };
+            metrics.request(forwarded, 200, Duration::from_millis(3));
+            metrics.request(forwarded, 200, Duration::from_millis(3));
+            metrics.request(read, 418, Duration::from_micros(300));
+            metrics.request(read, 200, Duration::from_micros(300));
         });
         assert!(
             text.contains("# TYPE loom_router_requests_total counter"),
@@ -385,6 +412,10 @@ mod tests {
             "{text}"
         );
         assert!(
+            text.contains("loom_router_requests_total{route=\"read\",code=\"200\"} 1"),
+            "{text}"
+        );
+        assert!(
             text.contains(
                 "loom_router_request_duration_seconds_bucket{route=\"write-forwarded\",le=\"0.005\"} 2"
             ),
@@ -392,7 +423,7 @@ mod tests {
         );
         assert!(
             text.contains(
-                "loom_router_request_duration_seconds_bucket{route=\"read\",le=\"0.0005\"} 1"
+                "loom_router_request_duration_seconds_bucket{route=\"read\",le=\"0.0005\"} 2"
             ),
             "{text}"
         );
@@ -403,7 +434,7 @@ mod tests {
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         metrics::with_local_recorder(&recorder, || {
-            let metrics = RequestMetrics::default();
+            let metrics = RequestMetrics::new(1);
             let first = metrics.inflight();
             let second = metrics.inflight();
             drop(first);

@@ -42,7 +42,7 @@ impl Proxy {
         let status = response.status().as_u16();
         self.inner
             .metrics
-            .request(outcome.label.as_str(), status, elapsed);
+            .request(outcome.label.metric(), status, elapsed);
         for _ in 0..outcome.retries {
             metrics::retry("misdirected");
         }

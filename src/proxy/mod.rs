@@ -160,7 +160,7 @@ impl Proxy {
                 draining: AtomicBool::new(false),
                 gate,
                 in_flight_writes: DashMap::new(),
-                metrics: metrics::RequestMetrics::default(),
+                metrics: metrics::RequestMetrics::new(Label::COUNT),
                 peers_need_certificates,
             }),
             forwarder,
@@ -327,4 +327,3 @@ impl Proxy {
         self.route_from_client(ctx, class, request).await
     }
 }
-

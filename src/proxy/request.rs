@@ -18,6 +18,7 @@ use crate::coord::control::Snapshot;
 use crate::http::body::Body;
 use crate::http::error::RouterError;
 use crate::http::headers::Client;
+use crate::metrics::RouteLabel;
 use crate::routing::classify::Route;
 use crate::shard::{DcId, ShardKey};
 
@@ -49,6 +50,17 @@ pub(super) enum Label {
 }
 
 impl Label {
+    /// How many labels there are: the request metrics keep cells for each.
+    pub(super) const COUNT: usize = Self::Probe as usize + 1;
+
+    /// The label as the request metrics know it.
+    pub(super) fn metric(self) -> RouteLabel {
+        RouteLabel {
+            index: self as usize,
+            name: self.as_str(),
+        }
+    }
+
     pub(super) fn as_str(self) -> &'static str {
         match self {
             Self::Provisioner => "provisioner",
