@@ -1,11 +1,11 @@
-//! A client connection's own upstream connection to the local Loom, and the join that drives
-//! both in one task (docs/performance.md).
+//! A client connection's own upstream connections, to the local Loom and to the peer routers its
+//! writes go to, and the join that drives them in one task (docs/performance.md).
 //!
-//! A keep-alive client connection sends its requests to the local Loom over one upstream
-//! HTTP/1.1 connection that it owns: no pool key is hashed, nothing is checked out or returned,
-//! and no other task is woken per request. This is HAProxy's `http-reuse safe`. The upstream
-//! connection is driven by [`Drive`], in the client connection's task, which polls only the side
-//! whose waker fired.
+//! A keep-alive client connection sends its requests to each upstream over one HTTP/1.1
+//! connection that it owns: no pool key is hashed, nothing is checked out or returned, and no
+//! other task is woken per request. This is HAProxy's `http-reuse safe`. The upstream
+//! connections are driven by [`Drive`], in the client connection's task, which polls only the
+//! connections whose wakers fired.
 //!
 //! The rules, so that owning a connection never costs a request:
 //! - the first request of a client connection goes through the shared pool: a client that sends
@@ -14,13 +14,14 @@
 //!   request that was written and then lost its connection is never sent again (it may have
 //!   been a write that Loom applied);
 //! - each owned connection holds one of the upstream's `max_upstream_connections` permits; past
-//!   the share the shared pool keeps (`http/bound.rs`), requests go through the pool.
+//!   the share the shared pool keeps (`http/bound.rs`), or past [`MAX_OWNED`] upstreams,
+//!   requests go through the pool.
 //!
 //! This file knows nothing of routing; `http/forward.rs` decides when to use it.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
 
@@ -41,12 +42,16 @@ pub struct Affine {
 
 #[derive(Default)]
 struct Slot {
-    /// The owned connection's sender, between requests. Taken by the request that uses it.
-    sender: Mutex<Option<SendRequest<Body>>>,
-    /// A connection a request just opened, for the driver to pick up.
-    opened: Mutex<Option<Driver>>,
+    /// The owned connections' senders between requests, by upstream. A request takes its
+    /// upstream's out while it uses it.
+    senders: Mutex<Vec<(Upstream, SendRequest<Body>)>>,
+    /// Connections requests just opened, for the driver to pick up.
+    opened: Mutex<Vec<Driver>>,
     /// Set with `opened`, so that the driver looks only when there is something to take.
     has_opened: AtomicBool,
+    /// Owned connections open, in use or not: at most [`MAX_OWNED`], so that `Drive` has a
+    /// wake bit for each.
+    open: AtomicUsize,
     /// The connection has sent a request already (through the pool or its own connection).
     used: AtomicBool,
 }
@@ -58,6 +63,30 @@ impl std::fmt::Debug for Slot {
             .finish_non_exhaustive()
     }
 }
+
+/// An upstream a client connection may own a connection to: scheme and authority.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Upstream {
+    scheme: Option<http::uri::Scheme>,
+    authority: Option<http::uri::Authority>,
+}
+
+impl Upstream {
+    pub(crate) fn of(uri: &http::Uri) -> Self {
+        Self {
+            scheme: uri.scheme().cloned(),
+            authority: uri.authority().cloned(),
+        }
+    }
+
+    fn is(&self, uri: &http::Uri) -> bool {
+        self.authority.as_ref() == uri.authority() && self.scheme.as_ref() == uri.scheme()
+    }
+}
+
+/// The most upstreams one client connection owns connections to: the local Loom and the peer
+/// routers, in any real topology. Past it, requests go through the pool.
+pub(crate) const MAX_OWNED: usize = 8;
 
 /// Where a request goes when its client connection may own an upstream connection.
 #[derive(Debug)]
@@ -75,35 +104,46 @@ impl Affine {
         Self::default()
     }
 
-    /// Take the owned connection for one request (see [`Owned`]).
-    pub(crate) fn take(&self) -> Owned {
+    /// Take the owned connection to `upstream` for one request (see [`Owned`]).
+    pub(crate) fn take(&self, upstream: &http::Uri) -> Owned {
         if !self.slot.used.swap(true, Ordering::Relaxed) {
             return Owned::First;
         }
-        let sender = lock(&self.slot.sender).take();
-        match sender {
-            Some(sender) if !sender.is_closed() => Owned::Ready(sender),
-            _ => Owned::None,
+        let mut senders = lock(&self.slot.senders);
+        let Some(i) = senders.iter().position(|(key, _)| key.is(upstream)) else {
+            return Owned::None;
+        };
+        let (_, sender) = senders.swap_remove(i);
+        if sender.is_closed() {
+            Owned::None
+        } else {
+            Owned::Ready(sender)
         }
     }
 
+    /// Whether this connection may own one more upstream connection.
+    pub(crate) fn has_room(&self) -> bool {
+        self.slot.open.load(Ordering::Relaxed) < MAX_OWNED
+    }
+
     /// Give the connection back once its request has its response.
-    pub(crate) fn put(&self, sender: SendRequest<Body>) {
-        *lock(&self.slot.sender) = Some(sender);
+    pub(crate) fn put(&self, upstream: Upstream, sender: SendRequest<Body>) {
+        lock(&self.slot.senders).push((upstream, sender));
     }
 
     /// Hand a newly opened connection to the driver. The request that opened it is being polled
     /// by the same [`Drive`], which picks it up before it sleeps.
     pub(crate) fn opened(&self, driver: Driver) {
-        *lock(&self.slot.opened) = Some(driver);
+        self.slot.open.fetch_add(1, Ordering::Relaxed);
+        lock(&self.slot.opened).push(driver);
         self.slot.has_opened.store(true, Ordering::Release);
     }
 
-    fn take_opened(&self) -> Option<Driver> {
+    fn take_opened(&self) -> Vec<Driver> {
         if !self.slot.has_opened.swap(false, Ordering::Acquire) {
-            return None;
+            return Vec::new();
         }
-        lock(&self.slot.opened).take()
+        std::mem::take(&mut *lock(&self.slot.opened))
     }
 }
 
@@ -112,16 +152,16 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Polls a client connection and its owned upstream connection in one task, each only when its
-/// own waker fired. (`select!` or `join!` would poll both on every wake: ~4k instructions per
-/// request.) Completes when the client connection does; its upstream connection closes with it.
+/// Polls a client connection and its owned upstream connections in one task, each only when its
+/// own waker fired. (`select!` or `join!` would poll all on every wake: ~4k instructions per
+/// request.) Completes when the client connection does; its upstream connections close with it.
 pub struct Drive<F> {
     server: Pin<Box<F>>,
-    upstream: Option<Driver>,
+    /// Upstream connections by wake bit; a finished one leaves its place free.
+    upstreams: Vec<(Option<Driver>, Waker)>,
     affine: Affine,
     wakes: Arc<Wakes>,
     server_waker: Waker,
-    upstream_waker: Waker,
 }
 
 /// How many times one poll goes round while the sides keep waking each other (a request handed
@@ -136,13 +176,14 @@ struct Wakes {
     /// [`Drive::poll`] is running: a wake now is seen by its next round, not by a new poll.
     running: AtomicBool,
     server: AtomicBool,
-    upstream: AtomicBool,
+    /// One bit per upstream connection: bit i wakes `Drive::upstreams[i]`.
+    upstreams: AtomicU64,
 }
 
 #[derive(Clone, Copy)]
 enum Side {
     Server,
-    Upstream,
+    Upstream(usize),
 }
 
 struct SideWaker {
@@ -156,11 +197,12 @@ impl Wake for SideWaker {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        let flag = match self.side {
-            Side::Server => &self.wakes.server,
-            Side::Upstream => &self.wakes.upstream,
-        };
-        flag.store(true, Ordering::SeqCst);
+        match self.side {
+            Side::Server => self.wakes.server.store(true, Ordering::SeqCst),
+            Side::Upstream(i) => {
+                self.wakes.upstreams.fetch_or(1 << i, Ordering::SeqCst);
+            }
+        }
         if !self.wakes.running.load(Ordering::SeqCst) {
             self.wakes.parent.wake();
         }
@@ -172,20 +214,29 @@ impl<F: Future> Drive<F> {
         let wakes = Arc::new(Wakes::default());
         // The first poll polls the server side.
         wakes.server.store(true, Ordering::SeqCst);
-        let waker = |side| {
-            Waker::from(Arc::new(SideWaker {
-                wakes: wakes.clone(),
-                side,
-            }))
-        };
+        let server_waker = side_waker(&wakes, Side::Server);
         Self {
             server: Box::pin(server),
-            upstream: None,
+            upstreams: Vec::new(),
             affine,
-            server_waker: waker(Side::Server),
-            upstream_waker: waker(Side::Upstream),
+            server_waker,
             wakes,
         }
+    }
+
+    /// Give a newly opened connection a free place, and poll it at once.
+    fn adopt(&mut self, driver: Driver) {
+        let i = match self.upstreams.iter().position(|(d, _)| d.is_none()) {
+            Some(i) => i,
+            None => {
+                let i = self.upstreams.len();
+                let waker = side_waker(&self.wakes, Side::Upstream(i));
+                self.upstreams.push((None, waker));
+                i
+            }
+        };
+        self.upstreams[i].0 = Some(driver);
+        self.wakes.upstreams.fetch_or(1 << i, Ordering::SeqCst);
     }
 
     /// One round: poll each woken side once. `Some` once the client connection is done.
@@ -195,17 +246,20 @@ impl<F: Future> Drive<F> {
             if let Poll::Ready(out) = self.server.as_mut().poll(&mut cx) {
                 return Some(out);
             }
-            if let Some(opened) = self.affine.take_opened() {
-                // A request opened a connection (replacing a closed one, if any).
-                self.upstream = Some(opened);
-                self.wakes.upstream.store(true, Ordering::SeqCst);
+            // Requests opened connections (replacing closed ones, if any).
+            for driver in self.affine.take_opened() {
+                self.adopt(driver);
             }
         }
-        if self.wakes.upstream.swap(false, Ordering::SeqCst) {
-            if let Some(upstream) = &mut self.upstream {
-                let mut cx = Context::from_waker(&self.upstream_waker);
+        let mut woken = self.wakes.upstreams.swap(0, Ordering::SeqCst);
+        while woken != 0 {
+            let i = woken.trailing_zeros() as usize;
+            woken &= woken - 1;
+            if let Some((Some(upstream), waker)) = self.upstreams.get_mut(i) {
+                let mut cx = Context::from_waker(waker);
                 if upstream.as_mut().poll(&mut cx).is_ready() {
-                    self.upstream = None;
+                    self.upstreams[i].0 = None;
+                    self.affine.slot.open.fetch_sub(1, Ordering::Relaxed);
                 }
             }
         }
@@ -213,7 +267,7 @@ impl<F: Future> Drive<F> {
     }
 
     fn woken(&self) -> bool {
-        self.wakes.server.load(Ordering::SeqCst) || self.wakes.upstream.load(Ordering::SeqCst)
+        self.wakes.server.load(Ordering::SeqCst) || self.wakes.upstreams.load(Ordering::SeqCst) != 0
     }
 }
 
@@ -247,10 +301,18 @@ impl<F: Future> Future for Drive<F> {
 
 impl<F> Unpin for Drive<F> {}
 
+fn side_waker(wakes: &Arc<Wakes>, side: Side) -> Waker {
+    Waker::from(Arc::new(SideWaker {
+        wakes: wakes.clone(),
+        side,
+    }))
+}
+
 impl<F> std::fmt::Debug for Drive<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let open = self.upstreams.iter().filter(|(d, _)| d.is_some()).count();
         f.debug_struct("Drive")
-            .field("upstream", &self.upstream.is_some())
+            .field("upstreams", &open)
             .finish_non_exhaustive()
     }
 }
@@ -347,9 +409,15 @@ mod tests {
     #[test]
     fn the_first_request_uses_the_pool_and_later_ones_their_own() {
         let affine = Affine::new();
-        assert!(matches!(affine.take(), Owned::First));
-        assert!(matches!(affine.take(), Owned::None));
-        assert!(matches!(affine.take(), Owned::None));
+        let loom = http::Uri::from_static("http://127.0.0.1:8080/x");
+        assert!(matches!(affine.take(&loom), Owned::First));
+        assert!(matches!(affine.take(&loom), Owned::None));
+        assert!(matches!(affine.take(&loom), Owned::None));
+        assert!(affine.has_room());
+        for _ in 0..MAX_OWNED {
+            affine.opened(Box::pin(std::future::pending()));
+        }
+        assert!(!affine.has_room(), "at most {MAX_OWNED} upstreams each");
     }
 
     #[derive(Default)]

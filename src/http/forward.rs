@@ -2,8 +2,8 @@
 //!
 //! One pooled keep-alive client (hyper-util's legacy `Client`) is built at start-up and shared by
 //! every request and every health probe; a keep-alive client connection sends its requests to
-//! the local Loom over an upstream connection of its own (`affine.rs`), and every upstream's
-//! connections are bounded (`bound.rs`). This file owns timeouts, the mapping of transport
+//! the local Loom and to peer routers over upstream connections of its own (`affine.rs`), and
+//! every upstream's connections are bounded (`bound.rs`). This file owns timeouts, the mapping of transport
 //! failures to [`UpstreamKind`], and reading bodies into memory when the router has to. It must
 //! not decide *where* a request goes: `proxy/` does that from the ownership table.
 
@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::uri::{PathAndQuery, Scheme, Uri};
+use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response};
 use http_body::Body as _;
 use http_body_util::BodyExt;
@@ -19,10 +19,10 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::http::affine::{Affine, Owned};
+use crate::http::affine::{Affine, Owned, Upstream};
 use crate::http::body::{Body, BodyProgress, ClientBody};
 use crate::http::bound::{Bound, Bounded};
 use crate::http::error::{BoxError, SendError, UpstreamKind};
@@ -44,7 +44,6 @@ pub struct Forwarder {
     connector: Connector,
     idle_timeout: Duration,
     bound: Arc<Bound>,
-    connect_timeout: Duration,
 }
 
 impl Forwarder {
@@ -77,7 +76,6 @@ impl Forwarder {
             connector,
             idle_timeout,
             bound,
-            connect_timeout,
         }
     }
 
@@ -109,16 +107,16 @@ impl Forwarder {
         settle(sent, progress, timeout)
     }
 
-    /// Send a request to the local Loom: over the client connection's own upstream connection
-    /// when it has a slot for one (`http/affine.rs`) and the Loom speaks plain HTTP, else
-    /// through the pool.
-    pub async fn send_local(
+    /// Send a request over the client connection's own connection to the request's upstream
+    /// (the local Loom or a peer router; `http/affine.rs`) when the connection has a slot for
+    /// one, else through the pool; wait for the response head, at most `timeout`.
+    pub async fn send_from(
         &self,
         affine: Option<&Affine>,
         request: Request<Body>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, SendError> {
-        let Some(affine) = affine.filter(|_| request.uri().scheme() == Some(&Scheme::HTTP)) else {
+        let Some(affine) = affine else {
             return self.send(request, timeout).await;
         };
         let progress = request.body().progress();
@@ -144,7 +142,7 @@ impl Forwarder {
         affine: &Affine,
         mut request: Request<Body>,
     ) -> Result<Response<Incoming>, SendError> {
-        let mut reused = match affine.take() {
+        let mut reused = match affine.take(request.uri()) {
             // Boxed, as `open` below: rare paths must not grow every request's future.
             Owned::First => return Box::pin(self.pooled(request)).await,
             Owned::Ready(sender) => Some(sender),
@@ -164,10 +162,15 @@ impl Forwarder {
         loop {
             let (mut sender, fresh) = match reused.take() {
                 Some(sender) => (sender, false),
-                None => match self.bound.own(&upstream) {
+                None => match affine
+                    .has_room()
+                    .then(|| self.bound.own(&upstream))
+                    .flatten()
+                {
                     Some(permit) => (Box::pin(self.open(affine, &upstream, permit)).await?, true),
                     None => {
-                        // Past the share of the bound owned connections may take: the pool.
+                        // Past the share of the bound owned connections may take, or past the
+                        // upstreams one connection may own: the pool.
                         *request.uri_mut() = upstream;
                         return Box::pin(self.pooled(request)).await;
                     }
@@ -187,7 +190,7 @@ impl Forwarder {
             }
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    affine.put(sender);
+                    affine.put(Upstream::of(&upstream), sender);
                     return Ok(response);
                 }
                 Err(mut e) => match e.take_message() {
@@ -204,7 +207,8 @@ impl Forwarder {
         }
     }
 
-    /// Open a connection for `affine` to own, holding `permit` while it is open.
+    /// Open a connection for `affine` to own, holding `permit` while it is open: through the
+    /// pool's connector (its connect timeout, and TLS toward `https://` upstreams).
     async fn open(
         &self,
         affine: &Affine,
@@ -212,24 +216,17 @@ impl Forwarder {
         permit: OwnedSemaphorePermit,
     ) -> Result<SendRequest<Body>, SendError> {
         let connect_failed = |source: BoxError| SendError {
-            kind: UpstreamKind::Connect,
+            kind: kind_of(source.as_ref(), true),
             source: Some(source),
         };
-        let authority = upstream
-            .authority()
-            .ok_or_else(|| connect_failed("the upstream has no host".into()))?;
-        let port = authority.port_u16().unwrap_or(80);
-        let connect = tokio::net::TcpStream::connect((authority.host(), port));
-        let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => return Err(connect_failed(Box::new(e))),
-            Err(_) => return Err(connect_failed("connect timed out".into())),
-        };
-        let _ = stream.set_nodelay(true);
+        let connector = self.connector.inner.clone();
+        let io = tower::ServiceExt::oneshot(connector, upstream.clone())
+            .await
+            .map_err(connect_failed)?;
         let (sender, connection) = http1::Builder::new()
             // As the client side's (`proxy/listener.rs`): one buffer, one write.
             .writev(false)
-            .handshake(TokioIo::new(stream))
+            .handshake(io)
             .await
             .map_err(|e| connect_failed(Box::new(e)))?;
         affine.opened(Box::pin(async move {

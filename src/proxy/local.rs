@@ -181,7 +181,7 @@ impl Proxy {
         };
         let result = self
             .forwarder
-            .send_local(
+            .send_from(
                 conn.affine.as_ref(),
                 Request::from_parts(parts, body),
                 timeout,

@@ -61,7 +61,7 @@ impl Proxy {
                 (None, Some(body)) => body,
                 (None, None) => break,
             };
-            let response = match self.send_hop(config, &to, &mut parts, body).await {
+            let response = match self.send_hop(ctx, &to, &mut parts, body).await {
                 Ok(response) => response,
                 Err(error) => {
                     let failed = hop_failed(&to, error, sent.elapsed());
@@ -112,11 +112,12 @@ impl Proxy {
     /// One attempt: the write, stamped with the epoch `to` names, sent to `to.dc`'s router.
     async fn send_hop(
         &self,
-        config: &Config,
+        ctx: Ctx<'_>,
         to: &ToPeer,
         parts: &mut Parts,
         body: Body,
     ) -> Result<Response<Incoming>, RouterError> {
+        let config = &ctx.snap.config;
         parts
             .headers
             .insert(headers::EPOCH, HeaderValue::from(to.epoch));
@@ -125,7 +126,10 @@ impl Proxy {
         // The owner bounds the write by write_timeout; wait a second longer so that we do not
         // time out on a write the owner applied.
         let timeout = config.loom.write_timeout + Duration::from_secs(1);
-        let sent = self.forwarder.send(rebuild(parts, body), timeout);
+        let affine = ctx.conn.affine.as_ref();
+        let sent = self
+            .forwarder
+            .send_from(affine, rebuild(parts, body), timeout);
         let name = || config.datacenters[to.dc].name.clone();
         sent.await
             .map_err(|e| RouterError::from_peer(e, name(), timeout))

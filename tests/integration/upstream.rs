@@ -257,3 +257,38 @@ async fn upstream_connections_stay_within_the_bound() {
     let max_open = log.max_open.load(Ordering::SeqCst);
     assert!((1..=3).contains(&max_open), "{max_open} open at once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_connections_forwarded_writes_share_one_connection_to_the_owner() {
+    // us-west's "router" numbers its connections; it answers writes 200 and its probe ready.
+    let (peer, log) = scripted_loom(Script::default()).await;
+    let mut options = Options::default();
+    options.router_override[WEST] = Some(peer);
+    let c = Cluster::start_with(options).await;
+    let mut client = KeepAlive::open(c.dc(EAST).router).await;
+    // Residue 2 is us-west's: each write is forwarded to it.
+    let write = "/v2/clusters/00000012/abort";
+    for _ in 0..4 {
+        let (status, route, body) = client.send("POST", write).await;
+        assert_eq!((status, route.as_str()), (200, "write-forwarded"), "{body}");
+    }
+    let writes: Vec<Seen> = log
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == "POST")
+        .collect();
+    assert_eq!(writes.len(), 4, "{writes:?}");
+    assert!(writes.iter().all(|w| w.path == write), "{writes:?}");
+    // The first went through the pool; the rest over one connection of this client's own,
+    // with the peer's own address as the host.
+    let conns: Vec<usize> = writes.iter().map(|w| w.conn).collect();
+    assert!(conns[1..].iter().all(|c| *c == conns[1]), "{conns:?}");
+    assert_ne!(conns[0], conns[1], "{conns:?}");
+    assert!(
+        writes.iter().all(|w| w.host == peer.to_string()),
+        "{writes:?}"
+    );
+    // Reads on the same connection still go to the local Loom.
+    let (status, route, _) = client.send("GET", "/v2/clusters").await;
+    assert_eq!((status, route.as_str()), (200, "read"));
+}
