@@ -14,7 +14,7 @@
 //!   request that was written and then lost its connection is never sent again (it may have
 //!   been a write that Loom applied);
 //! - each owned connection holds one of the upstream's `max_upstream_connections` permits; past
-//!   the share the shared pool keeps (`http/bound.rs`), or past [`MAX_OWNED`] upstreams,
+//!   the share the shared pool keeps (`http/bound.rs`), or past `MAX_OWNED` (8) upstreams,
 //!   requests go through the pool.
 //!
 //! This file knows nothing of routing; `http/forward.rs` decides when to use it.
