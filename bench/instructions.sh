@@ -23,15 +23,8 @@ cd "$(dirname "$0")/.."
 warm=${1:-500}
 more=${2:-5000}
 
-need=()
-command -v valgrind > /dev/null || need+=(valgrind)
-command -v nginx > /dev/null || need+=(nginx-light)
-command -v haproxy > /dev/null || need+=(haproxy)
-if [ ${#need[@]} -gt 0 ]; then
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
-fi
+source bench/lib.sh
+install_missing valgrind:valgrind nginx:nginx-light haproxy:haproxy
 cargo build --release --quiet
 
 work=$(mktemp -d)
@@ -39,7 +32,6 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2> /dev/null || true; done; wait 2> /dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 trap "exit 130" INT TERM
-source bench/lib.sh
 ports
 backend_conf > "$work/backend.conf"
 # One process (no master): a forked worker's counts are not written out under callgrind, and the

@@ -1,6 +1,18 @@
 # Shared by bench/load.sh and bench/instructions.sh: the ports, the one nginx backend, the
 # baseline proxies and the routers' config, so both benchmarks measure the same setup.
-# Sourced, not run. Uses $work (a scratch folder) and the port variables set by `ports`.
+# Sourced, not run (from the repository root). Uses $work (a scratch folder) and the port variables set by `ports`.
+
+# apt-get install whichever of these programs is missing: install_missing command:package...
+install_missing() {
+    local need=() pair
+    for pair in "$@"; do
+        command -v "${pair%%:*}" > /dev/null || need+=("${pair#*:}")
+    done
+    [ ${#need[@]} -gt 0 ] || return 0
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+}
 
 # Seven distinct free ports, all bound at once so none is handed out twice:
 # backend nginx_proxy haproxy_port east east_admin west west_admin.

@@ -28,14 +28,8 @@ rounds=${1:-3}
 secs=${2:-10}
 rate=${LOAD_RATE:-5000}
 
-need=()
-command -v nginx > /dev/null || need+=(nginx-light)
-command -v haproxy > /dev/null || need+=(haproxy)
-if [ ${#need[@]} -gt 0 ]; then
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
-fi
+source bench/lib.sh
+install_missing nginx:nginx-light haproxy:haproxy
 command -v oha > /dev/null || cargo install oha --locked
 cargo build --release --quiet
 
@@ -44,7 +38,6 @@ pids=()
 cleanup() { for p in "${pids[@]}" $(cat "$work/swapper.pid" 2> /dev/null); do kill "$p" 2> /dev/null || true; done; wait 2> /dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 trap "exit 130" INT TERM
-source bench/lib.sh
 ports
 backend_conf > "$work/backend.conf"
 nginx_conf "worker_processes 1;" > "$work/nginx.conf"
