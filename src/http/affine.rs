@@ -29,6 +29,7 @@ use atomic_waker::AtomicWaker;
 use hyper::client::conn::http1::SendRequest;
 
 use crate::http::body::Body;
+use crate::http::bound::Upstream;
 
 /// A connection future handed to the driver: the upstream connection with its permit.
 pub(crate) type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -61,26 +62,6 @@ impl std::fmt::Debug for Slot {
         f.debug_struct("Slot")
             .field("used", &self.used.load(Ordering::Relaxed))
             .finish_non_exhaustive()
-    }
-}
-
-/// An upstream a client connection may own a connection to: scheme and authority.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Upstream {
-    scheme: Option<http::uri::Scheme>,
-    authority: Option<http::uri::Authority>,
-}
-
-impl Upstream {
-    pub(crate) fn of(uri: &http::Uri) -> Self {
-        Self {
-            scheme: uri.scheme().cloned(),
-            authority: uri.authority().cloned(),
-        }
-    }
-
-    fn is(&self, uri: &http::Uri) -> bool {
-        self.authority.as_ref() == uri.authority() && self.scheme.as_ref() == uri.scheme()
     }
 }
 

@@ -27,8 +27,30 @@ use crate::http::error::BoxError;
 #[derive(Debug)]
 pub struct Bound {
     per_upstream: usize,
-    upstreams: DashMap<String, Arc<Semaphore>>,
+    upstreams: DashMap<Upstream, Arc<Semaphore>>,
 }
+
+/// An upstream: the scheme and authority its connections are opened to. The bound counts
+/// connections by it, and a client connection's owned connections are found by it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Upstream {
+    scheme: Option<http::uri::Scheme>,
+    authority: Option<http::uri::Authority>,
+}
+
+impl Upstream {
+    pub(crate) fn of(uri: &http::Uri) -> Self {
+        Self {
+            scheme: uri.scheme().cloned(),
+            authority: uri.authority().cloned(),
+        }
+    }
+
+    pub(crate) fn is(&self, uri: &http::Uri) -> bool {
+        self.authority.as_ref() == uri.authority() && self.scheme.as_ref() == uri.scheme()
+    }
+}
+
 
 /// The pool's connector waited a whole connect timeout for a connection to come free.
 #[derive(Debug, thiserror::Error)]
@@ -44,10 +66,7 @@ impl Bound {
     }
 
     fn semaphore(&self, uri: &Uri) -> Arc<Semaphore> {
-        let key = match (uri.scheme_str(), uri.authority()) {
-            (Some(scheme), Some(authority)) => format!("{scheme}://{authority}"),
-            _ => uri.to_string(),
-        };
+        let key = Upstream::of(uri);
         if let Some(found) = self.upstreams.get(&key) {
             return found.clone();
         }
@@ -69,7 +88,8 @@ impl Bound {
     }
 
     /// Connections open to `uri` now.
-    pub fn open(&self, uri: &Uri) -> usize {
+    #[cfg(test)]
+    fn open(&self, uri: &Uri) -> usize {
         self.per_upstream - self.semaphore(uri).available_permits()
     }
 }

@@ -22,9 +22,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::http::affine::{Affine, Owned, Upstream};
+use crate::http::affine::{Affine, Owned};
 use crate::http::body::{Body, BodyProgress, ClientBody};
-use crate::http::bound::{Bound, Bounded};
+use crate::http::bound::{Bound, Bounded, Upstream};
 use crate::http::error::{BoxError, SendError, UpstreamKind};
 
 /// Idle pooled connections kept per upstream host. Enough for a burst of concurrent writes to
@@ -88,11 +88,6 @@ impl Forwarder {
             client: pool(self.connector.clone(), self.idle_timeout),
             ..self.clone()
         }
-    }
-
-    /// Connections open to this upstream now, pooled and owned (tests and `/metrics` read it).
-    pub fn open_connections(&self, upstream: &Uri) -> usize {
-        self.bound.open(upstream)
     }
 
     /// Send a request through the shared pool and wait for the response head, at most
