@@ -181,32 +181,24 @@ impl Job {
             stop,
         } = self;
         runtime.block_on(async move {
-            let plain = http.map(|socket| {
+            let serve = |socket, tls| {
                 let on = listener::On {
                     worker,
-                    tls: None,
+                    tls,
                     drain_timeout,
                 };
                 listen(socket, on, proxy.clone(), stop.clone())
-            });
-            let tls = https.map(|(socket, tls)| {
-                let on = listener::On {
-                    worker,
-                    tls: Some(tls),
-                    drain_timeout,
-                };
-                listen(socket, on, proxy.clone(), stop.clone())
-            });
-            let plain = tokio::spawn(async move {
-                if let Some(serve) = plain {
-                    serve.await;
-                }
-            });
-            if let Some(serve) = tls {
-                serve.await;
-            }
-            let _ = plain.await;
+            };
+            let plain = http.map(|socket| serve(socket, None));
+            let tls = https.map(|(socket, tls)| serve(socket, Some(tls)));
+            tokio::join!(maybe(plain), maybe(tls));
         });
+    }
+}
+
+async fn maybe(serve: Option<impl std::future::Future<Output = ()>>) {
+    if let Some(serve) = serve {
+        serve.await;
     }
 }
 
