@@ -51,7 +51,6 @@ impl Upstream {
     }
 }
 
-
 /// The pool's connector waited a whole connect timeout for a connection to come free.
 #[derive(Debug, thiserror::Error)]
 #[error("all {0} connections to this upstream are in use (limits.max_upstream_connections)")]

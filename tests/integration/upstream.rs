@@ -48,6 +48,13 @@ impl Log {
     fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
+
+    fn posts(&self) -> Vec<Seen> {
+        self.seen()
+            .into_iter()
+            .filter(|s| s.method == "POST")
+            .collect()
+    }
 }
 
 /// Start the scripted Loom. Every answer is 200 with body `conn=<n>`.
@@ -210,11 +217,7 @@ async fn a_write_lost_with_its_owned_connection_is_not_sent_twice() {
     assert_eq!((status, route.as_str()), (502, "write-local"), "{body}");
     // Loom read the write once; nothing sent it again.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let posts: Vec<Seen> = log
-        .seen()
-        .into_iter()
-        .filter(|s| s.method == "POST")
-        .collect();
+    let posts = log.posts();
     assert_eq!(posts.len(), 1, "{posts:?}");
     assert_eq!(posts[0].path, EAST_WRITE);
     // The client connection carries on, over a new upstream connection.
@@ -274,11 +277,7 @@ async fn a_client_connections_forwarded_writes_share_one_connection_to_the_owner
         let (status, route, body) = client.send("POST", write).await;
         assert_eq!((status, route.as_str()), (200, "write-forwarded"), "{body}");
     }
-    let writes: Vec<Seen> = log
-        .seen()
-        .into_iter()
-        .filter(|s| s.method == "POST")
-        .collect();
+    let writes = log.posts();
     assert_eq!(writes.len(), 4, "{writes:?}");
     assert!(writes.iter().all(|w| w.path == write), "{writes:?}");
     // The first went through the pool; the rest over one connection of this client's own,
