@@ -75,7 +75,7 @@ pub(crate) enum Owned {
     /// The connection's first request: through the shared pool.
     First,
     /// The owned connection, ready to send on.
-    Ready(SendRequest<Body>),
+    Ready(Upstream, SendRequest<Body>),
     /// None yet (or the last one closed): open one.
     None,
 }
@@ -94,11 +94,11 @@ impl Affine {
         let Some(i) = senders.iter().position(|(key, _)| key.is(upstream)) else {
             return Owned::None;
         };
-        let (_, sender) = senders.swap_remove(i);
+        let (upstream, sender) = senders.swap_remove(i);
         if sender.is_closed() {
             Owned::None
         } else {
-            Owned::Ready(sender)
+            Owned::Ready(upstream, sender)
         }
     }
 

@@ -36,14 +36,24 @@ pub struct Bound {
 pub(crate) struct Upstream {
     scheme: Option<http::uri::Scheme>,
     authority: Option<http::uri::Authority>,
+    /// The authority as the `Host` its requests carry, made once.
+    host: Option<http::HeaderValue>,
 }
 
 impl Upstream {
     pub(crate) fn of(uri: &http::Uri) -> Self {
+        let authority = uri.authority().cloned();
         Self {
             scheme: uri.scheme().cloned(),
-            authority: uri.authority().cloned(),
+            host: authority
+                .as_ref()
+                .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok()),
+            authority,
         }
+    }
+
+    pub(crate) fn host(&self) -> Option<&http::HeaderValue> {
+        self.host.as_ref()
     }
 
     pub(crate) fn is(&self, uri: &http::Uri) -> bool {

@@ -137,11 +137,11 @@ impl Forwarder {
         affine: &Affine,
         mut request: Request<Body>,
     ) -> Result<Response<Incoming>, SendError> {
-        let mut reused = match affine.take(request.uri()) {
+        let (key, mut reused) = match affine.take(request.uri()) {
             // Boxed, as `open` below: rare paths must not grow every request's future.
             Owned::First => return Box::pin(self.pooled(request)).await,
-            Owned::Ready(sender) => Some(sender),
-            Owned::None => None,
+            Owned::Ready(key, sender) => (key, Some(sender)),
+            Owned::None => (Upstream::of(request.uri()), None),
         };
         let upstream = request.uri().clone();
         // hyper's connections send the URI as given, and add no `Host`: Loom expects
@@ -149,10 +149,10 @@ impl Forwarder {
         if let Some(path) = upstream.path_and_query() {
             *request.uri_mut() = Uri::from(path.clone());
         }
-        if let Some(host) = upstream.authority().map(|a| a.as_str()) {
-            if let Ok(host) = http::HeaderValue::from_str(host) {
-                request.headers_mut().insert(http::header::HOST, host);
-            }
+        if let Some(host) = key.host() {
+            request
+                .headers_mut()
+                .insert(http::header::HOST, host.clone());
         }
         loop {
             let (mut sender, fresh) = match reused.take() {
@@ -185,7 +185,7 @@ impl Forwarder {
             }
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    affine.put(Upstream::of(&upstream), sender);
+                    affine.put(key, sender);
                     return Ok(response);
                 }
                 Err(mut e) => match e.take_message() {
