@@ -22,14 +22,16 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
+use std::time::Duration;
 
 use atomic_waker::AtomicWaker;
 use hyper::client::conn::http1::SendRequest;
 
 use crate::http::body::Body;
 use crate::http::bound::Upstream;
+use crate::http::timer::{Deadline, Reused};
 
 /// A connection future handed to the driver: the upstream connection with its permit.
 pub(crate) type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -55,6 +57,9 @@ struct Slot {
     open: AtomicUsize,
     /// The connection has sent a request already (through the pool or its own connection).
     used: AtomicBool,
+    /// The timer entry its requests' response deadlines reuse (`http/timer.rs`); made by the
+    /// first, inside the runtime.
+    timer: OnceLock<Reused>,
 }
 
 impl std::fmt::Debug for Slot {
@@ -100,6 +105,11 @@ impl Affine {
         } else {
             Owned::Ready(upstream, sender)
         }
+    }
+
+    /// The deadline for a response to this connection's request in flight, `after` from now.
+    pub(crate) fn deadline(&self, after: Duration) -> Deadline {
+        self.slot.timer.get_or_init(Reused::new).after(after)
     }
 
     /// Whether this connection may own one more upstream connection.

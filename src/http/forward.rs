@@ -26,6 +26,7 @@ use crate::http::affine::{Affine, Owned};
 use crate::http::body::{Body, BodyProgress, ClientBody};
 use crate::http::bound::{Bound, Bounded, Upstream};
 use crate::http::error::{BoxError, SendError, UpstreamKind};
+use crate::http::timer::within;
 
 /// Idle pooled connections kept per upstream host. Enough for a burst of concurrent writes to
 /// one peer without reconnecting; the rest are closed when they go idle.
@@ -99,7 +100,7 @@ impl Forwarder {
     ) -> Result<Response<Incoming>, SendError> {
         let progress = request.body().progress();
         let sent = tokio::time::timeout(timeout, self.pooled(request)).await;
-        settle(sent, progress, timeout)
+        settle(sent.ok(), progress, timeout)
     }
 
     /// Send a request over the client connection's own connection to the request's upstream
@@ -112,10 +113,11 @@ impl Forwarder {
         timeout: Duration,
     ) -> Result<Response<Incoming>, SendError> {
         let Some(affine) = affine else {
-            return self.send(request, timeout).await;
+            // Boxed: HTTP/2 connections and probes only; the owned path's future stays small.
+            return Box::pin(self.send(request, timeout)).await;
         };
         let progress = request.body().progress();
-        let sent = tokio::time::timeout(timeout, self.owned(affine, request)).await;
+        let sent = within(affine.deadline(timeout), self.owned(affine, request)).await;
         settle(sent, progress, timeout)
     }
 
@@ -247,13 +249,13 @@ fn pool(connector: Connector, idle_timeout: Duration) -> Client<Connector, Body>
 /// stalled, or was still awaited from it at the deadline) is told apart from the upstream's
 /// here, where the body was handed over.
 fn settle(
-    sent: Result<Result<Response<Incoming>, SendError>, tokio::time::error::Elapsed>,
+    sent: Option<Result<Response<Incoming>, SendError>>,
     progress: Option<BodyProgress>,
     timeout: Duration,
 ) -> Result<Response<Incoming>, SendError> {
     match sent {
-        Ok(result) => result,
-        Err(_) => {
+        Some(result) => result,
+        None => {
             let waiting_on_client = progress.is_some_and(|p| p.waiting_on_client());
             Err(SendError {
                 kind: if waiting_on_client {

@@ -8,6 +8,8 @@
 //! - `affine`: a client connection's own connection to the local Loom, and the join that
 //!   drives both in one task.
 //! - `bound`: `max_upstream_connections`, the permits every upstream connection holds.
+//! - `timer`: deadlines that reuse one timer entry per connection, for hyper's header wait and
+//!   an owned upstream's response.
 //! - `tls`: PEM files → rustls configs for the https listener and https upstreams.
 //! - `error`: every error the router answers itself, and the one place it becomes a status, a
 //!   code and a body; the 421 body is written and read there too.
@@ -21,4 +23,5 @@ pub mod bound;
 pub mod error;
 pub mod forward;
 pub mod headers;
+pub mod timer;
 pub mod tls;

@@ -245,7 +245,7 @@ impl Proxy {
     }
 
     /// Handle one request from a client or a peer router.
-    pub async fn handle(&self, mut request: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+    pub async fn handle(&self, mut request: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
         let start = Instant::now();
         let snap = self.inner.control.snapshot();
         let method = request.method().clone();
@@ -259,7 +259,7 @@ impl Proxy {
             let _inflight = self.inner.metrics.inflight();
             let ctx = Ctx {
                 snap: &snap,
-                conn: &conn,
+                conn,
                 notes: &notes,
             };
             self.route(ctx, request).await

@@ -116,6 +116,62 @@ async fn a_slow_client_is_disconnected_without_a_response_and_others_are_served(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_client_slow_to_send_its_next_head_is_disconnected_too() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut options = Options::default();
+    options.per_dc[EAST] = "\n[limits]\nheader_read_timeout = \"300ms\"\n".to_owned();
+    let c = Cluster::start_with(options).await;
+    let mut stream = tokio::net::TcpStream::connect(c.dc(EAST).router)
+        .await
+        .unwrap();
+    // Requests keep coming for longer than the timeout: each head is timed on its own, so the
+    // connection stays up.
+    let request = b"GET /status HTTP/1.1\r\nhost: a\r\n\r\n";
+    for _ in 0..4 {
+        stream.write_all(request).await.unwrap();
+        let head = read_response_head(&mut stream).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    // Then half a head, and nothing more.
+    stream.write_all(b"GET /status HTTP/1.1\r\n").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "the router kept the connection open");
+    assert!(out.is_empty(), "got {:?}", String::from_utf8_lossy(&out));
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
+}
+
+/// Read one response head and its `content-length` body from a raw connection.
+async fn read_response_head(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            stream.read(&mut byte).await.unwrap(),
+            1,
+            "connection closed"
+        );
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_owned)
+        })
+        .map_or(0, |n| n.trim().parse().unwrap());
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.unwrap();
+    head
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_peer_gives_owner_unavailable_and_reads_elsewhere_keep_working() {
     let mut c = Cluster::start().await;
     let id = create_cluster(c.dc(WEST), "d").await;

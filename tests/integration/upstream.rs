@@ -24,6 +24,8 @@ struct Script {
     lose_posts: bool,
     /// Answer requests (not `/status`) after this long.
     delay: Duration,
+    /// Answer requests for this path after 2.5 s, past the tests' `request_timeout` (2 s).
+    too_slow: Option<&'static str>,
 }
 
 /// A request the scripted Loom read: the connection it came on, method and path.
@@ -97,7 +99,7 @@ async fn serve_scripted(mut stream: TcpStream, conn: usize, script: Script, log:
             log.seen.lock().unwrap().push(Seen {
                 conn,
                 method: method.clone(),
-                path,
+                path: path.clone(),
                 host,
             });
         }
@@ -105,7 +107,13 @@ async fn serve_scripted(mut stream: TcpStream, conn: usize, script: Script, log:
             return;
         }
         if !probe {
-            tokio::time::sleep(script.delay).await;
+            let late = script.too_slow == Some(path.as_str());
+            tokio::time::sleep(if late {
+                Duration::from_millis(2500)
+            } else {
+                script.delay
+            })
+            .await;
         }
         let body = format!("conn={conn}");
         let response = format!(
@@ -224,6 +232,41 @@ async fn a_write_lost_with_its_owned_connection_is_not_sent_twice() {
     let (status, _, body) = client.send("GET", "/v2/clusters").await;
     assert_eq!(status, 200);
     assert_ne!(body, format!("conn={}", posts[0].conn));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_answer_on_an_owned_connection_times_out_and_the_next_request_is_served() {
+    let script = Script {
+        too_slow: Some("/v2/clusters/00000021"),
+        ..Script::default()
+    };
+    let (loom, log) = scripted_loom(script).await;
+    let c = east_on(loom, "").await;
+    let mut client = KeepAlive::open(c.dc(EAST).router).await;
+    // The second request sets up the owned connection; its response deadline is armed from
+    // then on, and moved on by every request.
+    for _ in 0..2 {
+        assert_eq!(client.send("GET", "/v2/clusters").await.0, 200);
+    }
+    let started = std::time::Instant::now();
+    let (status, route, body) = client.send("GET", "/v2/clusters/00000021").await;
+    assert_eq!((status, route.as_str()), (504, "read"), "{body}");
+    assert_eq!(
+        body.trim_end(),
+        "The local Loom server did not answer within 2s; retry later."
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_millis(2400),
+        "answered after {waited:?}, request_timeout is 2 s"
+    );
+    // The deadline that fired is armed again for the next request, which is served, and does
+    // not time out early either.
+    let (status, route, _) = client.send("GET", "/v2/clusters").await;
+    assert_eq!((status, route.as_str()), (200, "read"));
+    let paths: Vec<String> = log.seen().into_iter().map(|s| s.path).collect();
+    assert_eq!(paths.len(), 4, "{paths:?}");
+    assert_eq!(paths[2], "/v2/clusters/00000021");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
