@@ -55,8 +55,14 @@ const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-/// Install the global Prometheus recorder and describe every metric. Call once per process;
-/// later calls (several routers in one demo process) share the first recorder.
+/// How often the recorder folds recorded histogram samples into its buckets. Until it does,
+/// every sample is kept: a router that nothing scraped grew by ~21 bytes a request. At 50,000
+/// requests a second this bounds what waits to ~0.4 MB.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Install the global Prometheus recorder, describe every metric and start the recorder's
+/// upkeep. Call once per process; later calls (several routers in one demo process) share the
+/// first recorder.
 pub fn install() -> PrometheusHandle {
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
     HANDLE
@@ -75,6 +81,7 @@ pub fn install() -> PrometheusHandle {
                     }
                     describe();
                     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+                    start_upkeep(handle.clone());
                     handle
                 }
                 Err(e) => {
@@ -85,6 +92,22 @@ pub fn install() -> PrometheusHandle {
             }
         })
         .clone()
+}
+
+/// Run the recorder's upkeep every [`UPKEEP_INTERVAL`], for the life of the process, as
+/// `metrics-exporter-prometheus` asks of a recorder built with `build_recorder` (its
+/// `install_recorder` would start the same thread, but also insist on being the only recorder
+/// and on its own listener). A thread, not a task: the recorder outlives every runtime.
+fn start_upkeep(handle: PrometheusHandle) {
+    let upkeep = std::thread::Builder::new()
+        .name("metrics-upkeep".to_owned())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP_INTERVAL);
+            handle.run_upkeep();
+        });
+    if let Err(e) = upkeep {
+        tracing::error!(error = %e, "cannot start the metrics upkeep; histograms grow until scraped");
+    }
 }
 
 /// Describe every metric, so `/metrics` carries HELP and TYPE lines.

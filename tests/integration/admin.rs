@@ -1,5 +1,7 @@
 //! The admin listener (docs/operations.md): health, readiness, the shard table and metrics.
 
+use std::time::Duration;
+
 use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,4 +148,51 @@ async fn metrics_move_for_every_route() {
             "{method} {path}: {route}/{code} did not move"
         );
     }
+}
+
+/// Recorded latencies are folded into the histogram's buckets when nothing scrapes `/metrics`
+/// too: the router's memory stays flat under load. Before the recorder's upkeep ran, each
+/// request kept its sample until the next scrape: this test measured 676 KiB of growth over the
+/// last 32,000 requests then, and 0–172 KiB (the allocator's pages) with the upkeep.
+#[test]
+fn memory_stays_flat_under_load_when_nothing_scrapes_metrics() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let loom = rt.block_on(slow_loom(Duration::ZERO));
+    let extra = "[log]\naccess = \"off\"\n";
+    let router = ChildRouter::start(loom, extra, "warn", std::process::Stdio::null());
+    router.until_readyz(&rt, 200);
+    let status = format!("/proc/{}/status", router.child.id());
+    let rss_kib = || -> u64 {
+        let text = std::fs::read_to_string(&status).unwrap();
+        let line = text.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let load = |requests: usize| {
+        rt.block_on(async {
+            let clients = (0..16).map(|_| {
+                let addr = router.http_addr();
+                tokio::spawn(async move {
+                    let mut client = KeepAlive::open(addr).await;
+                    for _ in 0..requests / 16 {
+                        let (status, route, _) = client.send("GET", "/v2/clusters").await;
+                        assert_eq!((status, route.as_str()), (200, "read"));
+                    }
+                })
+            });
+            for client in clients.collect::<Vec<_>>() {
+                client.await.unwrap();
+            }
+        });
+    };
+    // Warm up twice: connections, buffers and the allocator's pages settle. The second round
+    // is the steady state the last is compared with.
+    load(8_000);
+    load(32_000);
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = rss_kib();
+    load(32_000);
+    std::thread::sleep(Duration::from_millis(1500));
+    let grown = rss_kib().saturating_sub(before);
+    eprintln!("RSS grew by {grown} KiB over 32,000 requests");
+    assert!(grown < 350, "RSS grew by {grown} KiB over 32,000 requests");
 }
