@@ -78,14 +78,19 @@ impl App {
         // Load the certificates now, so that a bad file fails start-up, not the first handshake.
         crate::http::tls::server_config(&config)?;
         let http = match config.listen.http {
-            Some(addr) => Some(bind_workers("listen.http", addr, config.workers)?),
+            Some(addr) => Some(bind_workers("listen.http", addr, &config)?),
             None => None,
         };
         let https = match config.listen.https {
-            Some(addr) => Some(bind_workers("listen.https", addr, config.workers)?),
+            Some(addr) => Some(bind_workers("listen.https", addr, &config)?),
             None => None,
         };
-        let admin = bind("listen.admin", config.listen.admin).await?;
+        let admin = crate::proxy::workers::listener(config.listen.admin, config.listen.backlog)
+            .map_err(|source| AppError::Bind {
+                key: "listen.admin",
+                addr: config.listen.admin,
+                source,
+            })?;
         Ok(Self {
             config,
             http,
@@ -312,12 +317,10 @@ async fn connect_etcd(_endpoints: &[String]) -> Result<Store, AppError> {
 }
 
 /// A data listener: one `SO_REUSEPORT` socket per request worker.
-fn bind_workers(key: &'static str, addr: SocketAddr, workers: usize) -> Result<Sockets, AppError> {
-    Sockets::bind(addr, workers).map_err(|source| AppError::Bind { key, addr, source })
-}
-
-async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| AppError::Bind { key, addr, source })
+fn bind_workers(key: &'static str, addr: SocketAddr, config: &Config) -> Result<Sockets, AppError> {
+    Sockets::bind(addr, config.workers, config.listen.backlog).map_err(|source| AppError::Bind {
+        key,
+        addr,
+        source,
+    })
 }

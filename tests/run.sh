@@ -2,7 +2,8 @@
 # Run every test, including the etcd backend's, which start a real etcd.
 #
 # Those need two Debian packages: protobuf-compiler (etcd-client runs protoc when it builds) and
-# etcd-server (the tests start etcd on free loopback ports). This script installs whichever is
+# etcd-server (the tests start etcd on free loopback ports); one test reads listen queues with
+# `ss`, from iproute2. This script installs whichever is
 # missing with apt-get, then runs the tests of the whole workspace (the router, with the etcd
 # feature, and the emulated Loom in crates/loom-emulator). Extra arguments go to cargo test.
 set -euo pipefail
@@ -11,6 +12,7 @@ cd "$(dirname "$0")/.."
 need=()
 command -v protoc > /dev/null || need+=(protobuf-compiler)
 command -v etcd > /dev/null || need+=(etcd-server)
+command -v ss > /dev/null || need+=(iproute2)
 if [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

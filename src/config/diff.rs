@@ -81,6 +81,9 @@ impl Config {
         if self.workers != next.workers {
             out.push("runtime.workers");
         }
+        if self.listen.backlog != next.listen.backlog {
+            out.push("listen.backlog");
+        }
         if self.drain_timeout != next.drain_timeout {
             out.push("shutdown.drain_timeout");
         }

@@ -115,6 +115,8 @@ pub struct Listen {
     pub http: Option<SocketAddr>,
     pub https: Option<SocketAddr>,
     pub admin: SocketAddr,
+    /// The listen queue of every listener; the kernel caps it at `net.core.somaxconn`.
+    pub backlog: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,6 +226,11 @@ pub enum AccessLog {
 pub const DEFAULT_LISTEN_HTTP: &str = "0.0.0.0:8080";
 /// Admin listener: loopback only unless the operator opens it.
 pub const DEFAULT_LISTEN_ADMIN: &str = "127.0.0.1:9901";
+/// Every listener's listen queue: nginx uses 511, and a load balancer that opens hundreds of
+/// connections at once overflowed 128.
+pub const DEFAULT_BACKLOG: u32 = 1024;
+/// The largest `[listen] backlog`: the kernel keeps `somaxconn` in 16 bits.
+pub const MAX_BACKLOG: u32 = 65535;
 /// TLS handshake bound.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Loom's health endpoint.
@@ -298,8 +305,25 @@ impl Config {
                     .to_owned(),
             );
         }
+        if let Some(max) = somaxconn() {
+            if self.listen.backlog > max {
+                out.push(format!(
+                    "listen.backlog: {} is above the kernel's net.core.somaxconn ({max}), which caps                      it; raise somaxconn (sysctl) for the full queue",
+                    self.listen.backlog
+                ));
+            }
+        }
         out
     }
+}
+
+/// The kernel's cap on listen queues, where it can be read (Linux).
+fn somaxconn() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]
@@ -488,6 +512,34 @@ replicas = ["us-east"]
     }
 
     #[test]
+    fn a_backlog_above_somaxconn_is_warned_about() {
+        let Some(max) = somaxconn() else {
+            return; // Not Linux: nothing to compare with.
+        };
+        let backlog = (max + 1).min(MAX_BACKLOG);
+        let config = Config::from_toml(&format!("{GOOD}\n[listen]\nbacklog = {backlog}\n"));
+        let warnings = config.unwrap_or_else(|e| panic!("{e}")).warnings();
+        let warned = warnings.iter().any(|w| w.starts_with("listen.backlog: "));
+        assert_eq!(warned, backlog > max, "{warnings:?}");
+    }
+
+    #[test]
+    fn the_backlog_defaults_to_1024_and_is_bounded() {
+        let defaults = Config::from_toml(GOOD).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(defaults.listen.backlog, 1024);
+        let set = Config::from_toml(&format!("{GOOD}\n[listen]\nbacklog = 4096\n"));
+        assert_eq!(set.unwrap_or_else(|e| panic!("{e}")).listen.backlog, 4096);
+        assert_error(
+            &format!("{GOOD}\n[listen]\nbacklog = 0\n"),
+            "listen.backlog: must be at least 1",
+        );
+        assert_error(
+            &format!("{GOOD}\n[listen]\nbacklog = 70000\n"),
+            "listen.backlog: must be at most 65535",
+        );
+    }
+
+    #[test]
     fn bad_durations_and_addresses_are_named() {
         assert_error(
             &format!("{GOOD}\n[health]\ninterval = \"soon\"\n"),
@@ -597,9 +649,16 @@ replicas = ["us-east"]
             "{GOOD}\n[coordination]\nbackend = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\n"
         ))
         .unwrap();
-        assert_eq!(two.warnings().len(), 1);
-        assert!(two.warnings()[0].contains("three failure domains"));
-        assert!(Config::from_toml(GOOD).unwrap().warnings().is_empty());
+        // The backlog's warning depends on the machine's somaxconn (its own test above).
+        let about_etcd = |config: &Config| {
+            let mut warnings = config.warnings();
+            warnings.retain(|w| !w.starts_with("listen.backlog: "));
+            warnings
+        };
+        let warnings = about_etcd(&two);
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("three failure domains"));
+        assert!(about_etcd(&Config::from_toml(GOOD).unwrap()).is_empty());
     }
 
     #[test]

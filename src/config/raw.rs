@@ -48,6 +48,7 @@ pub(super) struct RawListen {
     pub(super) http: Option<String>,
     pub(super) https: Option<String>,
     pub(super) admin: Option<String>,
+    pub(super) backlog: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

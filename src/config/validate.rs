@@ -374,7 +374,22 @@ fn listen(p: &mut Problems, raw: &RawListen) -> Listen {
                 Some(DEFAULT_LISTEN_ADMIN),
             )
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9901))),
+        backlog: backlog(p, raw.backlog),
     }
+}
+
+/// `[listen] backlog`: 1 to 65535 (the kernel's limit for `somaxconn`), 1024 by default, so that
+/// a load balancer opening hundreds of connections at once does not overflow the queue and wait
+/// for SYN retries.
+fn backlog(p: &mut Problems, raw: Option<i64>) -> u32 {
+    let backlog = p.positive("listen.backlog", raw, DEFAULT_BACKLOG as usize);
+    u32::try_from(backlog)
+        .ok()
+        .filter(|b| *b <= MAX_BACKLOG)
+        .unwrap_or_else(|| {
+            p.push("listen.backlog", format!("must be at most {MAX_BACKLOG}"));
+            DEFAULT_BACKLOG
+        })
 }
 
 /// `[tls]`.

@@ -558,8 +558,7 @@ fn router_config(
 
 async fn bind(port: u16) -> Result<TcpListener, DemoError> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    TcpListener::bind(addr)
-        .await
+    crate::proxy::workers::listener(addr, crate::config::DEFAULT_BACKLOG)
         .map_err(|source| DemoError::Bind { addr, source })
 }
 

@@ -22,9 +22,6 @@ use tokio_util::sync::CancellationToken;
 use super::listener::{self, TlsAccept};
 use super::Proxy;
 
-/// Backlog of each listening socket, as nginx's default on Linux.
-const BACKLOG: u32 = 511;
-
 /// One data listener's sockets.
 #[derive(Debug)]
 pub enum Sockets {
@@ -35,13 +32,14 @@ pub enum Sockets {
 }
 
 impl Sockets {
-    /// Bind `workers` sockets on `addr` with `SO_REUSEPORT` (port 0: the port the first got).
-    pub fn bind(addr: SocketAddr, workers: usize) -> io::Result<Self> {
-        let first = reuseport(addr)?;
+    /// Bind `workers` sockets on `addr` with `SO_REUSEPORT` (port 0: the port the first got),
+    /// each with a listen queue of `backlog`.
+    pub fn bind(addr: SocketAddr, workers: usize, backlog: u32) -> io::Result<Self> {
+        let first = socket(addr, Reuse::Port)?.listen(backlog)?.into_std()?;
         let addr = first.local_addr()?;
         let mut sockets = vec![first];
         for _ in 1..workers {
-            sockets.push(reuseport(addr)?);
+            sockets.push(socket(addr, Reuse::Port)?.listen(backlog)?.into_std()?);
         }
         Ok(Self::PerWorker(sockets))
     }
@@ -73,16 +71,34 @@ impl Sockets {
     }
 }
 
-fn reuseport(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+/// Whether other sockets may bind the same address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    /// `SO_REUSEPORT`: the request workers' sockets, among which the kernel spreads connections.
+    Port,
+    /// One socket on the address (the admin listener).
+    Alone,
+}
+
+/// A TCP socket bound to `addr`, ready to listen.
+fn socket(addr: SocketAddr, reuse: Reuse) -> io::Result<tokio::net::TcpSocket> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
+    if reuse == Reuse::Port {
+        socket.set_reuseport(true)?;
+    }
     socket.bind(addr)?;
-    socket.listen(BACKLOG)?.into_std()
+    Ok(socket)
+}
+
+/// A listener on `addr` with a listen queue of `backlog` (`[listen] backlog`), for the admin
+/// listener and whatever else is bound outside the workers.
+pub fn listener(addr: SocketAddr, backlog: u32) -> io::Result<tokio::net::TcpListener> {
+    socket(addr, Reuse::Alone)?.listen(backlog)
 }
 
 /// What the workers serve: the plain and TLS listeners, and how long a drain may take.

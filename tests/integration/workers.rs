@@ -65,3 +65,41 @@ fn every_worker_serves_with_the_reloaded_config() {
         }
     });
 }
+
+/// Every listener queues `[listen] backlog` connections (1024 by default, capped by the kernel's
+/// `somaxconn`), not the 128 that left a load balancer's burst of connections waiting for SYN
+/// retries. `ss` (iproute2) shows a listening socket's queue size as its Send-Q.
+#[test]
+fn every_listener_has_the_configured_backlog() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let loom = rt.block_on(slow_loom(Duration::from_millis(1)));
+    let router = ChildRouter::start(
+        loom,
+        "[runtime]\nworkers = 2\n",
+        "warn",
+        std::process::Stdio::null(),
+    );
+    router.until_readyz(&rt, 200);
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let want = 1024.min(somaxconn).to_string();
+    let admin = router.admin_url("");
+    let admin_port = admin.rsplit(':').next().unwrap();
+    for port in [router.http_addr().port().to_string(), admin_port.to_owned()] {
+        let out = std::process::Command::new("ss")
+            .args(["-Hltn", &format!("sport = :{port}")])
+            .output()
+            .expect("ss (iproute2) must be installed for this test");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let queues: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(2))
+            .collect();
+        // The data port has one socket per worker.
+        let expected = if port == admin_port { 1 } else { 2 };
+        assert_eq!(queues, vec![want.as_str(); expected], "port {port}: {text}");
+    }
+}
