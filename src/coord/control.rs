@@ -12,15 +12,17 @@
 //!
 //! This file must not route requests or probe anything; it only builds and publishes snapshots.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::coord::failover::{self, Liveness};
 use crate::coord::hook::HookJob;
 use crate::coord::store::Store;
 use crate::coord::{Keys, View};
@@ -137,6 +139,7 @@ impl Control {
         )));
         let (events, rx) = mpsc::channel(64);
         let writer = Writer {
+            liveness: Liveness::new(config.coordination.lease),
             current: current.clone(),
             config,
             pending_hooks: BTreeMap::new(),
@@ -144,6 +147,7 @@ impl Control {
             config_path,
             configs: configs_tx,
             last_view: None,
+            alerted: BTreeSet::new(),
         };
         tokio::spawn(writer.run(rx, coordination));
         Self {
@@ -207,6 +211,11 @@ struct Writer {
     configs: watch::Sender<Arc<Config>>,
     /// The last store view installed, to rebuild the table when only the config changes.
     last_view: Option<View>,
+    /// Whose deaths the alerts may report (`failover::Liveness`).
+    liveness: Liveness,
+    /// The alerts last published, so that each is logged when it is raised and when it clears,
+    /// once, not with every view.
+    alerted: BTreeSet<String>,
 }
 
 impl Writer {
@@ -250,6 +259,13 @@ impl Writer {
                     }
                     let view = c.views.borrow_and_update().clone();
                     self.install(&view, c.hooks.as_ref());
+                }
+                // Every DC's liveness becomes known a lease TTL after start: look again then, as
+                // the store may not change in the meantime.
+                () = until(self.liveness.settles_at(Instant::now())) => {
+                    if let Some(view) = self.last_view.clone() {
+                        self.install(&view, c.hooks.as_ref());
+                    }
                 }
                 Some((shard, epoch)) = c.hook_results.recv() => {
                     if self.pending_hooks.get(&shard).is_some_and(|(e, _)| *e == epoch) {
@@ -330,16 +346,28 @@ impl Writer {
         }
         table.hook_pending = self.pending_hooks.keys().copied().collect();
         metrics::set_table_epoch(table.table_epoch);
-        let alerts = crate::coord::failover::alerts(view);
-        for alert in &alerts {
-            tracing::warn!("{alert}");
-        }
+        let now = Instant::now();
+        self.liveness.observe(view, now);
+        let alerts = failover::alerts(view, &|dc| self.liveness.known(dc, now));
+        self.log_changes(&alerts);
         self.current.store(Arc::new(Snapshot::new(
             self.config.clone(),
             table,
             alerts,
             true,
         )));
+    }
+
+    /// Log each alert once when it is raised and once when it clears.
+    fn log_changes(&mut self, alerts: &[String]) {
+        let now: BTreeSet<String> = alerts.iter().cloned().collect();
+        for raised in now.difference(&self.alerted) {
+            tracing::warn!("{raised}");
+        }
+        for cleared in self.alerted.difference(&now) {
+            tracing::info!("cleared: {cleared}");
+        }
+        self.alerted = now;
     }
 
     /// Re-read, validate and install the config file. With a store, ownership still comes from
@@ -411,6 +439,14 @@ impl Writer {
     }
 }
 
+/// Sleep until `at`; forever without one.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -474,6 +510,8 @@ replicas = ["a"]
             config_path: None,
             configs: watch::channel(Arc::new(Config::from_toml(CONFIG).unwrap())).0,
             last_view: None,
+            liveness: Liveness::new(std::time::Duration::from_secs(5)),
+            alerted: BTreeSet::new(),
         }
     }
 
@@ -519,5 +557,35 @@ replicas = ["a"]
         w.pending_hooks.remove(&ShardKey::Residue(1));
         w.republish();
         assert!(w.current.load().table.hook_pending.is_empty());
+    }
+
+    #[test]
+    fn a_cold_start_raises_no_alert_and_a_dc_that_leaves_raises_one() {
+        let mut w = writer(config());
+        let with_routers = |revision: i64, dcs: &[&str]| View {
+            routers: dcs
+                .iter()
+                .map(|dc| (format!("/p/dcs/{dc}/routers/r"), (*dc).to_owned()))
+                .collect(),
+            ..view(revision, "a", None)
+        };
+        // Nobody has registered yet: no DC's liveness is known, so nothing is down.
+        w.install(&with_routers(10, &[]), None);
+        assert!(w.current.load().alerts.is_empty());
+        w.install(&with_routers(11, &["a", "b"]), None);
+        assert!(w.current.load().alerts.is_empty());
+        // `a` was alive and is gone: its shards (no replicas here) are unprotected.
+        w.install(&with_routers(12, &["b"]), None);
+        let alerts = w.current.load().alerts.clone();
+        assert_eq!(alerts.len(), 2, "{alerts:?}");
+        assert!(
+            alerts[0].starts_with("shard 1: owner a is down"),
+            "{alerts:?}"
+        );
+        assert_eq!(w.alerted.len(), 2);
+        // Back: cleared.
+        w.install(&with_routers(13, &["a", "b"]), None);
+        assert!(w.current.load().alerts.is_empty());
+        assert!(w.alerted.is_empty());
     }
 }

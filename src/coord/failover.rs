@@ -75,10 +75,62 @@ pub fn plan(view: &View, now_ms: u64, cooldown: Duration, may_fail: &dyn Fn(&str
     out
 }
 
-/// Alerts for `/admin/table`, from the view: shards whose owner is down with no live replica.
-pub fn alerts(view: &View) -> Vec<String> {
+/// Which DCs a router knows the liveness of. A DC that has no registered router is dead only if
+/// this router saw it registered before (it was alive and is gone), or has followed the store
+/// for a lease TTL, within which every live router registers. Until then its liveness is
+/// unknown: a cold start of the whole installation, where no router has registered yet, raises
+/// no alert and marks no shard unprotected.
+#[derive(Debug)]
+pub struct Liveness {
+    seen_alive: BTreeSet<String>,
+    /// When this router first saw the store.
+    since: Option<Instant>,
+    /// One lease TTL.
+    settle: Duration,
+}
+
+impl Liveness {
+    pub fn new(settle: Duration) -> Self {
+        Self {
+            seen_alive: BTreeSet::new(),
+            since: None,
+            settle,
+        }
+    }
+
+    /// Take in a view of the store, seen at `now`.
+    pub fn observe(&mut self, view: &View, now: Instant) {
+        self.since.get_or_insert(now);
+        self.seen_alive.extend(view.routers.values().cloned());
+    }
+
+    /// Whether this router has seen `dc` registered.
+    pub fn seen(&self, dc: &str) -> bool {
+        self.seen_alive.contains(dc)
+    }
+
+    /// Whether `dc`'s liveness is known at `now`: a missing registration then means it is down.
+    pub fn known(&self, dc: &str, now: Instant) -> bool {
+        self.seen_alive.contains(dc) || self.settled(now)
+    }
+
+    fn settled(&self, now: Instant) -> bool {
+        self.since
+            .is_some_and(|since| now.saturating_duration_since(since) >= self.settle)
+    }
+
+    /// When every DC's liveness becomes known, if that is still ahead.
+    pub fn settles_at(&self, now: Instant) -> Option<Instant> {
+        let since = self.since?;
+        (!self.settled(now)).then(|| since + self.settle)
+    }
+}
+
+/// Alerts for `/admin/table`, from the view: shards whose owner is down with no live replica,
+/// among DCs whose liveness is `known`.
+pub fn alerts(view: &View, known: &dyn Fn(&str) -> bool) -> Vec<String> {
     let now = unix_ms();
-    plan(view, now, Duration::ZERO, &|_| true)
+    plan(view, now, Duration::ZERO, known)
         .unprotected
         .iter()
         .filter_map(|shard| {
@@ -144,7 +196,7 @@ impl Manager {
     pub async fn run(self, mut views: watch::Receiver<Arc<View>>, cancel: CancellationToken) {
         let tick = self.config.coordination.keepalive;
         let mut leading: Option<(Revision, Instant)> = None;
-        let mut seen_alive: BTreeSet<String> = BTreeSet::new();
+        let mut liveness = Liveness::new(self.config.coordination.lease);
         loop {
             tokio::select! {
                 _ = views.changed() => {}
@@ -156,8 +208,10 @@ impl Manager {
             if leading.is_some_and(|(rev, _)| view.revision < rev) {
                 continue;
             }
-            seen_alive.extend(view.routers.values().cloned());
-            let unprotected = plan(&view, unix_ms(), Duration::ZERO, &|_| true).unprotected;
+            let now = Instant::now();
+            liveness.observe(&view, now);
+            let known = |dc: &str| liveness.known(dc, now);
+            let unprotected = plan(&view, unix_ms(), Duration::ZERO, &known).unprotected;
             for shard in view.shards.keys() {
                 metrics::set_shard_unprotected(&shard.to_string(), unprotected.contains(shard));
             }
@@ -166,7 +220,7 @@ impl Manager {
             // A router that just won acts from the next view, the first to show its election.
             if let Some((revision, since)) = leading.filter(|_| was_leading) {
                 let settled = since.elapsed() >= self.config.coordination.lease;
-                let may_fail = |dc: &str| settled || seen_alive.contains(dc);
+                let may_fail = |dc: &str| settled || liveness.seen(dc);
                 let cooldown = self.config.coordination.failover_cooldown;
                 let moves = plan(&view, unix_ms(), cooldown, &may_fail).moves;
                 let elected = Elected {
@@ -580,8 +634,31 @@ mod tests {
         let p = plan(&v, 0, COOL, &|_| true);
         assert!(p.moves.is_empty());
         assert_eq!(p.unprotected, vec![R1]);
-        assert_eq!(alerts(&v).len(), 1);
-        assert!(alerts(&v)[0].starts_with("shard 1: owner a is down"));
+        assert_eq!(alerts(&v, &|_| true).len(), 1);
+        assert!(alerts(&v, &|_| true)[0].starts_with("shard 1: owner a is down"));
+        // Nothing is said about a DC whose liveness is not known yet.
+        assert!(alerts(&v, &|dc| dc != "a").is_empty());
+    }
+
+    #[test]
+    fn liveness_is_unknown_until_seen_or_a_lease_has_passed() {
+        let start = Instant::now();
+        let lease = Duration::from_secs(5);
+        let mut live = Liveness::new(lease);
+        assert!(!live.known("a", start), "nothing seen yet");
+        assert_eq!(live.settles_at(start), None, "not following the store yet");
+        // A cold start: nobody has registered.
+        live.observe(&view(vec![], &[]), start);
+        assert!(!live.known("a", start + Duration::from_secs(4)));
+        assert_eq!(live.settles_at(start), Some(start + lease));
+        // `b` registers: its death is believed from now on; `a` is still unknown.
+        live.observe(&view(vec![], &["b"]), start + Duration::from_secs(1));
+        assert!(live.known("b", start + Duration::from_secs(1)));
+        assert!(live.seen("b") && !live.seen("a"));
+        assert!(!live.known("a", start + Duration::from_secs(4)));
+        // A lease after the first view, every live router has registered: `a` is down.
+        assert!(live.known("a", start + lease));
+        assert_eq!(live.settles_at(start + lease), None);
     }
 
     #[test]
