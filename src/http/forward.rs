@@ -99,8 +99,9 @@ impl Forwarder {
         timeout: Duration,
     ) -> Result<Response<Incoming>, SendError> {
         let progress = request.body().progress();
-        let sent = tokio::time::timeout(timeout, self.pooled(request)).await;
-        settle(sent.ok(), progress, timeout)
+        let deadline = Box::pin(tokio::time::sleep(timeout));
+        let sent = within(deadline, self.pooled(request)).await;
+        settle(sent, progress, timeout)
     }
 
     /// Send a request over the client connection's own connection to the request's upstream

@@ -96,23 +96,58 @@ impl std::fmt::Debug for Deadline {
 impl hyper::rt::Sleep for Deadline {}
 
 pin_project_lite::pin_project! {
-    /// A future run until a [`Deadline`]: `None` if the deadline came first. A struct, not an
-    /// `async fn`: an `async fn` would keep the future it is given twice in its state, once as
-    /// the argument and once pinned.
+    /// A future run until a deadline (a [`Deadline`], or any timer future): `None` if the
+    /// deadline came first and the future still had no answer. A struct, not an `async fn`: an
+    /// `async fn` would keep the future it is given twice in its state, once as the argument
+    /// and once pinned.
     #[derive(Debug)]
-    pub struct Within<F> {
+    pub struct Within<F, D> {
         #[pin]
         future: F,
-        deadline: Deadline,
+        deadline: D,
+        grace: Grace,
+    }
+}
+
+/// Where a [`Within`] is after its deadline.
+enum Grace {
+    /// Not passed yet.
+    Running,
+    /// Passed: waiting for the runtime to poll its I/O driver once more.
+    Turn(Pin<Box<dyn Future<Output = ()> + Send>>),
+    /// The tasks and connections woken by that turn have run: one last look.
+    LastLook,
+}
+
+impl std::fmt::Debug for Grace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Running => "Running",
+            Self::Turn(_) => "Turn",
+            Self::LastLook => "LastLook",
+        })
     }
 }
 
 /// Run `future` until `deadline`.
-pub fn within<F: Future>(deadline: Deadline, future: F) -> Within<F> {
-    Within { future, deadline }
+///
+/// A deadline bounds how long to wait for an answer, not whether an answer that came is
+/// reported. When the process was paused past a deadline (SIGSTOP, a VM freeze, a long stall),
+/// the answer may be waiting in a socket that nothing has read yet, while the timer already
+/// reads as passed; the I/O driver may even report the timer before the socket. So a passed
+/// deadline first waits for one more turn of the I/O driver (`tokio::task::yield_now`, which
+/// wakes a task after it), then lets the tasks and connections woken by it run (one more wake),
+/// then looks at the future a last time. An answer that arrived is relayed, and a write that
+/// Loom applied is not reported as a timeout. Only a future still without an answer is `None`.
+pub fn within<F: Future, D: Future<Output = ()> + Unpin>(deadline: D, future: F) -> Within<F, D> {
+    Within {
+        future,
+        deadline,
+        grace: Grace::Running,
+    }
 }
 
-impl<F: Future> Future for Within<F> {
+impl<F: Future, D: Future<Output = ()> + Unpin> Future for Within<F, D> {
     type Output = Option<F::Output>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -120,7 +155,35 @@ impl<F: Future> Future for Within<F> {
         if let Poll::Ready(out) = this.future.poll(cx) {
             return Poll::Ready(Some(out));
         }
-        Pin::new(this.deadline).poll(cx).map(|()| None)
+        match this.grace {
+            Grace::Running => {
+                if Pin::new(this.deadline).poll(cx).is_ready() {
+                    // Boxed: only a request past its deadline pays for it.
+                    *this.grace = Grace::Turn(Box::pin(tokio::task::yield_now()));
+                    this.grace.wait_turn(cx);
+                }
+                Poll::Pending
+            }
+            Grace::Turn(_) => {
+                this.grace.wait_turn(cx);
+                Poll::Pending
+            }
+            Grace::LastLook => Poll::Ready(None),
+        }
+    }
+}
+
+impl Grace {
+    /// Past the deadline: once the I/O driver has turned, wake again behind what that turn
+    /// woke (in `affine::Drive`, the upstream connections, polled after the client side in the
+    /// same round), for the last look.
+    fn wait_turn(&mut self, cx: &mut Context<'_>) {
+        if let Self::Turn(turn) = self {
+            if turn.as_mut().poll(cx).is_ready() {
+                *self = Self::LastLook;
+                cx.waker().wake_by_ref();
+            }
+        }
     }
 }
 
@@ -179,6 +242,26 @@ mod tests {
         );
         assert_eq!(late.await, None);
         assert_eq!(start.elapsed(), Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_ready_once_the_tasks_woken_with_the_deadline_have_run_is_kept() {
+        let reused = Reused::new();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // The answer is sent by another task that runs when the deadline passes, as a
+        // connection whose response waited in its socket while the process was paused.
+        let answer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let _ = tx.send("applied");
+        });
+        let got = within(reused.after(Duration::from_secs(2)), rx).await;
+        assert_eq!(got.map(Result::ok), Some(Some("applied")));
+        answer.await.unwrap();
+        // With no answer at all, the deadline still ends the wait.
+        let (_tx, rx) = tokio::sync::oneshot::channel::<()>();
+        assert!(within(reused.after(Duration::from_secs(1)), rx)
+            .await
+            .is_none());
     }
 
     #[tokio::test(start_paused = true)]

@@ -251,3 +251,41 @@ fn a_build_with_etcd_accepts_an_etcd_config() {
     );
     assert!(!String::from_utf8_lossy(&out.stderr).contains("built without"));
 }
+
+/// A write that Loom answered while the router was paused past `write_timeout` (SIGSTOP, a VM
+/// freeze) is answered with Loom's response, not 504: the deadline bounds the wait, not whether
+/// an answer that came is reported. Over an owned upstream connection and through the pool.
+#[test]
+fn a_write_loom_answered_while_the_router_was_paused_is_relayed_not_timed_out() {
+    use crate::support::{send, KeepAlive, COOPR};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let loom = rt.block_on(crate::support::slow_loom(Duration::from_millis(300)));
+    let router = ChildRouter::start(loom, "", "warn", std::process::Stdio::null());
+    router.until_readyz(&rt, 200);
+    let write = "/v2/clusters/00000011/abort";
+    // A keep-alive client whose second request goes over its own upstream connection.
+    let addr = router.http_addr();
+    let owned = rt.spawn(async move {
+        let mut client = KeepAlive::open(addr).await;
+        let (status, _, _) = client.send("GET", "/v2/clusters").await;
+        assert_eq!(status, 200);
+        client.send("POST", write).await
+    });
+    // A first request on a new connection, through the shared pool.
+    let url = router.url(write);
+    std::thread::sleep(Duration::from_millis(350));
+    let pooled = rt.spawn(async move { send("POST", &url, &COOPR, b"").await });
+    // Both writes are at Loom (300 ms each); pause the router past write_timeout (2 s).
+    std::thread::sleep(Duration::from_millis(100));
+    router.signal(nix::sys::signal::Signal::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(3000));
+    router.signal(nix::sys::signal::Signal::SIGCONT);
+    let (status, route, body) = rt.block_on(owned).unwrap();
+    assert_eq!(
+        (status, route.as_str(), body.as_str()),
+        (200, "write-local", "slow")
+    );
+    let pooled = rt.block_on(pooled).unwrap();
+    assert_eq!(pooled.status, 200, "{}", pooled.text());
+    assert_eq!(&pooled.body[..], b"slow");
+}
