@@ -146,12 +146,14 @@ impl Forwarder {
             Owned::Ready(key, sender) => (key, Some(sender)),
             Owned::None => (Upstream::of(request.uri()), None),
         };
-        let upstream = request.uri().clone();
         // hyper's connections send the URI as given, and add no `Host`: Loom expects
-        // origin-form, and the pool's `Host` (the upstream's authority).
-        if let Some(path) = upstream.path_and_query() {
-            *request.uri_mut() = Uri::from(path.clone());
-        }
+        // origin-form, and the pool's `Host` (the upstream's authority). The absolute URI is
+        // moved out, not cloned: only opening a connection or the pool needs it again.
+        let origin_form = request.uri().path_and_query().cloned().map(Uri::from);
+        let upstream = match origin_form {
+            Some(path) => std::mem::replace(request.uri_mut(), path),
+            None => request.uri().clone(),
+        };
         if let Some(host) = key.host() {
             request
                 .headers_mut()
