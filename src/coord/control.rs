@@ -12,7 +12,7 @@
 //!
 //! This file must not route requests or probe anything; it only builds and publishes snapshots.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -147,7 +147,6 @@ impl Control {
             config_path,
             configs: configs_tx,
             last_view: None,
-            alerted: BTreeSet::new(),
         };
         tokio::spawn(writer.run(rx, coordination));
         Self {
@@ -213,9 +212,6 @@ struct Writer {
     last_view: Option<View>,
     /// Whose deaths the alerts may report (`failover::Liveness`).
     liveness: Liveness,
-    /// The alerts last published, so that each is logged when it is raised and when it clears,
-    /// once, not with every view.
-    alerted: BTreeSet<String>,
 }
 
 impl Writer {
@@ -349,25 +345,13 @@ impl Writer {
         let now = Instant::now();
         self.liveness.observe(view, now);
         let alerts = failover::alerts(view, &|dc| self.liveness.known(dc, now));
-        self.log_changes(&alerts);
+        log_alert_changes(&current.alerts, &alerts);
         self.current.store(Arc::new(Snapshot::new(
             self.config.clone(),
             table,
             alerts,
             true,
         )));
-    }
-
-    /// Log each alert once when it is raised and once when it clears.
-    fn log_changes(&mut self, alerts: &[String]) {
-        let now: BTreeSet<String> = alerts.iter().cloned().collect();
-        for raised in now.difference(&self.alerted) {
-            tracing::warn!("{raised}");
-        }
-        for cleared in self.alerted.difference(&now) {
-            tracing::info!("cleared: {cleared}");
-        }
-        self.alerted = now;
     }
 
     /// Re-read, validate and install the config file. With a store, ownership still comes from
@@ -436,6 +420,17 @@ impl Writer {
             current.alerts.clone(),
             current.from_store,
         )));
+    }
+}
+
+/// Log each alert once: when a table raises it, and when a table no longer has it. (A table
+/// holds a few alerts at most, one per shard.)
+fn log_alert_changes(before: &[String], after: &[String]) {
+    for raised in after.iter().filter(|a| !before.contains(a)) {
+        tracing::warn!("{raised}");
+    }
+    for cleared in before.iter().filter(|a| !after.contains(a)) {
+        tracing::info!("cleared: {cleared}");
     }
 }
 
@@ -511,7 +506,6 @@ replicas = ["a"]
             configs: watch::channel(Arc::new(Config::from_toml(CONFIG).unwrap())).0,
             last_view: None,
             liveness: Liveness::new(std::time::Duration::from_secs(5)),
-            alerted: BTreeSet::new(),
         }
     }
 
@@ -582,10 +576,8 @@ replicas = ["a"]
             alerts[0].starts_with("shard 1: owner a is down"),
             "{alerts:?}"
         );
-        assert_eq!(w.alerted.len(), 2);
         // Back: cleared.
         w.install(&with_routers(13, &["a", "b"]), None);
         assert!(w.current.load().alerts.is_empty());
-        assert!(w.alerted.is_empty());
     }
 }

@@ -35,11 +35,12 @@ impl Sockets {
     /// Bind `workers` sockets on `addr` with `SO_REUSEPORT` (port 0: the port the first got),
     /// each with a listen queue of `backlog`.
     pub fn bind(addr: SocketAddr, workers: usize, backlog: u32) -> io::Result<Self> {
-        let first = socket(addr, Reuse::Port)?.listen(backlog)?.into_std()?;
+        let reuseport = |addr| socket(addr, Reuse::Port)?.listen(backlog)?.into_std();
+        let first = reuseport(addr)?;
         let addr = first.local_addr()?;
         let mut sockets = vec![first];
         for _ in 1..workers {
-            sockets.push(socket(addr, Reuse::Port)?.listen(backlog)?.into_std()?);
+            sockets.push(reuseport(addr)?);
         }
         Ok(Self::PerWorker(sockets))
     }
@@ -73,7 +74,7 @@ impl Sockets {
 
 /// Whether other sockets may bind the same address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reuse {
+enum Reuse {
     /// `SO_REUSEPORT`: the request workers' sockets, among which the kernel spreads connections.
     Port,
     /// One socket on the address (the admin listener).
