@@ -244,9 +244,12 @@ async fn main() {
                 let options = DemoOptions {
                     port_base: None,
                     profile,
-                    etcd: endpoint
-                        .clone()
-                        .map(|e| (e, format!("/loom-bench/{}/{p}/{i}", std::process::id()))),
+                    etcd: endpoint.clone().map(|e| {
+                        (
+                            vec![e],
+                            format!("/loom-bench/{}/{p}/{i}", std::process::id()),
+                        )
+                    }),
                 };
                 let r = round(&client, options).await;
                 eprintln!(

@@ -220,12 +220,12 @@ impl LeaseTask {
     }
 
     /// One keepalive: the gate's deadline moves to what the store granted, measured from when
-    /// the keepalive was sent. A failure that is not a lost lease lets the deadline run out;
-    /// writes are fenced when it does.
+    /// the acknowledged keepalive was sent. A failure that is not a lost lease lets the deadline
+    /// run out; writes are fenced when it does. Each etcd member gets one keepalive interval to
+    /// answer before the next is tried, so a dead member costs at most one interval.
     async fn keepalive(&self, lease: LeaseId) -> Result<(), LeaseLost> {
-        let sent = Instant::now();
-        match self.store.keepalive(lease).await {
-            Ok(granted) => self.gate.extend(fence_deadline(sent, granted)),
+        match self.store.keepalive(lease, self.every).await {
+            Ok(renewal) => self.gate.extend(fence_deadline(renewal.sent, renewal.ttl)),
             Err(CoordError::LeaseNotFound(_)) => {
                 tracing::warn!(
                     lease,

@@ -18,7 +18,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 
 use crate::coord::{
-    Batch, Compare, CoordError, Event, Kv, LeaseId, Op, Revision, TxnOutcome, WatchStream,
+    Batch, Compare, CoordError, Event, Kv, LeaseId, Op, Renewal, Revision, TxnOutcome, WatchStream,
 };
 
 /// Batches kept for watches that start in the past. Older starts get `Compacted`.
@@ -247,14 +247,17 @@ impl MemoryClient {
         Ok(id)
     }
 
-    pub fn keepalive(&self, lease: LeaseId) -> Result<Duration, CoordError> {
+    pub fn keepalive(&self, lease: LeaseId) -> Result<Renewal, CoordError> {
         self.check()?;
         let mut state = self.store.lock();
         let now = Instant::now();
         match state.leases.get_mut(&lease) {
             Some(l) if l.expires > now => {
                 l.expires = now + l.ttl;
-                Ok(l.ttl)
+                Ok(Renewal {
+                    sent: now,
+                    ttl: l.ttl,
+                })
             }
             _ => Err(CoordError::LeaseNotFound(lease)),
         }
@@ -441,7 +444,7 @@ mod tests {
         let lease = c.grant(Duration::from_millis(300)).unwrap();
         c.txn(&[], vec![put("/r/1", "x", lease)], vec![]).unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(c.keepalive(lease).unwrap(), Duration::from_millis(300));
+        assert_eq!(c.keepalive(lease).unwrap().ttl, Duration::from_millis(300));
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(c.range("/r/").unwrap().0.len(), 1, "kept alive");
         tokio::time::sleep(Duration::from_millis(200)).await;

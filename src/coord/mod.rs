@@ -95,6 +95,16 @@ pub struct TxnOutcome {
     pub revision: Revision,
 }
 
+/// An acknowledged keepalive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Renewal {
+    /// When the keepalive that the store acknowledged was sent. The store expires the lease no
+    /// earlier than `ttl` after this.
+    pub sent: tokio::time::Instant,
+    /// The TTL the store reset the lease to.
+    pub ttl: std::time::Duration,
+}
+
 /// A change seen by a watch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {

@@ -8,7 +8,9 @@
 use std::time::Duration;
 
 use crate::coord::memory::MemoryClient;
-use crate::coord::{Compare, CoordError, Kv, LeaseId, Op, Revision, TxnOutcome, WatchStream};
+use crate::coord::{
+    Compare, CoordError, Kv, LeaseId, Op, Renewal, Revision, TxnOutcome, WatchStream,
+};
 
 /// The configured backend.
 #[derive(Debug, Clone)]
@@ -28,12 +30,12 @@ impl Store {
         }
     }
 
-    /// One keepalive round trip; returns the TTL the store reset the lease to.
-    pub async fn keepalive(&self, lease: LeaseId) -> Result<Duration, CoordError> {
+    /// One keepalive round trip, given `within` at each etcd member it tries.
+    pub async fn keepalive(&self, lease: LeaseId, within: Duration) -> Result<Renewal, CoordError> {
         match self {
             Self::Memory(m) => m.keepalive(lease),
             #[cfg(feature = "etcd")]
-            Self::Etcd(e) => e.keepalive(lease).await,
+            Self::Etcd(e) => e.keepalive(lease, within).await,
         }
     }
 

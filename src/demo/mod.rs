@@ -56,8 +56,9 @@ pub struct DemoOptions {
     /// `None` binds every listener on an ephemeral port (tests and benchmarks).
     pub port_base: Option<u16>,
     pub profile: Profile,
-    /// Coordinate through this etcd (`endpoint`, key `prefix`) instead of an in-process store.
-    pub etcd: Option<(String, String)>,
+    /// Coordinate through this etcd (its members' endpoints, key `prefix`) instead of an
+    /// in-process store.
+    pub etcd: Option<(Vec<String>, String)>,
 }
 
 /// Why the demo could not start.
@@ -536,8 +537,8 @@ fn router_config(
     options: &DemoOptions,
 ) -> String {
     let coordination = match &options.etcd {
-        Some((endpoint, prefix)) => Coordination::Etcd {
-            endpoint: endpoint.clone(),
+        Some((endpoints, prefix)) => Coordination::Etcd {
+            endpoints: endpoints.clone(),
             prefix: prefix.clone(),
         },
         None => Coordination::Memory,

@@ -78,8 +78,11 @@ pub enum Coordination {
     Static,
     /// One in-process store shared by the routers of this process.
     Memory,
-    /// A real etcd: this router's endpoint, and the key prefix of this sandbox.
-    Etcd { endpoint: String, prefix: String },
+    /// A real etcd: the members this router talks to, and the key prefix of this sandbox.
+    Etcd {
+        endpoints: Vec<String>,
+        prefix: String,
+    },
 }
 
 /// The config of DC `dc`'s router: the sandbox's topology, plus what the caller adds.
@@ -118,8 +121,13 @@ impl RouterToml<'_> {
         let backend = match &self.coordination {
             Coordination::Static => None,
             Coordination::Memory => Some("backend = \"memory\"".to_owned()),
-            Coordination::Etcd { endpoint, prefix } => Some(format!(
-                "backend = \"etcd\"\nendpoints = [\"{endpoint}\"]\nprefix = \"{prefix}\""
+            Coordination::Etcd { endpoints, prefix } => Some(format!(
+                "backend = \"etcd\"\nendpoints = [{}]\nprefix = \"{prefix}\"",
+                endpoints
+                    .iter()
+                    .map(|e| format!("\"{e}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )),
         };
         if let Some(backend) = backend {

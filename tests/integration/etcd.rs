@@ -7,81 +7,16 @@
 //! checker, against the ownership trail recorded from etcd's watch.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use loom_router::coord::etcd::EtcdClient;
-use loom_router::coord::store::Store;
-use loom_router::coord::Batch;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::history::{self, Acked};
+use crate::etcd_cluster::EtcdCluster;
+use crate::history;
 use crate::support::*;
-
-/// A real etcd, on free loopback ports, in a temporary data dir; killed on drop.
-struct Etcd {
-    child: Child,
-    pub endpoint: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Etcd {
-    async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let (client, peer) = (free_port(), free_port());
-        let client_url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
-            .args([
-                "--name",
-                "t",
-                "--data-dir",
-                dir.path().to_str().unwrap(),
-                "--listen-client-urls",
-                &client_url,
-                "--advertise-client-urls",
-                &client_url,
-                "--listen-peer-urls",
-                &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-                "--initial-cluster",
-                &format!("t={peer_url}"),
-                "--heartbeat-interval",
-                "50",
-                "--election-timeout",
-                "500",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcd must be installed (Debian: apt-get install etcd-server)");
-        let etcd = Self {
-            child,
-            endpoint: client_url,
-            _dir: dir,
-        };
-        let endpoint = etcd.endpoint.clone();
-        eventually(|| async {
-            match EtcdClient::connect(std::slice::from_ref(&endpoint)).await {
-                Ok(c) => c.range("/").await.is_ok(),
-                Err(_) => false,
-            }
-        })
-        .await;
-        etcd
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A user-space TCP proxy in front of etcd for one router. While `dropping`, bytes in both
 /// directions are thrown away, as a network partition would.
@@ -137,42 +72,21 @@ async fn pump(
     }
 }
 
-/// Everything committed under `prefix`, with when the watch saw it.
-type Trail = Arc<Mutex<Vec<(tokio::time::Instant, Arc<Batch>)>>>;
-
-async fn record(endpoint: &str, prefix: &str) -> Trail {
-    let client = EtcdClient::connect(&[endpoint.to_owned()]).await.unwrap();
-    let trail = Trail::default();
-    let out = trail.clone();
-    let mut watch = Store::Etcd(client).watch(prefix, 1).await.unwrap();
-    tokio::spawn(async move {
-        while let Some(Ok(batch)) = watch.recv().await {
-            out.lock()
-                .unwrap()
-                .push((tokio::time::Instant::now(), Arc::new(batch)));
-        }
-    });
-    trail
-}
-
-fn check(c: &Cluster, prefix: &str, trail: &Trail, acked: &[Acked]) {
-    let trail = trail.lock().unwrap().clone();
-    history::check_against(c, prefix, &trail, acked);
-}
-
+/// One etcd endpoint for each DC's router.
 fn etcd_options(endpoints: [String; 3], prefix: &str) -> Options {
     Options {
-        etcd: Some((endpoints, prefix.to_owned())),
+        etcd: Some((endpoints.map(|e| vec![e]), prefix.to_owned())),
         ..Options::default()
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_a_dead_dcs_shards_move_and_the_restored_dc_forwards_to_the_new_owner() {
-    let etcd = Etcd::start().await;
+    let etcd = EtcdCluster::start(1).await;
+    let endpoint = &etcd.endpoints()[0];
     let prefix = "/loom-router/t1";
-    let trail = record(&etcd.endpoint, prefix).await;
-    let e = etcd.endpoint.clone();
+    let trail = history::record(std::slice::from_ref(endpoint), prefix).await;
+    let e = endpoint.clone();
     let mut c = Cluster::start_with(etcd_options([e.clone(), e.clone(), e], prefix)).await;
     for dc in &c.dcs {
         admitting(dc).await;
@@ -216,16 +130,17 @@ async fn etcd_a_dead_dcs_shards_move_and_the_restored_dc_forwards_to_the_new_own
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-loom-route"), Some("write-forwarded"));
     assert_eq!(r.header("x-loom-served-by"), Some("us-east"));
-    check(&c, prefix, &trail, &acked);
+    history::check_etcd(&c, prefix, &trail, &acked);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_a_router_cut_off_from_etcd_fences_itself_before_the_others_take_over() {
-    let etcd = Etcd::start().await;
+    let etcd = EtcdCluster::start(1).await;
+    let endpoint = &etcd.endpoints()[0];
     let prefix = "/loom-router/t2";
-    let trail = record(&etcd.endpoint, prefix).await;
-    let proxy = FaultProxy::start(&etcd.endpoint).await;
-    let e = etcd.endpoint.clone();
+    let trail = history::record(std::slice::from_ref(endpoint), prefix).await;
+    let proxy = FaultProxy::start(endpoint).await;
+    let e = endpoint.clone();
     let endpoints = [e.clone(), format!("http://{}", proxy.addr), e];
     let c = Cluster::start_with(etcd_options(endpoints, prefix)).await;
     for dc in &c.dcs {
@@ -269,45 +184,20 @@ async fn etcd_a_router_cut_off_from_etcd_fences_itself_before_the_others_take_ov
         "{}",
         r.text()
     );
-    check(&c, prefix, &trail, &acked);
-}
-
-/// Run a DC's router as a child process (so it can be paused with SIGSTOP).
-fn spawn_router(dc: &Dc) -> (Child, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("router.toml");
-    let toml = format!(
-        "{}\n[listen]\nhttp = \"{}\"\nadmin = \"{}\"\n",
-        dc.config_toml(),
-        dc.router,
-        dc.admin
-    );
-    std::fs::write(&path, toml).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_loom-router"))
-        .args(["run", "--config", path.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    (child, dir)
-}
-
-fn signal(child: &Child, signal: nix::sys::signal::Signal) {
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
-    nix::sys::signal::kill(pid, signal).unwrap();
+    history::check_etcd(&c, prefix, &trail, &acked);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_a_paused_router_that_wakes_after_its_shards_moved_does_not_write() {
-    let etcd = Etcd::start().await;
+    let etcd = EtcdCluster::start(1).await;
+    let endpoint = &etcd.endpoints()[0];
     let prefix = "/loom-router/t3";
-    let trail = record(&etcd.endpoint, prefix).await;
-    let e = etcd.endpoint.clone();
+    let trail = history::record(std::slice::from_ref(endpoint), prefix).await;
+    let e = endpoint.clone();
     let mut options = etcd_options([e.clone(), e.clone(), e], prefix);
     options.external_router[WEST] = true;
     let c = Cluster::start_with(options).await;
-    let (mut child, _dir) = spawn_router(c.dc(WEST));
+    let (mut child, _dir) = c.dc(WEST).spawn_router();
     for dc in &c.dcs {
         admitting(dc).await;
     }
@@ -366,15 +256,16 @@ async fn etcd_a_paused_router_that_wakes_after_its_shards_moved_does_not_write()
     );
     signal(&child, nix::sys::signal::Signal::SIGTERM);
     let _ = child.wait();
-    check(&c, prefix, &trail, &acked);
+    history::check_etcd(&c, prefix, &trail, &acked);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_when_the_failover_manager_dies_another_router_takes_over_and_fails_it_over() {
-    let etcd = Etcd::start().await;
+    let etcd = EtcdCluster::start(1).await;
+    let endpoint = &etcd.endpoints()[0];
     let prefix = "/loom-router/t4";
-    let trail = record(&etcd.endpoint, prefix).await;
-    let e = etcd.endpoint.clone();
+    let trail = history::record(std::slice::from_ref(endpoint), prefix).await;
+    let e = endpoint.clone();
     let mut c = Cluster::start_with(etcd_options([e.clone(), e.clone(), e], prefix)).await;
     for dc in &c.dcs {
         admitting(dc).await;
@@ -397,5 +288,5 @@ async fn etcd_when_the_failover_manager_dies_another_router_takes_over_and_fails
     until_owner(c.dc(survivor), victim_shard, replica).await;
     let t = get(&c.dc(survivor).admin_url("/admin/table")).await.json();
     assert_ne!(t["failover_manager"].as_str().unwrap(), manager);
-    check(&c, prefix, &trail, &[]);
+    history::check_etcd(&c, prefix, &trail, &[]);
 }

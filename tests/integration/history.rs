@@ -192,3 +192,40 @@ pub async fn write_until_admitted(
     }
     r
 }
+
+/// Everything committed under a prefix, with when the recorder's watch saw it.
+#[cfg(feature = "etcd")]
+pub type Trail = Arc<std::sync::Mutex<Vec<(tokio::time::Instant, Arc<Batch>)>>>;
+
+/// Record every change under `prefix` in etcd, from revision 1, through any of `endpoints`.
+/// When its watch breaks (a member died), it watches again from the next revision.
+#[cfg(feature = "etcd")]
+pub async fn record(endpoints: &[String], prefix: &str) -> Trail {
+    use loom_router::coord::etcd::EtcdClient;
+    use loom_router::coord::store::Store;
+    let store = Store::Etcd(EtcdClient::connect(endpoints).await.unwrap());
+    let trail = Trail::default();
+    let out = trail.clone();
+    let prefix = prefix.to_owned();
+    tokio::spawn(async move {
+        let mut next = 1;
+        loop {
+            if let Ok(mut watch) = store.watch(&prefix, next).await {
+                while let Some(Ok(batch)) = watch.recv().await {
+                    next = batch.revision + 1;
+                    let mut out = out.lock().unwrap();
+                    out.push((tokio::time::Instant::now(), Arc::new(batch)));
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    });
+    trail
+}
+
+/// [`check_against`] the trail recorded from etcd.
+#[cfg(feature = "etcd")]
+pub fn check_etcd(cluster: &Cluster, prefix: &str, trail: &Trail, acked: &[Acked]) {
+    let trail = trail.lock().unwrap().clone();
+    check_against(cluster, prefix, &trail, acked);
+}

@@ -16,6 +16,11 @@ mod endpoints;
 mod errors;
 #[cfg(feature = "etcd")]
 mod etcd;
+// Shared with tests/chaos and the failover benchmark, which use more of it.
+#[cfg(feature = "etcd")]
+#[allow(dead_code)]
+#[path = "../common/etcd_cluster.rs"]
+mod etcd_cluster;
 mod failover;
 mod history;
 mod peers;

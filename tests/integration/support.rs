@@ -90,6 +90,28 @@ impl Dc {
     }
 
     /// The router's config text (to run it as a child process).
+    /// Run this DC's router as a child process (so that it can be paused with SIGSTOP), for
+    /// a cluster started with `external_router` set for this DC. Keep the dir while it runs.
+    pub fn spawn_router(&self) -> (std::process::Child, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("router.toml");
+        let toml = format!(
+            "{}\n[listen]\nhttp = \"{}\"\nadmin = \"{}\"\n",
+            self.config_toml(),
+            self.router,
+            self.admin
+        );
+        std::fs::write(&path, toml).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_loom-router"))
+            .args(["run", "--config", path.to_str().unwrap()])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        (child, dir)
+    }
+
     pub fn config_toml(&self) -> &str {
         &self.toml
     }
@@ -164,7 +186,9 @@ pub struct Options {
     pub memory: bool,
     /// Coordinate through etcd instead: each DC's endpoint (a real etcd, or a fault proxy in
     /// front of it), and the key prefix for this test.
-    pub etcd: Option<([String; 3], String)>,
+    pub etcd: Option<([Vec<String>; 3], String)>,
+    /// Lease, keepalive and write timeout with a store, instead of the short ones tests use.
+    pub profile: Option<Profile>,
     /// Do not start this DC's router in process (a test runs it as a child process).
     pub external_router: [bool; 3],
     /// The become-owner hook URL for every router, instead of its own Loom's.
@@ -188,6 +212,7 @@ impl Default for Options {
             router_override: [None, None, None],
             memory: false,
             etcd: None,
+            profile: None,
             external_router: [false, false, false],
             hook: None,
             tls: false,
@@ -409,14 +434,14 @@ fn router_toml(
     } else if let Some((endpoints, prefix)) = &options.etcd {
         // etcd leases are whole seconds: 2 s is the shortest that leaves room for writes.
         let etcd = Coordination::Etcd {
-            endpoint: endpoints[i].clone(),
+            endpoints: endpoints[i].clone(),
             prefix: prefix.clone(),
         };
-        let profile = Profile {
+        let profile = options.profile.unwrap_or(Profile {
             lease: Duration::from_secs(2),
             keepalive: Duration::from_millis(250),
             write_timeout: Duration::from_millis(500),
-        };
+        });
         (etcd, profile)
     } else {
         let profile = Profile {
@@ -855,6 +880,12 @@ impl ChildRouter {
         let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
         nix::sys::signal::kill(pid, signal).unwrap();
     }
+}
+
+/// Send `signal` to a child process.
+pub fn signal(child: &std::process::Child, signal: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, signal).unwrap();
 }
 
 impl Drop for ChildRouter {
