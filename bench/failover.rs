@@ -9,9 +9,14 @@
 //! are counted from the emulated Looms' write logs: two DCs applying writes for one shard at one
 //! epoch.
 //!
+//! With etcd, it also loses the etcd leader of a three-member cluster it starts itself (killed,
+//! and frozen with SIGSTOP) under a write every 20 ms through every router, and reports the
+//! election, the longest pause between accepted writes and the `fenced` answers.
+//!
 //! Run: `bench/failover.sh` (it starts an etcd for the etcd rounds), or
 //! `cargo bench --bench failover` for the memory backend only. `LOOM_BENCH_ROUNDS` sets the
-//! rounds per backend and profile (default 10); `LOOM_BENCH_ETCD` an etcd endpoint.
+//! rounds per backend and profile (default 10); `LOOM_BENCH_ETCD` an etcd endpoint;
+//! `LOOM_BENCH_ONLY=leader-loss` runs only the leader-loss rounds.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -24,6 +29,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use loom_router::demo::{Demo, DemoOptions, Profile};
 
+#[path = "../tests/common/etcd_cluster.rs"]
+mod etcd_cluster;
+
+use etcd_cluster::EtcdCluster;
+
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 const IDENTITY: [(&str, &str); 2] = [("coopr-userid", "admin"), ("coopr-tenantid", "bench")];
@@ -31,6 +41,8 @@ const IDENTITY: [(&str, &str); 2] = [("coopr-userid", "admin"), ("coopr-tenantid
 struct Answer {
     status: u16,
     served_by: Option<String>,
+    /// `X-Loom-Router-Error`.
+    error: Option<String>,
     body: String,
 }
 
@@ -46,15 +58,19 @@ async fn call(client: &HttpClient, method: Method, url: &str, body: &str) -> Opt
         .ok()?
         .ok()?;
     let status = response.status().as_u16();
-    let served_by = response
-        .headers()
-        .get("x-loom-served-by")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let (served_by, error) = (header("x-loom-served-by"), header("x-loom-router-error"));
     let body = response.into_body().collect().await.ok()?.to_bytes();
     Some(Answer {
         status,
         served_by,
+        error,
         body: String::from_utf8_lossy(&body).into_owned(),
     })
 }
@@ -74,16 +90,15 @@ struct Round {
     dual_owner_windows: usize,
 }
 
-async fn round(client: &HttpClient, options: DemoOptions) -> Round {
-    let demo = Demo::start_with(options).await.expect("sandbox starts");
-    let router = |i: usize, path: &str| format!("http://{}{path}", demo.dcs[i].router);
-    let admin = |i: usize, path: &str| format!("http://{}{path}", demo.dcs[i].admin);
-    for i in 0..3 {
+/// Wait until every router of `demo` admits writes for its own shards.
+async fn all_admitting(client: &HttpClient, demo: &Demo) {
+    for dc in &demo.dcs {
+        let table = format!("http://{}/admin/table", dc.admin);
         until(
             "routers admitting writes",
             Duration::from_secs(30),
             async || {
-                call(client, Method::GET, &admin(i, "/admin/table"), "")
+                call(client, Method::GET, &table, "")
                     .await
                     .and_then(|a| serde_json::from_str::<serde_json::Value>(&a.body).ok())
                     .is_some_and(|t| t["lease"]["admitting"] == true)
@@ -91,6 +106,13 @@ async fn round(client: &HttpClient, options: DemoOptions) -> Round {
         )
         .await;
     }
+}
+
+async fn round(client: &HttpClient, options: DemoOptions) -> Round {
+    let demo = Demo::start_with(options).await.expect("sandbox starts");
+    let router = |i: usize, path: &str| format!("http://{}{path}", demo.dcs[i].router);
+    let admin = |i: usize, path: &str| format!("http://{}{path}", demo.dcs[i].admin);
+    all_admitting(client, &demo).await;
     let create = r#"{"name":"b","clusterTemplate":"t","numMachines":1}"#;
     for i in [0, 2] {
         let a = call(client, Method::POST, &router(i, "/v2/clusters"), create)
@@ -199,6 +221,170 @@ async fn round(client: &HttpClient, options: DemoOptions) -> Round {
     }
 }
 
+/// How the etcd leader is lost in a leader-loss round.
+#[derive(Debug, Clone, Copy)]
+enum Loss {
+    /// SIGKILL: its connections close at once.
+    Killed,
+    /// SIGSTOP: its connections stay open and unanswered (a frozen VM, a partition).
+    Frozen,
+}
+
+struct LeaderLoss {
+    /// From the loss until every answering member agrees on a new leader.
+    election: Duration,
+    /// The longest time between two accepted writes through one router.
+    pause: Duration,
+    fenced: usize,
+    writes: usize,
+}
+
+/// One leader-loss round (issue 12): the fast profile on a three-member etcd, a write every
+/// 20 ms through every router to each DC's cluster in turn (so each router writes its own shard
+/// and forwards to the others), the etcd leader lost, 3 s of writes after the new leader. The
+/// member is brought back before the round ends.
+async fn leader_loss_round(
+    client: &HttpClient,
+    etcd: &mut EtcdCluster,
+    loss: Loss,
+    prefix: String,
+) -> LeaderLoss {
+    let options = DemoOptions {
+        port_base: None,
+        profile: Profile::FAST,
+        etcd: Some((etcd.endpoints(), prefix)),
+    };
+    let demo = Demo::start_with(options).await.expect("sandbox starts");
+    all_admitting(client, &demo).await;
+    let router = |i: usize, path: &str| format!("http://{}{path}", demo.dcs[i].router);
+    let create = r#"{"name":"b","clusterTemplate":"t","numMachines":1}"#;
+    for i in 0..3 {
+        let a = call(client, Method::POST, &router(i, "/v2/clusters"), create)
+            .await
+            .expect("create");
+        assert_eq!(a.status, 200, "{}", a.body);
+    }
+    for (i, id) in [(0, 3), (1, 1), (2, 2)] {
+        let read = router(i, &format!("/v2/clusters/{id:08}"));
+        until("replication", Duration::from_secs(10), async || {
+            call(client, Method::GET, &read, "")
+                .await
+                .is_some_and(|a| a.status == 200)
+        })
+        .await;
+    }
+
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writers: Vec<_> = (0..3)
+        .map(|r| {
+            let (client, log, stop) = (client.clone(), log.clone(), stop.clone());
+            let urls: Vec<String> = (1..=3)
+                .map(|id| router(r, &format!("/v2/clusters/{id:08}/abort")))
+                .collect();
+            tokio::spawn(async move {
+                let writing = async {
+                    for url in urls.iter().cycle() {
+                        let a = call(&client, Method::POST, url, "").await;
+                        let (ok, fenced) = a.map_or((false, false), |a| {
+                            (a.status == 200, a.error.as_deref() == Some("fenced"))
+                        });
+                        if let Ok(mut log) = log.lock() {
+                            log.push((r, Instant::now(), ok, fenced));
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                };
+                stop.run_until_cancelled(writing).await;
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let leader = etcd.until_leader(Duration::from_secs(10)).await;
+    let lost = Instant::now();
+    match loss {
+        Loss::Killed => etcd.kill(leader),
+        Loss::Frozen => etcd.pause(leader, true),
+    }
+    etcd.until_leader(Duration::from_secs(30)).await;
+    let election = lost.elapsed();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let end = Instant::now();
+    stop.cancel();
+    for w in writers {
+        let _ = w.await;
+    }
+    let log = log.lock().map(|l| l.clone()).unwrap_or_default();
+    let during: Vec<_> = log.iter().filter(|w| w.1 >= lost && w.1 <= end).collect();
+    let pause = (0..3)
+        .map(|r| {
+            let mut edges = vec![lost];
+            edges.extend(during.iter().filter(|w| w.0 == r && w.2).map(|w| w.1));
+            edges.push(end);
+            edges
+                .windows(2)
+                .map(|p| p[1] - p[0])
+                .max()
+                .unwrap_or_default()
+        })
+        .max()
+        .unwrap_or_default();
+    demo.stop().await;
+    match loss {
+        Loss::Killed => etcd.restart(leader),
+        Loss::Frozen => etcd.pause(leader, false),
+    }
+    etcd.until_leader(Duration::from_secs(30)).await;
+    LeaderLoss {
+        election,
+        pause,
+        fenced: during.iter().filter(|w| w.3).count(),
+        writes: during.len(),
+    }
+}
+
+/// Ten (or `rounds`) leader-loss rounds per kind of loss, on one three-member etcd.
+async fn leader_loss_table(client: &HttpClient, rounds: usize) -> String {
+    let mut table = String::from(
+        "| etcd leader loss (fast profile) | rounds | election p50 | max | \
+         write pause p50 | p99 | fenced answers (of writes) |\n|---|---|---|---|---|---|---|\n",
+    );
+    let mut etcd = EtcdCluster::start(3).await;
+    for loss in [Loss::Killed, Loss::Frozen] {
+        let mut results = Vec::new();
+        for i in 0..rounds {
+            let prefix = format!("/loom-bench/{}/leader/{loss:?}/{i}", std::process::id());
+            let r = leader_loss_round(client, &mut etcd, loss, prefix).await;
+            eprintln!(
+                "leader {loss:?} round {}: election {}, pause {}, {} fenced of {} writes",
+                i + 1,
+                secs(r.election),
+                secs(r.pause),
+                r.fenced,
+                r.writes
+            );
+            results.push(r);
+        }
+        let elections: Vec<Duration> = results.iter().map(|r| r.election).collect();
+        let pauses: Vec<Duration> = results.iter().map(|r| r.pause).collect();
+        table.push_str(&format!(
+            "| {} | {rounds} | {} | {} | {} | {} | {} ({}) |\n",
+            match loss {
+                Loss::Killed => "leader killed (SIGKILL)",
+                Loss::Frozen => "leader frozen (SIGSTOP)",
+            },
+            secs(percentile(&elections, 50.0)),
+            secs(percentile(&elections, 100.0)),
+            secs(percentile(&pauses, 50.0)),
+            secs(percentile(&pauses, 99.0)),
+            results.iter().map(|r| r.fenced).sum::<usize>(),
+            results.iter().map(|r| r.writes).sum::<usize>(),
+        ));
+    }
+    table
+}
+
 /// The p-th percentile (nearest rank) of `values`.
 fn percentile(values: &[Duration], p: f64) -> Duration {
     let mut sorted = values.to_vec();
@@ -219,11 +405,17 @@ async fn main() {
         .and_then(|r| r.parse().ok())
         .unwrap_or(10);
     let etcd = std::env::var("LOOM_BENCH_ETCD").ok();
+    // `leader-loss`: only the etcd leader-loss rows.
+    let only = std::env::var("LOOM_BENCH_ONLY").ok();
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     let mut backends = vec![("memory", None)];
     if let Some(endpoint) = &etcd {
         backends.push(("etcd", Some(endpoint.clone())));
     }
+    if only.as_deref() == Some("leader-loss") {
+        backends.clear();
+    }
+    let kill_rows = !backends.is_empty();
     let mut table = String::from(
         "| backend | profile | rounds | kill → first write at new owner p50 | p99 | max | \
          switchover write pause p50 | p99 (client) | p99 (router) | dual-owner windows |\n\
@@ -277,5 +469,10 @@ async fn main() {
             ));
         }
     }
-    println!("{table}");
+    if kill_rows {
+        println!("{table}");
+    }
+    if etcd.is_some() && cfg!(feature = "etcd") {
+        println!("{}", leader_loss_table(&client, rounds).await);
+    }
 }

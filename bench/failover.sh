@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Failover benchmark: kill a DC repeatedly, per backend (memory, etcd) and profile (5 s and 3 s
 # leases); report kill → first write at the new owner (p50, p99), the planned switchover's write
-# pause, and dual-owner windows. Writes bench/results/failover-<date>.md.
+# pause, and dual-owner windows. Then lose the leader of a three-member etcd (killed, frozen)
+# under steady writes: write pause p50/p99 and fenced answers. Writes
+# bench/results/failover-<date>.md.
 #
-# Needs etcd and protoc (Debian: etcd-server, protobuf-compiler). Usage: bench/failover.sh [rounds]
+# Needs etcd and protoc (Debian: etcd-server, protobuf-compiler).
+# Usage: bench/failover.sh [rounds] (LOOM_BENCH_ONLY=leader-loss for the leader-loss rows alone)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-10}

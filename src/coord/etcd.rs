@@ -307,22 +307,22 @@ impl Shared {
     }
 
     /// Run `call` at the preferred member, then at each next one, until one answers.
-    async fn each_member<'a, T, F, Fut>(&self, call: F) -> Result<(usize, T), CoordError>
+    async fn each_member<T, F, Fut>(&self, call: F) -> Result<(usize, T), CoordError>
     where
         F: FnMut(Client) -> Fut,
-        Fut: Future<Output = Result<T, etcd_client::Error>> + 'a,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         self.each_member_with(|m| m.client.clone(), call).await
     }
 
-    async fn each_member_with<'a, T, F, Fut>(
+    async fn each_member_with<T, F, Fut>(
         &self,
         client: impl Fn(&Member) -> Client,
         mut call: F,
     ) -> Result<(usize, T), CoordError>
     where
         F: FnMut(Client) -> Fut,
-        Fut: Future<Output = Result<T, etcd_client::Error>> + 'a,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         let mut last = String::new();
         for member in self.from(self.preferred()) {

@@ -49,17 +49,6 @@ fn scenario<F: Future<Output = ()>>(test: impl FnOnce() -> F) {
         .block_on(test());
 }
 
-/// A child router, resumed and killed when the test ends, whichever way it ends.
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        signal(&self.0, Signal::SIGCONT);
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Every answer is accepted, or fenced.
 fn accepted_or_fenced(answers: &[&Answer]) {
     for a in answers {
@@ -223,12 +212,11 @@ fn chaos_a_leader_left_alone_by_both_followers_fences_every_router_until_quorum(
 fn chaos_an_owner_paused_for_two_leases_never_writes_after_its_shard_moved() {
     scenario(|| async {
         let mut s = Scene::start("/loom-router/chaos4", Some(WEST)).await;
-        let (child, _dir) = s.c.dc(WEST).spawn_router();
-        let child = Reaped(child);
+        let child = s.c.dc(WEST).spawn_router();
         s.write().await;
         let epoch = shard_owner(s.c.dc(EAST), 2).await.1;
 
-        signal(&child.0, Signal::SIGSTOP);
+        child.signal(Signal::SIGSTOP);
         let paused = Instant::now();
         // Writes that queue at the paused router, for the shard it is about to lose.
         let base = s.c.dc(WEST).url("");
@@ -241,7 +229,7 @@ fn chaos_an_owner_paused_for_two_leases_never_writes_after_its_shard_moved() {
         until_owner(s.c.dc(EAST), 2, "eu-central").await;
         tokio::time::sleep((paused + 2 * LEASE).saturating_duration_since(Instant::now())).await;
 
-        signal(&child.0, Signal::SIGCONT);
+        child.signal(Signal::SIGCONT);
         let resumed = Instant::now();
         for q in queued {
             let a = q.await.unwrap();

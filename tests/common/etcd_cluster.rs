@@ -33,8 +33,8 @@ pub struct EtcdCluster {
     _dir: tempfile::TempDir,
 }
 
-/// Ports that are free now (bound together, so none is handed out twice).
-fn free_ports(n: usize) -> Vec<SocketAddr> {
+/// Loopback ports that are free now (bound together, so none is handed out twice).
+pub fn free_ports(n: usize) -> Vec<SocketAddr> {
     let sockets: Vec<std::net::TcpListener> = (0..n)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port"))
         .collect();

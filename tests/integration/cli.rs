@@ -289,3 +289,42 @@ fn a_write_loom_answered_while_the_router_was_paused_is_relayed_not_timed_out() 
     assert_eq!(pooled.status, 200, "{}", pooled.text());
     assert_eq!(&pooled.body[..], b"slow");
 }
+
+/// The origin of a forwarded write relays the owner's answer when it came while the origin was
+/// paused past its own deadline (`write_timeout` + 1 s): the same rule as for Loom's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_write_answered_while_the_origin_was_paused_is_relayed_not_timed_out() {
+    use crate::support::*;
+    let mut options = Options::default();
+    // us-east owns cluster 1; its Loom answers writes in 300 ms.
+    options.loom_override[EAST] = Some(slow_loom(Duration::from_millis(300)).await);
+    options.external_router[WEST] = true;
+    let c = Cluster::start_with(options).await;
+    let origin = c.dc(WEST).spawn_router();
+    let readyz = c.dc(WEST).admin_url("/readyz");
+    eventually(|| async {
+        client()
+            .get(readyz.parse().unwrap())
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+
+    let url = c.dc(WEST).url("/v2/clusters/00000001/abort");
+    let write = tokio::spawn(async move { send("POST", &url, &COOPR, b"").await });
+    // Forwarded by now, and at us-east's Loom: pause the origin past its 3 s deadline.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    origin.signal(nix::sys::signal::Signal::SIGSTOP);
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    origin.signal(nix::sys::signal::Signal::SIGCONT);
+    let r = write.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(&r.body[..], b"slow");
+    assert_eq!(r.header("x-loom-route"), Some("write-forwarded"));
+    assert_eq!(r.header("x-loom-served-by"), Some("us-east"));
+    // Not applied at the origin's Loom, nor anywhere but the owner's.
+    assert_eq!(
+        c.who_saw("POST", "/v2/clusters/00000001/abort"),
+        Vec::<&str>::new()
+    );
+}

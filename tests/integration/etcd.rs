@@ -197,7 +197,7 @@ async fn etcd_a_paused_router_that_wakes_after_its_shards_moved_does_not_write()
     let mut options = etcd_options([e.clone(), e.clone(), e], prefix);
     options.external_router[WEST] = true;
     let c = Cluster::start_with(options).await;
-    let (mut child, _dir) = c.dc(WEST).spawn_router();
+    let child = c.dc(WEST).spawn_router();
     for dc in &c.dcs {
         admitting(dc).await;
     }
@@ -206,7 +206,7 @@ async fn etcd_a_paused_router_that_wakes_after_its_shards_moved_does_not_write()
     eventually(|| async { c.dc(EU).loom.cluster(2).is_some() }).await;
 
     // us-west's router stops dead (its Loom is fine): its lease runs out in etcd.
-    signal(&child, nix::sys::signal::Signal::SIGSTOP);
+    child.signal(nix::sys::signal::Signal::SIGSTOP);
     until_owner(c.dc(EAST), 2, "eu-central").await;
     let r = history::write_until_admitted(
         &mut acked,
@@ -224,7 +224,7 @@ async fn etcd_a_paused_router_that_wakes_after_its_shards_moved_does_not_write()
 
     // It wakes with an old table and a dead lease. Whatever it does, it must not write shard 2
     // at its Loom: it fences itself or forwards to the new owner.
-    signal(&child, nix::sys::signal::Signal::SIGCONT);
+    child.signal(nix::sys::signal::Signal::SIGCONT);
     for _ in 0..40 {
         let r = history::write(
             &mut acked,
@@ -254,8 +254,6 @@ async fn etcd_a_paused_router_that_wakes_after_its_shards_moved_does_not_write()
             .any(|w| w.path.ends_with("/resume")),
         "the woken router wrote at its own Loom"
     );
-    signal(&child, nix::sys::signal::Signal::SIGTERM);
-    let _ = child.wait();
     history::check_etcd(&c, prefix, &trail, &acked);
 }
 

@@ -91,8 +91,8 @@ impl Dc {
 
     /// The router's config text (to run it as a child process).
     /// Run this DC's router as a child process (so that it can be paused with SIGSTOP), for
-    /// a cluster started with `external_router` set for this DC. Keep the dir while it runs.
-    pub fn spawn_router(&self) -> (std::process::Child, tempfile::TempDir) {
+    /// a cluster started with `external_router` set for this DC.
+    pub fn spawn_router(&self) -> Spawned {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("router.toml");
         let toml = format!(
@@ -109,7 +109,7 @@ impl Dc {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        (child, dir)
+        Spawned { child, _dir: dir }
     }
 
     pub fn config_toml(&self) -> &str {
@@ -882,10 +882,29 @@ impl ChildRouter {
     }
 }
 
-/// Send `signal` to a child process.
-pub fn signal(child: &std::process::Child, signal: nix::sys::signal::Signal) {
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
-    nix::sys::signal::kill(pid, signal).unwrap();
+/// A DC's router run as a child process ([`Dc::spawn_router`]), with its config dir. Resumed
+/// and killed when dropped, so that a failed test leaves no router behind, paused or not.
+#[derive(Debug)]
+pub struct Spawned {
+    pub child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Spawned {
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        nix::sys::signal::kill(pid, signal).unwrap();
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.signal(nix::sys::signal::Signal::SIGCONT);
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 impl Drop for ChildRouter {
