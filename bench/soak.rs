@@ -18,7 +18,9 @@
 //!
 //! It starts its own etcd (Debian's `etcd-server`), prints a Markdown report and exits non-zero
 //! when a check fails, so `.ci/run` runs a short one. `LOOM_SOAK_MINUTES` sets the soak's length
-//! (default 30); `LOOM_SOAK_ROUTER` another router binary to measure (an older build, say).
+//! (default 30); `LOOM_SOAK_ROUTER` another router binary to measure (an older build, say);
+//! `LOOM_SOAK_SKIP=reloads,kills` leaves out the reloads or the DC kills, to tell what a
+//! growth comes from.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -390,6 +392,8 @@ struct SoakReport {
 }
 
 async fn soak(binary: &Path, etcd: &str, minutes: f64, verdict: &mut Verdict) -> SoakReport {
+    // To tell what a growth comes from: `LOOM_SOAK_SKIP=reloads,kills` leaves either out.
+    let skip = std::env::var("LOOM_SOAK_SKIP").unwrap_or_default();
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     let mut sandbox = start_sandbox(binary, etcd).await;
     for r in &sandbox.routers {
@@ -450,7 +454,7 @@ async fn soak(binary: &Path, etcd: &str, minutes: f64, verdict: &mut Verdict) ->
             }
             next_sample += SAMPLE_EVERY;
         }
-        if now >= next_reload {
+        if now >= next_reload && !skip.contains("reloads") {
             for router in &sandbox.routers {
                 reloads += 1;
                 let url = router.admin_url("/admin/reload");
@@ -461,7 +465,7 @@ async fn soak(binary: &Path, etcd: &str, minutes: f64, verdict: &mut Verdict) ->
             next_reload += RELOAD_EVERY;
         }
         let room = start.elapsed() + KILLED_FOR + Duration::from_secs(20) < run;
-        if killing.is_none() && now >= next_kill && room {
+        if killing.is_none() && now >= next_kill && room && !skip.contains("kills") {
             let dc = (kills.len() + 1) % 3;
             let kill = Kill {
                 dc,
