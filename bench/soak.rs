@@ -168,21 +168,32 @@ impl Drop for RouterProcess {
     }
 }
 
-async fn call(client: &HttpClient, method: Method, url: &str, body: &str) -> Sample {
-    let sent = Instant::now();
+/// A request with Loom's identity headers; `None` if `url` is not one.
+fn request(method: Method, url: &str, body: &str) -> Option<Request<Full<Bytes>>> {
     let mut request = Request::new(Full::new(Bytes::from(body.to_owned())));
     *request.method_mut() = method;
-    if let Ok(uri) = url.parse() {
-        *request.uri_mut() = uri;
-    }
+    *request.uri_mut() = url.parse().ok()?;
     for (k, v) in IDENTITY {
         request
             .headers_mut()
             .insert(k, http::HeaderValue::from_static(v));
     }
-    let answer = tokio::time::timeout(Duration::from_secs(10), client.request(request)).await;
-    let (status, code) = match answer {
-        Ok(Ok(response)) => {
+    Some(request)
+}
+
+/// Send `request` with a 10 s bound; `None` if no HTTP answer came.
+async fn send(
+    client: &HttpClient,
+    request: Option<Request<Full<Bytes>>>,
+) -> Option<Response<Incoming>> {
+    let answer = tokio::time::timeout(Duration::from_secs(10), client.request(request?));
+    answer.await.ok()?.ok()
+}
+
+async fn call(client: &HttpClient, method: Method, url: &str, body: &str) -> Sample {
+    let sent = Instant::now();
+    let (status, code) = match send(client, request(method, url, body)).await {
+        Some(response) => {
             let status = response.status().as_u16();
             let code = response
                 .headers()
@@ -192,7 +203,7 @@ async fn call(client: &HttpClient, method: Method, url: &str, body: &str) -> Sam
             let _ = response.into_body().collect().await;
             (status, code)
         }
-        _ => (0, None),
+        None => (0, None),
     };
     Sample {
         sent,
@@ -328,18 +339,7 @@ async fn admitting(client: &HttpClient, admin: SocketAddr) {
 }
 
 async fn call_body(client: &HttpClient, method: Method, url: &str, body: &str) -> Option<Bytes> {
-    let mut request = Request::new(Full::new(Bytes::from(body.to_owned())));
-    *request.method_mut() = method;
-    *request.uri_mut() = url.parse().ok()?;
-    for (k, v) in IDENTITY {
-        request
-            .headers_mut()
-            .insert(k, http::HeaderValue::from_static(v));
-    }
-    let response = tokio::time::timeout(Duration::from_secs(10), client.request(request))
-        .await
-        .ok()?
-        .ok()?;
+    let response = send(client, request(method, url, body)).await?;
     if !response.status().is_success() {
         return None;
     }
