@@ -208,6 +208,9 @@ impl App {
             server_tls,
         };
         let data_stop = CancellationToken::new();
+        // The request workers are threads of their own: were `run` dropped instead of shut down
+        // (an embedding runtime that ends, a test's), they would serve on forever.
+        let _stop_data = data_stop.clone().drop_guard();
         let data = listeners.serve(&config, &proxy, &data_stop)?;
         let admin_state = admin::AdminState {
             proxy: proxy.clone(),

@@ -200,6 +200,9 @@ pub struct Options {
     /// Give each router its config as a file, which it reloads (file change, POST
     /// /admin/reload).
     pub config_files: bool,
+    /// `[loom] connect_timeout`, which is also how long a request waits for a connection when
+    /// `max_upstream_connections` are all busy.
+    pub connect_timeout: Duration,
 }
 
 impl Default for Options {
@@ -218,6 +221,7 @@ impl Default for Options {
             tls: false,
             client_auth: "optional",
             config_files: false,
+            connect_timeout: Duration::from_millis(300),
         }
     }
 }
@@ -455,6 +459,10 @@ fn router_toml(
          healthy_after = 1\n\n[log]\naccess = \"off\"\n{}\n",
         options.per_dc[i]
     );
+    let loom_keys = format!(
+        "connect_timeout = \"{}ms\"\nrequest_timeout = \"2s\"\n",
+        options.connect_timeout.as_millis()
+    );
     let mut toml = RouterToml {
         dc: i,
         loom: upstream,
@@ -462,7 +470,7 @@ fn router_toml(
         coordination,
         profile,
         hook: options.hook.as_deref(),
-        loom_keys: "connect_timeout = \"300ms\"\nrequest_timeout = \"2s\"\n",
+        loom_keys: &loom_keys,
         coordination_keys: "failover_cooldown = \"1s\"\nhook_timeout = \"1s\"\n",
         tables: &tables,
     }
@@ -536,6 +544,22 @@ pub fn client() -> Client<HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
+/// The longest any one exchange of a test may take. Every router and Loom timeout in these
+/// tests is a few seconds at most, so an exchange still open after this is a hang: it fails the
+/// test, with what hung, instead of stalling the whole run.
+pub const HUNG: Duration = Duration::from_secs(30);
+
+/// `future`'s output, or a panic naming `what` once [`HUNG`] has passed.
+pub async fn within<T>(
+    what: impl std::fmt::Display,
+    future: impl std::future::Future<Output = T>,
+) -> T {
+    match tokio::time::timeout(HUNG, future).await {
+        Ok(out) => out,
+        Err(_) => panic!("{what}: no answer within {HUNG:?}"),
+    }
+}
+
 /// Send a request with headers and body; panics on transport errors.
 pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> TestResponse {
     let mut request = Request::builder()
@@ -550,16 +574,19 @@ pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]
     let request = request
         .body(Full::new(Bytes::copy_from_slice(body)))
         .unwrap();
-    let response = client()
-        .request(request)
-        .await
-        .unwrap_or_else(|e| panic!("{method} {url}: {e:?}"));
-    let (parts, body) = response.into_parts();
-    TestResponse {
-        status: parts.status,
-        headers: parts.headers,
-        body: body.collect().await.unwrap().to_bytes(),
-    }
+    within(format!("{method} {url}"), async {
+        let response = client()
+            .request(request)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {url}: {e:?}"));
+        let (parts, body) = response.into_parts();
+        TestResponse {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
+    })
+    .await
 }
 
 pub async fn get(url: &str) -> TestResponse {
@@ -705,6 +732,10 @@ impl KeepAlive {
 
     /// Send one request on this connection: status, route header and body.
     pub async fn send(&mut self, method: &str, path: &str) -> (u16, String, String) {
+        within(format!("{method} {path}"), self.exchange(method, path)).await
+    }
+
+    async fn exchange(&mut self, method: &str, path: &str) -> (u16, String, String) {
         self.sender.ready().await.unwrap();
         let mut request = Request::builder().method(method).uri(path);
         for (name, value) in COOPR {

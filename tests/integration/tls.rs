@@ -77,11 +77,13 @@ async fn https(
     for (k, v) in headers {
         request = request.header(*k, *v);
     }
-    let response = client
-        .request(request.body(Full::new(Bytes::new())).unwrap())
-        .await?;
+    let request = client.request(request.body(Full::new(Bytes::new())).unwrap());
+    let response = within(format!("{method} {url}"), request).await?;
     let (parts, body) = response.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
+    let body = within(format!("{method} {url}: body"), body.collect())
+        .await
+        .unwrap()
+        .to_bytes();
     Ok((
         parts.status.as_u16(),
         parts.version,

@@ -103,3 +103,30 @@ fn every_listener_has_the_configured_backlog() {
         assert_eq!(queues, vec![want.as_str(); expected], "port {port}: {text}");
     }
 }
+
+#[test]
+fn a_router_whose_runtime_ends_without_a_shutdown_stops_its_workers() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c = rt.block_on(Cluster::start());
+    let router = c.dc(EAST).router;
+    let r = rt.block_on(get(&c.dc(EAST).url("/status")));
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "OK\n"));
+    // The router's task is dropped with its runtime, never told to shut down (an embedding
+    // program that ends its runtime, every test here): its worker threads must stop too, and
+    // close the listener, instead of serving on without the control plane.
+    drop(rt);
+    drop(c);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::net::TcpStream::connect(router) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            _ => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{router} still accepts connections"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
