@@ -387,6 +387,9 @@ async fn leader_loss_table(client: &HttpClient, rounds: usize) -> String {
 
 /// The p-th percentile (nearest rank) of `values`.
 fn percentile(values: &[Duration], p: f64) -> Duration {
+    if values.is_empty() {
+        return Duration::ZERO;
+    }
     let mut sorted = values.to_vec();
     sorted.sort();
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;

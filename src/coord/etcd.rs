@@ -37,8 +37,7 @@ use crate::coord::{
     Batch, Compare, CoordError, Event, Kv, LeaseId, Op, Renewal, Revision, TxnOutcome, WatchStream,
 };
 
-/// Bound on one etcd call at one member, but a keepalive's (which has its own, the keepalive
-/// interval).
+/// Bound on one etcd call at one member, except keepalives, which get the keepalive interval.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A connection to an etcd cluster. Cheap to clone.
@@ -171,9 +170,10 @@ impl EtcdClient {
     pub async fn keepalive(&self, lease: LeaseId, within: Duration) -> Result<Renewal, CoordError> {
         let shared = &self.shared;
         let mut keepers = shared.keepers.lock().await;
-        let first = keepers
-            .get(&lease)
-            .map_or_else(|| shared.preferred(), |k| k.member);
+        // The preferred member, where the watch is too, and not the stream's own: a member that
+        // failed another call since must not be made the preferred one again by a keepalive it
+        // still answers, and a frozen member is noticed by the keepalive, which ends its watch.
+        let first = shared.preferred();
         let mut last = String::new();
         for member in shared.from(first) {
             let sent = Instant::now();
@@ -252,6 +252,13 @@ impl EtcdClient {
     pub async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, CoordError> {
         let shared = self.shared.clone();
         let options = WatchOptions::new().with_prefix().with_start_revision(from);
+        // Subscribed before the watch opens: a call that fails at its member meanwhile still
+        // ends it.
+        let mut failures: Vec<_> = shared
+            .members
+            .iter()
+            .map(|m| m.failures.subscribe())
+            .collect();
         let (member, stream) = self
             .shared
             .each_member_with(
@@ -263,7 +270,7 @@ impl EtcdClient {
             )
             .await?;
         let (tx, rx) = mpsc::channel(256);
-        let failures = shared.members[member].failures.subscribe();
+        let failures = failures.swap_remove(member);
         tokio::spawn(async move {
             let end = relay(stream, failures, &tx, from).await;
             if let Err(e) = end {
@@ -387,7 +394,6 @@ async fn relay(
     tx: &mpsc::Sender<Result<Batch, CoordError>>,
     from: Revision,
 ) -> Result<(), CoordError> {
-    failures.borrow_and_update();
     loop {
         let message = tokio::select! {
             message = stream.message() => message,

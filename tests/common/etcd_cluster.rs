@@ -1,6 +1,6 @@
 //! A real etcd cluster of one or more members (Debian's `etcd-server`), on free loopback ports,
 //! in a temporary data dir, for the tests (`tests/integration/etcd.rs`, `tests/chaos/`) and the
-//! failover benchmark (`bench/failover.rs`). Members can be killed and restarted with their data,
+//! failover and soak benchmarks (`bench/failover.rs`, `bench/soak.rs`). Members can be killed and restarted with their data,
 //! or paused (SIGSTOP: a frozen VM, or a member cut off without its connections being closed);
 //! every member is killed when the cluster is dropped.
 //!
@@ -105,12 +105,14 @@ impl EtcdCluster {
             .collect()
     }
 
-    /// Kill member `i` outright (SIGKILL); its data stays for [`EtcdCluster::restart`].
+    /// Kill member `i` outright (SIGKILL, which ends a stopped process too); its data stays
+    /// for [`EtcdCluster::restart`].
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.members[i].child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+        self.members[i].paused = false;
     }
 
     /// Start a killed member again, with its data.
@@ -176,11 +178,9 @@ impl EtcdCluster {
 
 impl Drop for EtcdCluster {
     fn drop(&mut self) {
+        // No signal that could panic here: a panic while a failed test unwinds would abort
+        // before the other members are killed.
         for i in 0..self.members.len() {
-            if self.members[i].paused {
-                // A paused member must be resumed to die cleanly.
-                self.pause(i, false);
-            }
             self.kill(i);
         }
     }

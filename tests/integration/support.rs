@@ -89,7 +89,6 @@ impl Dc {
         self.loom_handle = Some(handle);
     }
 
-    /// The router's config text (to run it as a child process).
     /// Run this DC's router as a child process (so that it can be paused with SIGSTOP), for
     /// a cluster started with `external_router` set for this DC.
     pub fn spawn_router(&self) -> Spawned {
@@ -112,6 +111,7 @@ impl Dc {
         Spawned { child, _dir: dir }
     }
 
+    /// The router's config text (to run it as a child process).
     pub fn config_toml(&self) -> &str {
         &self.toml
     }
@@ -184,7 +184,7 @@ pub struct Options {
     /// Coordinate through one in-process memory store (leases, automatic failover), with a
     /// become-owner hook on each DC's emulated Loom.
     pub memory: bool,
-    /// Coordinate through etcd instead: each DC's endpoint (a real etcd, or a fault proxy in
+    /// Coordinate through etcd instead: each DC's endpoints (a real etcd, or a fault proxy in
     /// front of it), and the key prefix for this test.
     pub etcd: Option<([Vec<String>; 3], String)>,
     /// Lease, keepalive and write timeout with a store, instead of the short ones tests use.
@@ -804,10 +804,17 @@ pub async fn until_owner(dc: &Dc, shard: u64, expected: &str) -> u64 {
 pub async fn admitting(dc: &Dc) {
     let url = dc.admin_url("/admin/table");
     eventually(|| async {
-        let Ok(response) = client().get(url.parse().unwrap()).await else {
+        // Bounded: a router that accepts but never answers (stopped, say) fails the check.
+        let asked = client().get(url.parse().unwrap());
+        let Ok(Ok(response)) = tokio::time::timeout(Duration::from_secs(1), asked).await else {
             return false;
         };
-        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let Ok(Ok(body)) =
+            tokio::time::timeout(Duration::from_secs(1), response.into_body().collect()).await
+        else {
+            return false;
+        };
+        let body = body.to_bytes();
         let table: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
         table["lease"]["admitting"] == true
     })
@@ -907,14 +914,42 @@ impl ChildRouter {
         }));
     }
 
+    /// Send `signal`; after SIGSTOP, return only once every thread has stopped.
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
-        nix::sys::signal::kill(pid, signal).unwrap();
+        send_signal(self.child.id(), signal);
     }
 }
 
-/// A DC's router run as a child process ([`Dc::spawn_router`]), with its config dir. Resumed
-/// and killed when dropped, so that a failed test leaves no router behind, paused or not.
+/// Send `signal` to process `pid`. SIGSTOP reaches a thread running on another core only at its
+/// next interrupt, so after it this waits until every thread is stopped: a request sent after
+/// this returns is one the paused process cannot have admitted before the pause.
+pub fn send_signal(pid: u32, signal: nix::sys::signal::Signal) {
+    let target = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
+    nix::sys::signal::kill(target, signal).unwrap();
+    if signal != nix::sys::signal::Signal::SIGSTOP {
+        return;
+    }
+    let stopped = || {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        tasks.flatten().all(|task| {
+            // The state is the field after the parenthesised command name.
+            std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+                stat.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+            })
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !stopped() {
+        assert!(std::time::Instant::now() < deadline, "{pid} did not stop");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A DC's router run as a child process ([`Dc::spawn_router`]), with its config dir. Killed
+/// when dropped, so that a failed test leaves no router behind, paused or not.
 #[derive(Debug)]
 pub struct Spawned {
     pub child: std::process::Child,
@@ -922,16 +957,16 @@ pub struct Spawned {
 }
 
 impl Spawned {
+    /// Send `signal`; after SIGSTOP, return only once every thread has stopped.
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
-        nix::sys::signal::kill(pid, signal).unwrap();
+        send_signal(self.child.id(), signal);
     }
 }
 
 impl Drop for Spawned {
     fn drop(&mut self) {
+        // SIGKILL ends a stopped process too; nothing here may panic while a test unwinds.
         if matches!(self.child.try_wait(), Ok(None)) {
-            self.signal(nix::sys::signal::Signal::SIGCONT);
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
