@@ -575,8 +575,8 @@ async fn soak(binary: &Path, etcd: &str, minutes: f64, verdict: &mut Verdict) ->
 }
 
 /// Every usage sample as CSV (`router,seconds,rss_kib,anon_kib,file_kib,fds,threads`), then
-/// each kill as
-/// `kill,<dc>,<seconds stopped>,<seconds restored + 5>`, to plot what a growth follows.
+/// each kill as `kill,<dc>,<seconds stopped>,<seconds restored + 5>`, to plot what a growth
+/// follows.
 fn write_usage_log(
     path: &Path,
     start: Instant,
