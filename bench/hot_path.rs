@@ -1,6 +1,6 @@
 //! Micro-benchmarks of the request path's pure middle (issue 5): classify plus resolve over a
 //! mix of real Loom requests, the Host check, and the header rewrite every forwarded request
-//! gets. Reports
+//! gets, and what reading your own writes adds to a read it does not redirect. Reports
 //! criterion's time per request, and heap allocations per request (counted with
 //! allocation-counter, which installs a counting allocator in this benchmark binary).
 //!
@@ -12,8 +12,11 @@ use std::net::{IpAddr, Ipv4Addr};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use http::{HeaderMap, HeaderValue, Method, Version};
 use loom_router::config::Config;
-use loom_router::http::headers::{host_ok, ip_value, prepare_downstream, prepare_upstream, Client};
+use loom_router::http::headers::{
+    host_ok, ip_value, prepare_downstream, prepare_upstream, Client, CONSISTENCY,
+};
 use loom_router::routing::classify::{classify, Key};
+use loom_router::routing::fresh::{self, Asked, Tracked};
 use loom_router::routing::table::Table;
 use loom_router::shard::ShardKey;
 
@@ -47,7 +50,7 @@ fn route_all(config: &Config, table: &Table, requests: &[(Method, &str)]) -> usi
             Key::Cluster(id) => Some(table.shard_key_of_cluster(id)),
             Key::Global => Some(ShardKey::Global),
             Key::Home => table.home_shard_of(config.local),
-            Key::None | Key::NodeBody | Key::NodeLookup => None,
+            Key::None | Key::ClusterRead(_) | Key::NodeBody | Key::NodeLookup => None,
         };
         if let Some(key) = key {
             owned += usize::from(table.resolve_write(config.local, key).is_ok());
@@ -122,7 +125,33 @@ fn bench(c: &mut Criterion) {
     group.bench_function("host_check", |b| {
         b.iter(|| host_ok(black_box(&template), Version::HTTP_11, None));
     });
+    fresh_read(&mut group, &template);
     group.finish();
+}
+
+/// What `[consistency] read_your_writes` adds to a read of one cluster that stays local: the
+/// `X-Loom-Consistency` lookup every such read makes, then, with tracking on, one lookup in a
+/// map of 10,000 other clusters and a check for a `Cookie` header (docs/routing.md).
+fn fresh_read(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    headers: &HeaderMap,
+) {
+    let tracked = Tracked::default();
+    for id in 0..10_000 {
+        tracked.remember(1_000_000 + id, u64::MAX, 100_000);
+    }
+    let asked = |h: &HeaderMap| fresh::asked(h.get_all(CONSISTENCY).iter().map(|v| v.as_bytes()));
+    group.bench_function("read_your_writes_off_untracked_read", |b| {
+        b.iter(|| asked(black_box(headers)) == Ok(Asked::Owner));
+    });
+    group.bench_function("read_your_writes_on_untracked_read", |b| {
+        b.iter(|| {
+            let h = black_box(headers);
+            asked(h) == Ok(Asked::Owner)
+                || tracked.holds(black_box(79), || 0)
+                || h.contains_key(http::header::COOKIE)
+        });
+    });
 }
 
 criterion_group!(benches, bench);

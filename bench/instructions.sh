@@ -10,6 +10,8 @@
 #   nginx           client → nginx proxy_pass (1 worker, upstream keepalive) → backend
 #   haproxy         client → haproxy (nbthread 1, http-reuse always) → backend
 #   router-read     client → loom-router us-east (GET, local read) → backend
+#   router-read-ryw the same with [consistency] read_your_writes on and no cluster tracked:
+#                   what reading your own writes costs a read it does not redirect
 #   router-write    client → loom-router us-east → loom-router us-west (forwarded DELETE);
 #                   both routers are counted
 # Each scenario runs twice, with W and then W + N requests on one keep-alive connection; the
@@ -18,6 +20,8 @@
 # not count as request cost.
 #
 # Usage: bench/instructions.sh [warm-up requests] [measured requests]   (default 500 5000)
+# LOOM_ROUTER=path measures another router binary (an older build, say); LOOM_SCENARIOS picks
+# scenarios (default: all five).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 warm=${1:-500}
@@ -25,7 +29,9 @@ more=${2:-5000}
 
 source bench/lib.sh
 install_missing valgrind:valgrind nginx:nginx-light haproxy:haproxy
-cargo build --release --quiet
+router_bin=${LOOM_ROUTER:-./target/release/loom-router}
+[ -n "${LOOM_ROUTER:-}" ] || cargo build --release --quiet
+scenarios=${LOOM_SCENARIOS:-nginx haproxy router-read router-read-ryw router-write}
 
 work=$(mktemp -d)
 pids=()
@@ -46,6 +52,9 @@ unhealthy_after = 1
 healthy_after = 1'
 router_config us-east "$east" "$east_admin" "$hourly" > "$work/east.toml"
 router_config us-west "$west" "$west_admin" "$hourly" > "$work/west.toml"
+router_config us-east "$east" "$east_admin" "$hourly
+[consistency]
+read_your_writes = \"5s\"" > "$work/east-ryw.toml"
 
 nginx -c "$work/backend.conf" & pids+=($!)
 
@@ -89,7 +98,7 @@ callgrind() { # out-prefix command...
 }
 
 router() { # out-prefix east|west
-    RUST_LOG=warn callgrind "$1" ./target/release/loom-router run --config "$work/$2.toml"
+    RUST_LOG=warn callgrind "$1" "$router_bin" run --config "$work/$2.toml"
 }
 
 # Total instructions in every callgrind file with this prefix (one per process).
@@ -115,15 +124,19 @@ run() { # scenario count
             callgrind "$out" haproxy -f "$work/haproxy.cfg" & started+=($!)
             client "$haproxy_port" GET /v2/clusters/00000011 "$count"
             pkill -USR1 -f "haproxy -f $work/haproxy.cfg" ;;
-        router-read | router-write)
+        router-read | router-read-ryw | router-write)
             # The owner first: us-east probes it once, at start, and must find it ready.
             if [ "$scenario" = router-write ]; then
                 router "$out" west & started+=($!)
                 ready "$west_admin"
             fi
-            router "$out" east & started+=($!)
+            if [ "$scenario" = router-read-ryw ]; then
+                router "$out" east-ryw & started+=($!)
+            else
+                router "$out" east & started+=($!)
+            fi
             ready "$east_admin"
-            if [ "$scenario" = router-read ]; then
+            if [ "$scenario" != router-write ]; then
                 client "$east" GET /v2/clusters/00000011 "$count"
             else
                 client "$east" DELETE /v2/clusters/00000012 "$count"
@@ -136,19 +149,21 @@ run() { # scenario count
 
 printf '%-14s %14s %14s %12s\n' scenario "Ir ($warm req)" "Ir (+$more req)" "Ir/request" >&2
 declare -A per
-for scenario in nginx haproxy router-read router-write; do
+for scenario in $scenarios; do
     a=$(run "$scenario" "$warm")
     b=$(run "$scenario" $((warm + more)))
     per[$scenario]=$(( (b - a) / more ))
     printf '%-14s %14d %14d %12d\n' "$scenario" "$a" "$b" "${per[$scenario]}" >&2
 done
-best=${per[nginx]}
-[ "${per[haproxy]}" -lt "$best" ] && best=${per[haproxy]}
-python3 - "${per[nginx]}" "${per[haproxy]}" "${per[router-read]}" "${per[router-write]}" "$best" << 'PY'
-import sys
-nginx, haproxy, read, write, best = map(int, sys.argv[1:])
-print(f"instructions per request: nginx {nginx}, haproxy {haproxy}, router read {read}, "
-      f"router forwarded write (both routers) {write}")
-print(f"router read / nginx = {read / nginx:.2f}; router read / best baseline = {read / best:.2f}; "
-      f"forwarded write / read = {write / read:.2f}")
+python3 - << PY
+per = {$(for k in "${!per[@]}"; do printf '"%s": %s, ' "$k" "${per[$k]}"; done)}
+print("instructions per request: " + ", ".join(f"{k} {v}" for k, v in sorted(per.items())))
+read = per.get("router-read")
+best = min((per[k] for k in ("nginx", "haproxy") if k in per), default=None)
+if read and best:
+    print(f"router read / best baseline = {read / best:.2f}")
+if read and "router-write" in per:
+    print(f"forwarded write / read = {per['router-write'] / read:.2f}")
+if read and "router-read-ryw" in per:
+    print(f"read with read_your_writes on / off = {per['router-read-ryw'] / read:.4f}")
 PY

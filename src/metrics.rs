@@ -35,6 +35,7 @@ pub const OPEN_CONNECTIONS: &str = "loom_router_open_connections";
 pub const WORKER_CONNECTIONS_TOTAL: &str = "loom_router_worker_connections_total";
 pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "loom_router_tls_handshake_failures_total";
 pub const CLIENT_ERRORS_TOTAL: &str = "loom_router_client_errors_total";
+pub const TRACKED_CLUSTERS: &str = "loom_router_tracked_clusters";
 
 /// The codes of client faults the router answers itself (`RouterError::is_client_fault`), listed
 /// so that every `client_errors_total` series exists before its first error.
@@ -165,6 +166,10 @@ pub fn describe() {
         CLIENT_ERRORS_TOTAL,
         "Client faults the router answered itself, by error code (bad_path, client_timeout...)."
     );
+    describe_gauge!(
+        TRACKED_CLUSTERS,
+        "Clusters this router sends reads of to their owner, after a write it forwarded."
+    );
     describe_counter!(
         RETRIES_TOTAL,
         "Requests sent again, by reason (misdirected or reset)."
@@ -267,6 +272,10 @@ pub fn set_datacenter_up(dc: &str, up: bool) {
 /// error: a client must not be able to trip the alerts on Loom's health.
 pub fn client_error(kind: &'static str) {
     counter!(CLIENT_ERRORS_TOTAL, "kind" => kind).increment(1);
+}
+
+pub fn set_tracked_clusters(n: usize) {
+    gauge!(TRACKED_CLUSTERS).set(n as f64);
 }
 
 pub fn fenced_write() {

@@ -34,7 +34,7 @@ fn classify_and_resolve_allocate_nothing_for_plain_paths() {
                     Key::Cluster(id) => Some(table.shard_key_of_cluster(id)),
                     Key::Global => Some(ShardKey::Global),
                     Key::Home => table.home_shard_of(config.local),
-                    Key::None | Key::NodeBody | Key::NodeLookup => None,
+                    Key::None | Key::ClusterRead(_) | Key::NodeBody | Key::NodeLookup => None,
                 };
                 if let Some(key) = key {
                     owners += usize::from(table.resolve_write(config.local, key).is_ok());

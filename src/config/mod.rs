@@ -101,6 +101,7 @@ pub struct Config {
     pub limits: Limits,
     /// `[response] route_headers`: send `X-Loom-Route` and `X-Loom-Served-By`.
     pub route_headers: bool,
+    pub consistency: Consistency,
     pub access_log: AccessLog,
     /// `[admin] token`: bearer token for admin calls that change state.
     pub admin_token: Option<String>,
@@ -213,6 +214,23 @@ pub struct Limits {
     pub max_upstream_connections: usize,
 }
 
+/// `[consistency]`: reading your own writes across DCs (docs/routing.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Consistency {
+    /// How long after a forwarded write this router, and the cookie it sets, send reads of the
+    /// written cluster to its owner. Zero turns tracking and the cookie off.
+    pub read_your_writes: Duration,
+    /// The most clusters this router tracks at once.
+    pub max_tracked_clusters: usize,
+}
+
+impl Consistency {
+    /// Whether forwarded writes are tracked and set the cookie, and the cookie is honoured.
+    pub fn tracks(&self) -> bool {
+        !self.read_your_writes.is_zero()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccessLog {
     Text,
@@ -263,6 +281,13 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Per upstream, as nginx's and HAProxy's connection caps are: far more than a Loom needs, few
 /// enough that a flood of idle clients cannot open a connection each.
 pub const DEFAULT_MAX_UPSTREAM_CONNECTIONS: usize = 1024;
+/// `[consistency] read_your_writes`: off, so that reads stay local as the design has them.
+pub const DEFAULT_READ_YOUR_WRITES: Duration = Duration::ZERO;
+/// `[consistency] max_tracked_clusters`: a few MiB of map at most.
+pub const DEFAULT_MAX_TRACKED_CLUSTERS: usize = 100_000;
+/// The longest `read_your_writes`: replication takes seconds; an hour is a mistake, and the
+/// cookie's `Max-Age` must stay meaningful.
+pub const MAX_READ_YOUR_WRITES: Duration = Duration::from_secs(3600);
 /// The most `[runtime] workers`: a thread each.
 pub const MAX_WORKERS: usize = 1024;
 /// The largest `max_concurrent_requests`: far above what one process can serve, and well inside
@@ -399,6 +424,36 @@ replicas = ["us-east"]
         assert_eq!(c.coordination.failover_cooldown, Duration::from_secs(300));
         assert!(c.route_headers);
         assert_eq!(c.drain_timeout, Duration::from_secs(30));
+        assert_eq!(c.consistency.read_your_writes, Duration::ZERO);
+        assert!(!c.consistency.tracks());
+        assert_eq!(c.consistency.max_tracked_clusters, 100_000);
+    }
+
+    #[test]
+    fn consistency_takes_a_window_of_zero_to_an_hour_and_a_positive_bound() {
+        let on =
+            format!("{GOOD}\n[consistency]\nread_your_writes = \"5s\"\nmax_tracked_clusters = 7\n");
+        let c = Config::from_toml(&on).unwrap();
+        assert_eq!(c.consistency.read_your_writes, Duration::from_secs(5));
+        assert!(c.consistency.tracks());
+        assert_eq!(c.consistency.max_tracked_clusters, 7);
+        let off = format!("{GOOD}\n[consistency]\nread_your_writes = \"0s\"\n");
+        assert!(!Config::from_toml(&off).unwrap().consistency.tracks());
+        assert_error(
+            &format!("{GOOD}\n[consistency]\nread_your_writes = \"2h\"\n"),
+            "consistency.read_your_writes: must be at most 1h",
+        );
+        assert_error(
+            &format!("{GOOD}\n[consistency]\nmax_tracked_clusters = 0\n"),
+            "consistency.max_tracked_clusters: must be at least 1",
+        );
+        let got = errors(&format!(
+            "{GOOD}\n[consistency]\nread_your_writes = \"soon\"\n"
+        ));
+        assert!(
+            got[0].starts_with("consistency.read_your_writes: invalid duration \"soon\""),
+            "{got:?}"
+        );
     }
 
     #[test]

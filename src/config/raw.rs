@@ -33,6 +33,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub(super) response: RawResponse,
     #[serde(default)]
+    pub(super) consistency: RawConsistency,
+    #[serde(default)]
     pub(super) log: RawLog,
     #[serde(default)]
     pub(super) admin: RawAdmin,
@@ -145,6 +147,13 @@ pub(super) struct RawLimits {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawResponse {
     pub(super) route_headers: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConsistency {
+    pub(super) read_your_writes: Option<String>,
+    pub(super) max_tracked_clusters: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -13,8 +13,8 @@ use std::time::Duration;
 use http::Uri;
 
 use super::raw::{
-    RawConfig, RawCoordination, RawDatacenter, RawHealth, RawIds, RawLimits, RawListen, RawLoom,
-    RawResidue, RawRuntime, RawShard, RawTls,
+    RawConfig, RawConsistency, RawCoordination, RawDatacenter, RawHealth, RawIds, RawLimits,
+    RawListen, RawLoom, RawResidue, RawRuntime, RawShard, RawTls,
 };
 use super::*;
 use crate::routing::fence;
@@ -144,6 +144,7 @@ impl TryFrom<RawConfig> for Config {
         write_fits_lease(&mut p, &loom, &coordination);
         let health = health(&mut p, &raw.health);
         let limits = limits(&mut p, &raw.limits);
+        let consistency = consistency(&mut p, &raw.consistency);
         let access_log = access_log(&mut p, raw.log.access.as_deref());
         let drain_timeout = p.duration(
             "shutdown.drain_timeout",
@@ -167,6 +168,7 @@ impl TryFrom<RawConfig> for Config {
             health,
             limits,
             route_headers: raw.response.route_headers.unwrap_or(true),
+            consistency,
             access_log,
             admin_token: raw.admin.token,
             drain_timeout,
@@ -677,6 +679,40 @@ fn workers(p: &mut Problems, runtime: &RawRuntime) -> usize {
         return cores().min(MAX_WORKERS);
     }
     workers
+}
+
+/// `[consistency]`: a window of zero (the default, off) up to [`MAX_READ_YOUR_WRITES`], and a
+/// map bound of at least 1.
+fn consistency(p: &mut Problems, raw: &RawConsistency) -> Consistency {
+    let key = "consistency.read_your_writes";
+    let read_your_writes = match raw.read_your_writes.as_deref() {
+        None => DEFAULT_READ_YOUR_WRITES,
+        Some(text) => match humantime::parse_duration(text) {
+            Ok(d) if d > MAX_READ_YOUR_WRITES => {
+                p.push(key, "must be at most 1h");
+                DEFAULT_READ_YOUR_WRITES
+            }
+            Ok(d) => d,
+            Err(e) => {
+                p.push(
+                    key,
+                    format!(
+                        "invalid duration {text:?} ({e}); write e.g. \"5s\", or \"0s\" for off"
+                    ),
+                );
+                DEFAULT_READ_YOUR_WRITES
+            }
+        },
+    };
+    let max_tracked_clusters = p.positive(
+        "consistency.max_tracked_clusters",
+        raw.max_tracked_clusters,
+        DEFAULT_MAX_TRACKED_CLUSTERS,
+    );
+    Consistency {
+        read_your_writes,
+        max_tracked_clusters,
+    }
 }
 
 /// `[log] access`: `text` (the default), `json` or `off`.

@@ -265,6 +265,14 @@ impl Demo {
                 &identity,
             ),
             step(
+                "Read it back through eu-central at once: its own Loom has not had the delete \
+                 replicated yet, so the read goes to the owner and shows status terminated \
+                 (X-Loom-Route: read-owner, X-Loom-Served-By: us-east)",
+                "GET",
+                router(2, "/v2/clusters/00000001"),
+                &identity,
+            ),
+            step(
                 "See who owns which shard, at which epoch",
                 "GET",
                 admin(2, "/admin/table"),
@@ -552,7 +560,9 @@ fn router_config(
         hook: None,
         loom_keys: "",
         coordination_keys: "",
-        tables: "[shutdown]\ndrain_timeout = \"2s\"\n",
+        // Reads of a cluster written through a router go to its owner for 5 s, as in
+        // config/loom-router.toml: the walk-through reads a delete back at once.
+        tables: "[shutdown]\ndrain_timeout = \"2s\"\n\n[consistency]\nread_your_writes = \"5s\"\n",
     }
     .render()
 }

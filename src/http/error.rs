@@ -87,6 +87,8 @@ pub enum RouterError {
     BadHost,
     #[error("a hop request that names no shard")]
     HopWithoutShard,
+    #[error("X-Loom-Consistency with a value other than \"owner\"")]
+    BadConsistency,
     #[error("a node body that is not strict JSON but may name a clusterId")]
     AmbiguousNodeBody,
     #[error("the client stalled its request body for {0:?}")]
@@ -186,6 +188,7 @@ impl RouterError {
             | Self::BadPath
             | Self::BadHost
             | Self::HopWithoutShard
+            | Self::BadConsistency
             | Self::AmbiguousNodeBody => StatusCode::BAD_REQUEST,
             Self::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::PeerUnauthenticated => StatusCode::FORBIDDEN,
@@ -208,9 +211,11 @@ impl RouterError {
     /// The `X-Loom-Router-Error` code.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::BadRequest | Self::BadHost | Self::HopWithoutShard | Self::AmbiguousNodeBody => {
-                "bad_request"
-            }
+            Self::BadRequest
+            | Self::BadHost
+            | Self::HopWithoutShard
+            | Self::BadConsistency
+            | Self::AmbiguousNodeBody => "bad_request",
             Self::ClientTimeout(_) => "client_timeout",
             Self::BadClusterId => "bad_cluster_id",
             Self::BadPath => "bad_path",
@@ -249,6 +254,9 @@ impl RouterError {
                 .to_owned(),
             Self::HopWithoutShard => "A request between routers must name a shard, and this \
                  one names none; send it without X-Loom-Router-* headers."
+                .to_owned(),
+            Self::BadConsistency => "X-Loom-Consistency takes one value, owner, which reads a \
+                 cluster from the datacenter that owns it; send that or leave the header out."
                 .to_owned(),
             Self::AmbiguousNodeBody => "The node body is not plain JSON, so the router cannot \
                  tell which cluster it belongs to; send it as strict JSON."
@@ -325,6 +333,7 @@ impl RouterError {
             | Self::BadPath
             | Self::BadHost
             | Self::HopWithoutShard
+            | Self::BadConsistency
             | Self::AmbiguousNodeBody
             | Self::ClientTimeout(_)
             | Self::PeerUnauthenticated
@@ -362,6 +371,7 @@ impl RouterError {
             | Self::BadPath
             | Self::BadHost
             | Self::HopWithoutShard
+            | Self::BadConsistency
             | Self::AmbiguousNodeBody
             | Self::ClientTimeout(_)
             | Self::PeerUnauthenticated
@@ -479,6 +489,7 @@ mod tests {
             RouterError::BadPath,
             RouterError::BadHost,
             RouterError::HopWithoutShard,
+            RouterError::BadConsistency,
             RouterError::AmbiguousNodeBody,
             RouterError::ClientTimeout(Duration::from_secs(1)),
             RouterError::PeerUnauthenticated,

@@ -17,6 +17,8 @@ pub const ROUTE: HeaderName = HeaderName::from_static("x-loom-route");
 pub const SERVED_BY: HeaderName = HeaderName::from_static("x-loom-served-by");
 /// Set by a router on a read it served locally because the owner could not be reached.
 pub const STALE: HeaderName = HeaderName::from_static("x-loom-stale");
+/// `owner` asks for a read of one cluster from its owner (docs/routing.md).
+pub const CONSISTENCY: HeaderName = HeaderName::from_static("x-loom-consistency");
 /// The code of an error the router produced.
 pub const ROUTER_ERROR: HeaderName = HeaderName::from_static("x-loom-router-error");
 /// Set to `1` on a write forwarded by a router: the receiver never forwards it again.

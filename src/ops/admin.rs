@@ -46,7 +46,8 @@ const MAX_ADMIN_BODY: usize = 4096;
 /// what it uses instead of reaching into the data path for it.
 #[derive(Clone)]
 pub struct AdminState {
-    /// The data path, for `/readyz` only: it is ready as the peers' probe sees it.
+    /// The data path, for `/readyz` (it is ready as the peers' probe sees it) and the tracked
+    /// clusters of `/admin/table`.
     pub proxy: Proxy,
     pub control: Control,
     pub health: Arc<HealthBoard>,
@@ -366,6 +367,8 @@ struct TableView<'a> {
     shards: Vec<ShardView<'a>>,
     datacenters: Vec<DcView<'a>>,
     alerts: &'a [String],
+    /// Clusters whose reads this router sends to their owner, after a write it forwarded.
+    tracked_clusters: usize,
     /// With the memory and etcd backends only.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     coordination: Option<CoordinationView>,
@@ -444,6 +447,7 @@ fn table_view<'a>(state: &AdminState, snap: &'a Snapshot) -> TableView<'a> {
         shards,
         datacenters,
         alerts: &snap.alerts,
+        tracked_clusters: state.proxy.tracked_clusters(),
         coordination: coordination_view(state, snap),
     }
 }

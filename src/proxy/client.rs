@@ -37,8 +37,12 @@ impl Proxy {
             Err(e) => return Outcome::error(Label::Unrouted, e),
         };
         let Some(shard) = shard else {
-            // Reads, passthrough, provisioner traffic and unkeyed node writes: always local.
             let request = Request::from_parts(parts, body);
+            if class.route == Route::Read {
+                // Local, unless the client must read its own write (`fresh.rs`).
+                return self.serve_read(ctx, class.key, request).await;
+            }
+            // Passthrough, provisioner traffic and unkeyed node writes: always local.
             return self
                 .serve_local(ctx, ToLocal::unowned(label), request)
                 .await;
@@ -82,10 +86,15 @@ impl Proxy {
                     dc,
                     epoch,
                 };
+                let cookie = self.cookie_to_renew(ctx, &parts.headers);
                 let request = Request::from_parts(parts, body);
                 // Boxed, as every path off the read path: the future hyper keeps for each request
                 // stays the size of a read's (docs/performance.md).
-                Box::pin(self.forward_to_peer(ctx, to, request)).await
+                let mut outcome = Box::pin(self.forward_to_peer(ctx, to, request)).await;
+                if ctx.snap.config.consistency.tracks() {
+                    self.remember_write(ctx, cookie, &mut outcome);
+                }
+                outcome
             }
         }
     }
@@ -103,6 +112,10 @@ impl Proxy {
         let table = &snap.table;
         match class.key {
             Key::None => Ok((None, body)),
+            Key::ClusterRead(id) => {
+                notes.set_cluster(id);
+                Ok((None, body))
+            }
             Key::Cluster(id) => {
                 notes.set_cluster(id);
                 Ok((Some(table.shard_key_of_cluster(id)), body))

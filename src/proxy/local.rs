@@ -32,6 +32,10 @@ impl Proxy {
         request: Request<Body>,
     ) -> Outcome {
         let label = Label::local(class.route);
+        if let Key::ClusterRead(cluster) = class.key {
+            // A peer's `read-owner` (`fresh.rs`).
+            return self.serve_owner_read(ctx, cluster, request).await;
+        }
         let local = ctx.snap.config.local;
         let (parts, body) = request.into_parts();
         let shard = if class.route == Route::Create {

@@ -13,6 +13,8 @@
 //! - `local.rs`: what this DC's Loom serves, through the write gate, and a peer's hop, admitted
 //!   or answered 421;
 //! - `peer.rs`: a write sent on to the owner's router, and the 421 retry loop;
+//! - `fresh.rs`: a read of one cluster sent to its owner (`read-owner`) so a client reads its
+//!   own write, the owner's side of it, and the tracking and cookie a forwarded write leaves;
 //! - `probe.rs`: the router-to-router probes (`/loom-router/readyz`, `/loom-router/drained`);
 //! - `edge.rs`: the response the client gets, with route headers, counted and logged once;
 //! - `listener.rs`: the data listeners' accept loop, TLS, connection limits and drain;
@@ -23,6 +25,7 @@
 
 mod client;
 mod edge;
+mod fresh;
 pub mod listener;
 mod local;
 mod peer;
@@ -107,6 +110,8 @@ struct Inner {
     /// Owned writes at the local Loom right now, by shard. Incremented and decremented by the
     /// requests themselves (many at once, hence a concurrent map); read by `/loom-router/drained`.
     in_flight_writes: DashMap<ShardKey, usize>,
+    /// Clusters this router forwarded a write for lately: their reads go to the owner.
+    tracked: crate::routing::fresh::Tracked,
     /// Request counts, latencies and the in-flight gauge, through cached handles.
     metrics: metrics::RequestMetrics,
     /// `[tls] client_ca` was set at start-up, so hop headers need a verified peer certificate.
@@ -160,6 +165,7 @@ impl Proxy {
                 draining: AtomicBool::new(false),
                 gate,
                 in_flight_writes: DashMap::new(),
+                tracked: Default::default(),
                 metrics: metrics::RequestMetrics::new(Label::COUNT),
                 peers_need_certificates,
             }),

@@ -202,7 +202,7 @@ fn hop_failed(to: &ToPeer, error: RouterError, upstream_time: Duration) -> Outco
 
 /// The peer's answer, as the client gets it: the owner's DC serves it unless the peer router
 /// answered itself.
-fn answered(
+pub(super) fn answered(
     snap: &Snapshot,
     to: &ToPeer,
     response: Response<Incoming>,
@@ -240,7 +240,7 @@ fn retry_after(config: &Config) -> Duration {
 }
 
 /// Only a router's 421 means "not delivered"; a 421 from the owner's Loom is an answer.
-fn is_misdirected(response: &Response<Incoming>) -> bool {
+pub(super) fn is_misdirected(response: &Response<Incoming>) -> bool {
     response.status() == StatusCode::MISDIRECTED_REQUEST
         && response
             .headers()
@@ -249,7 +249,7 @@ fn is_misdirected(response: &Response<Incoming>) -> bool {
 }
 
 /// The headers of a write forwarded to a peer: the proxy rewrite, then hop, origin and shard.
-fn hop_headers(snap: &Snapshot, conn: &ConnInfo, parts: &mut Parts, shard: ShardKey) {
+pub(super) fn hop_headers(snap: &Snapshot, conn: &ConnInfo, parts: &mut Parts, shard: ShardKey) {
     headers::prepare_upstream(&mut parts.headers, client(conn), &snap.via, false);
     parts
         .headers
@@ -265,7 +265,7 @@ fn hop_headers(snap: &Snapshot, conn: &ConnInfo, parts: &mut Parts, shard: Shard
 
 /// A forwarded write's body, kept whole when it fits `max_retry_body_bytes` (so a 421 can be
 /// retried), else the part read so far and the rest of the stream, to be sent once.
-async fn buffer_for_retry(
+pub(super) async fn buffer_for_retry(
     config: &Config,
     body: Body,
 ) -> Result<(Option<Bytes>, Option<Body>), RouterError> {
@@ -301,7 +301,7 @@ async fn buffer_for_retry(
     })
 }
 
-fn rebuild(parts: &Parts, body: Body) -> Request<Body> {
+pub(super) fn rebuild(parts: &Parts, body: Body) -> Request<Body> {
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = parts.uri.clone();

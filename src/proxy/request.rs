@@ -42,6 +42,9 @@ pub(super) enum Label {
     WriteLocal,
     WriteForwarded,
     GlobalWrite,
+    /// A read of one cluster served by its owner's Loom (docs/routing.md, reading your own
+    /// writes).
+    ReadOwner,
     Passthrough,
     Unrouted,
     /// A peer's readiness probe: answered here, not logged, counted or labelled, so probes
@@ -70,6 +73,7 @@ impl Label {
             Self::WriteLocal => "write-local",
             Self::WriteForwarded => "write-forwarded",
             Self::GlobalWrite => "global-write",
+            Self::ReadOwner => "read-owner",
             Self::Passthrough => "passthrough",
             Self::Unrouted => "unrouted",
             Self::Probe => "probe",

@@ -49,8 +49,11 @@ pub enum Route {
 pub enum Key {
     /// The request names no shard (reads, passthrough, provisioner, readyz).
     None,
-    /// A cluster ID taken from the path.
+    /// A cluster ID taken from the path of a write.
     Cluster(u64),
+    /// A read of one cluster (`GET`/`HEAD` `{B}/clusters/{id}[/...]`): served locally, unless
+    /// the client must read its own write, when it goes to the owner (`read-owner`).
+    ClusterRead(u64),
     /// The global shard.
     Global,
     /// This DC's home shard (creates).
@@ -241,9 +244,19 @@ fn classify_under_base(
     if provisioner {
         return Ok(class(Route::Provisioner, Key::None));
     }
-    // Row 2: safe methods are reads.
+    // Row 2: safe methods are reads. A read of one cluster names it, in case it must be served
+    // fresh by the owner; an ID outside the grammar is Loom's to answer, locally.
     if is_read_method(method) {
-        return Ok(class(Route::Read, Key::None));
+        let one_cluster = match second {
+            Some(id) if first == "clusters" && method != Method::OPTIONS => {
+                parse_owning_cluster(id).ok()
+            }
+            _ => None,
+        };
+        return Ok(class(
+            Route::Read,
+            one_cluster.map_or(Key::None, Key::ClusterRead),
+        ));
     }
     // Row 3: POSTs used as queries.
     if method == Method::POST
@@ -447,6 +460,35 @@ mod tests {
         }
         // A read never needs a valid ID: Loom answers for it.
         assert_eq!(route("GET", "/v2/clusters/abc"), Route::Read);
+    }
+
+    #[test]
+    fn a_get_or_head_of_one_cluster_names_it_and_nothing_else_does() {
+        for b in BASES {
+            for m in ["GET", "HEAD"] {
+                for suffix in ["", "/status", "/services", "/plan/3"] {
+                    let got = c(m, &format!("{b}/clusters/00000079{suffix}")).unwrap();
+                    assert_eq!(
+                        got,
+                        class(Route::Read, Key::ClusterRead(79)),
+                        "{m} {suffix}"
+                    );
+                }
+            }
+            for (m, path) in [
+                ("OPTIONS", "/clusters/00000079"),
+                ("GET", "/clusters"),
+                ("GET", "/clusters/abc"),
+                ("GET", "/clusters/99999999999999999999"),
+                ("GET", "/providers/00000079"),
+            ] {
+                let got = c(m, &format!("{b}{path}")).unwrap();
+                assert_eq!(got, class(Route::Read, Key::None), "{m} {path}");
+            }
+        }
+        // Provisioner reads and query POSTs never name one.
+        assert_eq!(c("GET", "/v1/loom/tasks/1").unwrap().key, Key::None);
+        assert_eq!(c("POST", "/v2/getClusterStatuses").unwrap().key, Key::None);
     }
 
     #[test]

@@ -46,7 +46,8 @@ async fn the_printed_scenario_creates_reads_and_deletes_through_three_dcs() {
         .await;
         responses.push(r);
     }
-    let [create, read, delete, table, create_eu, kill, moved, write, restore] = &responses[..]
+    let [create, read, delete, read_back, table, create_eu, kill, moved, write, restore] =
+        &responses[..]
     else {
         panic!("{} steps", responses.len())
     };
@@ -78,8 +79,18 @@ async fn the_printed_scenario_creates_reads_and_deletes_through_three_dcs() {
         .iter()
         .any(|w| w.method == "DELETE"));
 
+    // Read back at once through the DC that forwarded the delete: served by the owner, fresh,
+    // while eu-central's own Loom still has the cluster as it was (it checks no later than
+    // the 500 ms replication delay after the delete).
+    assert_eq!(read_back.status, 200, "{}", read_back.text());
+    assert_eq!(read_back.header("x-loom-route"), Some("read-owner"));
+    assert_eq!(read_back.header("x-loom-served-by"), Some("us-east"));
+    assert_eq!(read_back.json()["status"], "terminated");
+    assert_eq!(read_back.header("x-loom-stale"), None);
+
     assert_eq!(table.status, 200);
     assert_eq!(table.json()["datacenter"], "eu-central");
+    assert_eq!(table.json()["tracked_clusters"], 1);
     // Stamped with shard 1's epoch, as the table shows it.
     let shard1 = table.json()["shards"][0].clone();
     assert_eq!(shard1["shard"], 1);

@@ -17,17 +17,19 @@ fn check(method: &str, path: &str, route: Route, key: Key) {
 /// Rows under `{B}` that exist in both Loom (`/v1/loom`) and Coopr (`/v2`).
 #[test]
 fn every_endpoint_of_both_generations() {
-    use Key::{Cluster, Global, Home, None as NoKey};
+    use Key::{Cluster, ClusterRead, Global, Home, None as NoKey};
     use Route::*;
     let c = Cluster(79);
+    // A read of one cluster names it, in case it must be read from the owner.
+    let r = ClusterRead(79);
     let rows: Vec<(&str, String, Route, Key)> = vec![
         // 2.1 clusters by ID
-        ("GET", format!("/clusters/{ID}"), Read, NoKey),
-        ("GET", format!("/clusters/{ID}/status"), Read, NoKey),
-        ("GET", format!("/clusters/{ID}/services"), Read, NoKey),
-        ("GET", format!("/clusters/{ID}/plans"), Read, NoKey),
-        ("GET", format!("/clusters/{ID}/plans/{ID}-001"), Read, NoKey),
-        ("GET", format!("/clusters/{ID}/config"), Read, NoKey),
+        ("GET", format!("/clusters/{ID}"), Read, r),
+        ("GET", format!("/clusters/{ID}/status"), Read, r),
+        ("GET", format!("/clusters/{ID}/services"), Read, r),
+        ("GET", format!("/clusters/{ID}/plans"), Read, r),
+        ("GET", format!("/clusters/{ID}/plans/{ID}-001"), Read, r),
+        ("GET", format!("/clusters/{ID}/config"), Read, r),
         ("DELETE", format!("/clusters/{ID}"), Write, c),
         ("POST", format!("/clusters/{ID}"), Write, c),
         ("POST", format!("/clusters/{ID}/abort"), Write, c),

@@ -9,6 +9,7 @@
 mod admin;
 mod certs;
 mod cli;
+mod consistency;
 mod demo;
 mod docker;
 mod edge;

@@ -36,6 +36,31 @@ pub const COOPR: [(&str, &str); 2] = [("coopr-userid", "admin"), ("coopr-tenanti
 /// Identity headers Loom requires on /v1/loom.
 pub const LOOM: [(&str, &str); 2] = [("x-loom-userid", "admin"), ("x-loom-apikey", "key1")];
 
+/// Another router of one DC ([`Dc::second_router`]); stopped when dropped.
+#[derive(Debug)]
+pub struct SecondRouter {
+    pub router: SocketAddr,
+    pub admin: SocketAddr,
+    stop: CancellationToken,
+    _task: JoinHandle<()>,
+}
+
+impl SecondRouter {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.router)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+}
+
+impl Drop for SecondRouter {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 /// One emulated DC: its Loom and its router.
 #[derive(Debug)]
 pub struct Dc {
@@ -109,6 +134,38 @@ impl Dc {
             .spawn()
             .unwrap();
         Spawned { child, _dir: dir }
+    }
+
+    /// Start another router for this DC, in process on new ports, with the same config: a DC
+    /// runs several behind its load balancer. Its peers do not know it; it knows them.
+    pub async fn second_router(&self) -> SecondRouter {
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (router, admin_addr) = (http.local_addr().unwrap(), admin.local_addr().unwrap());
+        let mut app = App::from_listeners(Config::from_toml(&self.toml).unwrap(), http, admin);
+        if let Some(client) = &self.store {
+            app = app.with_store(Store::Memory(client.clone()));
+        }
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move { app.run(stopped).await.unwrap() });
+        let second = SecondRouter {
+            router,
+            admin: admin_addr,
+            stop,
+            _task: task,
+        };
+        eventually(|| async {
+            let table = get(&second.admin_url("/admin/table")).await;
+            table.status == 200
+                && table.json()["datacenters"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|d| d["healthy"] == true)
+        })
+        .await;
+        second
     }
 
     /// The router's config text (to run it as a child process).

@@ -1,0 +1,257 @@
+//! Reads a client must see fresh: a read of one cluster sent to its owner (`read-owner`), the
+//! owner's side of it, and what a forwarded write leaves behind so the next read finds it
+//! (docs/routing.md, reading your own writes).
+//!
+//! `routing::fresh` decides; this file sends. A read goes to the owner like a forwarded write,
+//! one hop with the hop headers, and the owner's router serves it from its Loom if it still owns
+//! the shard. When the owner is down or does not answer, the read falls back to the local Loom,
+//! marked `X-Loom-Stale: 1`: for a read, availability beats freshness. Nothing here retries a
+//! 421 for a read; the local answer is what a client without the promise would have had.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use http::header::{HeaderValue, COOKIE, SET_COOKIE};
+use http::{HeaderMap, Request, Response};
+use hyper::body::Incoming;
+use tokio_util::sync::CancellationToken;
+
+use super::peer::{answered, buffer_for_retry, hop_headers, is_misdirected, rebuild};
+use super::request::{header_u64, Ctx, Label, Outcome, ToLocal, ToPeer};
+use super::Proxy;
+use crate::http::body::Body;
+use crate::http::error::RouterError;
+use crate::http::forward;
+use crate::http::headers;
+use crate::metrics;
+use crate::routing::classify::{Key, Route};
+use crate::routing::fresh::{self, Asked, Cookie};
+
+/// How often expired clusters leave the map, and the gauge is set.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Proxy {
+    /// A client's read: to the owner when it must be fresh, else this DC's Loom. A bad
+    /// `X-Loom-Consistency` is refused on any read, so that a typo does not pass for a read
+    /// the client thinks is fresh.
+    pub(super) async fn serve_read(
+        &self,
+        ctx: Ctx<'_>,
+        key: Key,
+        request: Request<Body>,
+    ) -> Outcome {
+        let asked = fresh::asked(header_bytes(request.headers(), &headers::CONSISTENCY));
+        let Ok(asked) = asked else {
+            return Outcome::error(Label::Read, RouterError::BadConsistency);
+        };
+        if let Key::ClusterRead(id) = key {
+            if asked == Asked::Owner || self.wrote_recently(ctx, id, request.headers()) {
+                return Box::pin(self.read_from_owner(ctx, id, request)).await;
+            }
+        }
+        self.serve_local(ctx, ToLocal::unowned(Label::Read), request)
+            .await
+    }
+
+    /// Whether this router, or the cookie another router of the DC set, forwarded a write to
+    /// `cluster` within `[consistency] read_your_writes`. With tracking off, one branch; with it
+    /// on and the cluster untracked, one map lookup, and a cookie only if the client sent one.
+    fn wrote_recently(&self, ctx: Ctx<'_>, cluster: u64, headers: &HeaderMap) -> bool {
+        if !ctx.snap.config.consistency.tracks() {
+            return false;
+        }
+        if self.inner.tracked.holds(cluster, now_ms) {
+            return true;
+        }
+        headers.contains_key(COOKIE)
+            && Cookie::from_headers(header_bytes(headers, &COOKIE))
+                .is_some_and(|c| c.names(cluster, now_ms()))
+    }
+
+    /// A read of `cluster` sent to the router of its shard's owner; this DC's Loom with the stale
+    /// marker when the owner is down or does not answer. When this DC owns the shard, its own
+    /// Loom is the fresh one.
+    async fn read_from_owner(&self, ctx: Ctx<'_>, cluster: u64, request: Request<Body>) -> Outcome {
+        let snap = ctx.snap;
+        let config = &snap.config;
+        let shard = snap.table.shard_key_of_cluster(cluster);
+        let owner = match snap.table.shard(shard) {
+            Some(s) if s.owner != config.local => s,
+            // Ours, or no DC's (Loom answers 404): the local Loom has the truth.
+            _ => {
+                return self
+                    .serve_local(ctx, ToLocal::unowned(Label::Read), request)
+                    .await
+            }
+        };
+        let to = ToPeer {
+            label: Label::ReadOwner,
+            route: Route::Read,
+            shard,
+            dc: owner.owner,
+            epoch: owner.epoch,
+        };
+        if !self.inner.health.usable(&config.datacenters[to.dc].name) {
+            return self.read_stale(ctx, request).await;
+        }
+        let (mut parts, body) = request.into_parts();
+        let original_headers = parts.headers.clone();
+        let bytes = match buffer_for_retry(config, body).await {
+            Ok((Some(bytes), _)) => bytes,
+            // A read with a body too big to send twice is sent once, here.
+            Ok((None, once)) => {
+                let body = once.unwrap_or_else(Body::empty);
+                let request = Request::from_parts(parts, body);
+                return self.read_stale(ctx, request).await;
+            }
+            Err(error) => return Outcome::error(Label::Read, error),
+        };
+        hop_headers(snap, ctx.conn, &mut parts, shard);
+        parts
+            .headers
+            .insert(headers::EPOCH, HeaderValue::from(to.epoch));
+        parts.uri = forward::upstream_uri(
+            &config.datacenters[to.dc].router,
+            parts.uri.path_and_query(),
+        );
+        let sent = Instant::now();
+        let response = self
+            .forwarder
+            .send_from(
+                ctx.conn.affine.as_ref(),
+                rebuild(&parts, Body::full(bytes.clone())),
+                config.loom.request_timeout,
+            )
+            .await;
+        match response {
+            Ok(response) if owner_answered(&response) => {
+                answered(snap, &to, response, sent.elapsed())
+            }
+            _ => {
+                parts.headers = original_headers;
+                let request = Request::from_parts(parts, Body::full(bytes));
+                self.read_stale(ctx, request).await
+            }
+        }
+    }
+
+    /// The local Loom's answer to a read that should have been fresh, marked as perhaps not.
+    async fn read_stale(&self, ctx: Ctx<'_>, request: Request<Body>) -> Outcome {
+        let mut outcome = self
+            .serve_local(ctx, ToLocal::unowned(Label::Read), request)
+            .await;
+        if let Ok(response) = &mut outcome.result {
+            response
+                .headers_mut()
+                .insert(headers::STALE, HeaderValue::from_static("1"));
+        }
+        outcome
+    }
+
+    /// A peer's `read-owner` hop: served by this DC's Loom while this DC owns the shard at the
+    /// sender's epoch or newer (fenced or not: a read changes nothing), else 421 with this
+    /// router's view.
+    pub(super) async fn serve_owner_read(
+        &self,
+        ctx: Ctx<'_>,
+        cluster: u64,
+        request: Request<Body>,
+    ) -> Outcome {
+        ctx.notes.set_cluster(cluster);
+        let epoch = header_u64(request.headers(), &headers::EPOCH).unwrap_or(0);
+        let mut snap = ctx.snap.clone();
+        let shard = snap.table.shard_key_of_cluster(cluster);
+        if snap.table.shard(shard).is_some_and(|s| s.epoch < epoch) {
+            self.inner.control.refresh().await;
+            snap = self.inner.control.snapshot();
+        }
+        let local = snap.config.local;
+        match snap.table.shard(shard) {
+            Some(s) if s.owner == local && s.epoch >= epoch => {
+                let ctx = Ctx { snap: &snap, ..ctx };
+                self.serve_local(ctx, ToLocal::unowned(Label::Read), request)
+                    .await
+            }
+            entry => Outcome::error(
+                Label::Read,
+                RouterError::Misdirected {
+                    shard,
+                    owner: entry.map(|s| snap.config.datacenters[s.owner].name.clone()),
+                    epoch: entry.map_or(0, |s| s.epoch),
+                },
+            ),
+        }
+    }
+
+    /// After a forwarded write's 2xx: track its cluster, and set the cookie that tells the other
+    /// routers of this DC (`previous` is the cookie the write came with).
+    pub(super) fn remember_write(&self, ctx: Ctx<'_>, previous: Option<Cookie>, out: &mut Outcome) {
+        let consistency = &ctx.snap.config.consistency;
+        let (Some(cluster), Ok(response)) = (ctx.notes.cluster(), &mut out.result) else {
+            return;
+        };
+        if out.label != Label::WriteForwarded || !response.status().is_success() {
+            return;
+        }
+        let now = now_ms();
+        let window = consistency.read_your_writes;
+        let until = now.saturating_add(window.as_millis() as u64);
+        self.inner
+            .tracked
+            .remember(cluster, until, consistency.max_tracked_clusters);
+        let cookie = previous.unwrap_or_default();
+        let set = cookie.after_write(cluster, until, now, window.as_secs_f64().ceil() as u64);
+        if let Ok(value) = HeaderValue::from_str(&set) {
+            response.headers_mut().append(SET_COOKIE, value);
+        }
+    }
+
+    /// The cookie a write came with, kept for [`Self::remember_write`] when tracking is on.
+    pub(super) fn cookie_to_renew(&self, ctx: Ctx<'_>, headers: &HeaderMap) -> Option<Cookie> {
+        if !ctx.snap.config.consistency.tracks() || !headers.contains_key(COOKIE) {
+            return None;
+        }
+        Cookie::from_headers(header_bytes(headers, &COOKIE))
+    }
+
+    /// How many clusters this router tracks (`/admin/table`).
+    pub fn tracked_clusters(&self) -> usize {
+        self.inner.tracked.len()
+    }
+
+    /// Sweep expired clusters from the map, and publish how many remain, until `stop` fires.
+    pub fn sweep_tracked(&self, stop: CancellationToken) {
+        let proxy = self.clone();
+        tokio::spawn(stop.run_until_cancelled_owned(async move {
+            let mut every = tokio::time::interval(SWEEP_INTERVAL);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                metrics::set_tracked_clusters(proxy.inner.tracked.sweep(now_ms()));
+            }
+        }));
+    }
+}
+
+/// Whether a `read-owner` hop was answered by the owner's Loom (or refused by its router as
+/// the client's fault), rather than refused for a reason a local read does not share: a 421,
+/// or a 5xx the owner's router wrote itself.
+fn owner_answered(response: &Response<Incoming>) -> bool {
+    let router_refused = response.headers().contains_key(headers::ROUTER_ERROR)
+        && response.status().is_server_error();
+    !router_refused && !is_misdirected(response)
+}
+
+/// A header's field lines, as bytes.
+fn header_bytes<'a>(
+    headers: &'a HeaderMap,
+    name: &http::HeaderName,
+) -> impl Iterator<Item = &'a [u8]> {
+    headers.get_all(name).into_iter().map(HeaderValue::as_bytes)
+}
+
+/// Unix time in milliseconds: the cookie's clock, and the map's, so that both expire alike.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
