@@ -141,7 +141,7 @@ run() { # scenario count
             else
                 client "$east" DELETE /v2/clusters/00000012 "$count"
             fi
-            pkill -TERM -f "loom-router run --config $work/" ;;
+            pkill -TERM -f " run --config $work/" ;;
     esac
     for p in "${started[@]}"; do wait "$p" || true; done
     total "$out"

@@ -37,12 +37,19 @@ impl Proxy {
             Err(e) => return Outcome::error(Label::Unrouted, e),
         };
         let Some(shard) = shard else {
-            let request = Request::from_parts(parts, body);
             if class.route == Route::Read {
                 // Local, unless the client must read its own write (`fresh.rs`).
-                return self.serve_read(ctx, class.key, request).await;
+                match self.read_from(ctx, class.key, &parts.headers) {
+                    Ok(None) => {}
+                    Ok(Some(cluster)) => {
+                        let request = Request::from_parts(parts, body);
+                        return Box::pin(self.read_from_owner(ctx, cluster, request)).await;
+                    }
+                    Err(e) => return Outcome::error(label, e),
+                }
             }
-            // Passthrough, provisioner traffic and unkeyed node writes: always local.
+            // Reads, passthrough, provisioner traffic and unkeyed node writes: local.
+            let request = Request::from_parts(parts, body);
             return self
                 .serve_local(ctx, ToLocal::unowned(label), request)
                 .await;

@@ -30,26 +30,26 @@ use crate::routing::fresh::{self, Asked, Cookie};
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Proxy {
-    /// A client's read: to the owner when it must be fresh, else this DC's Loom. A bad
-    /// `X-Loom-Consistency` is refused on any read, so that a typo does not pass for a read
-    /// the client thinks is fresh.
-    pub(super) async fn serve_read(
+    /// Which cluster a client's read must be read fresh from its owner, if any: `None` keeps it
+    /// local. A bad `X-Loom-Consistency` is refused on any read, so that a typo does not pass
+    /// for a read the client thinks is fresh. A decision, not a step: the caller awaits the
+    /// local read itself, so the read path gains no future of its own.
+    pub(super) fn read_from(
         &self,
         ctx: Ctx<'_>,
         key: Key,
-        request: Request<Body>,
-    ) -> Outcome {
-        let asked = fresh::asked(header_bytes(request.headers(), &headers::CONSISTENCY));
-        let Ok(asked) = asked else {
-            return Outcome::error(Label::Read, RouterError::BadConsistency);
-        };
-        if let Key::ClusterRead(id) = key {
-            if asked == Asked::Owner || self.wrote_recently(ctx, id, request.headers()) {
-                return Box::pin(self.read_from_owner(ctx, id, request)).await;
+        headers: &HeaderMap,
+    ) -> Result<Option<u64>, RouterError> {
+        let asked = fresh::asked(header_bytes(headers, &headers::CONSISTENCY))
+            .map_err(|_| RouterError::BadConsistency)?;
+        Ok(match key {
+            Key::ClusterRead(id)
+                if asked == Asked::Owner || self.wrote_recently(ctx, id, headers) =>
+            {
+                Some(id)
             }
-        }
-        self.serve_local(ctx, ToLocal::unowned(Label::Read), request)
-            .await
+            _ => None,
+        })
     }
 
     /// Whether this router, or the cookie another router of the DC set, forwarded a write to
@@ -70,7 +70,12 @@ impl Proxy {
     /// A read of `cluster` sent to the router of its shard's owner; this DC's Loom with the stale
     /// marker when the owner is down or does not answer. When this DC owns the shard, its own
     /// Loom is the fresh one.
-    async fn read_from_owner(&self, ctx: Ctx<'_>, cluster: u64, request: Request<Body>) -> Outcome {
+    pub(super) async fn read_from_owner(
+        &self,
+        ctx: Ctx<'_>,
+        cluster: u64,
+        request: Request<Body>,
+    ) -> Outcome {
         let snap = ctx.snap;
         let config = &snap.config;
         let shard = snap.table.shard_key_of_cluster(cluster);

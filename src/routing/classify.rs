@@ -348,7 +348,11 @@ pub fn parse_cluster_id(s: &str) -> Result<u64, ClassifyError> {
 /// `-` (`00000079-001` and `00000079-001-004` belong to cluster 79). What follows the `-` is
 /// Loom's to judge, at the owner.
 pub fn parse_owning_cluster(s: &str) -> Result<u64, ClassifyError> {
-    let cluster = s.split_once('-').map_or(s, |(cluster, _)| cluster);
+    // A byte scan: `split_once('-')`'s char searcher cost ~90 instructions a read (callgrind).
+    let cluster = match s.bytes().position(|b| b == b'-') {
+        Some(i) => &s[..i],
+        None => s,
+    };
     parse_cluster_id(cluster)
 }
 
