@@ -199,7 +199,7 @@ impl App {
             gate.as_ref().map(|(gate, _)| gate.clone()),
         );
         proxy.follow_reloads(runtime.background.clone());
-        proxy.sweep_tracked(runtime.background.clone());
+        proxy.publish_every_second(runtime.background.clone());
         if let Some(path) = self.config_path {
             crate::ops::reload::spawn_triggers(control.clone(), path, runtime.background.clone());
         }

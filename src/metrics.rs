@@ -36,6 +36,39 @@ pub const WORKER_CONNECTIONS_TOTAL: &str = "loom_router_worker_connections_total
 pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "loom_router_tls_handshake_failures_total";
 pub const CLIENT_ERRORS_TOTAL: &str = "loom_router_client_errors_total";
 pub const TRACKED_CLUSTERS: &str = "loom_router_tracked_clusters";
+pub const SHARD_MOVED: &str = "loom_router_shard_moved";
+pub const FAILOVER_MANAGER_ELECTED: &str = "loom_router_failover_manager_elected";
+pub const OWNERSHIP_CONFLICTS_TOTAL: &str = "loom_router_ownership_conflicts_total";
+pub const READY: &str = "loom_router_ready";
+
+/// Every metric the router exports: what dashboards and alert rules may name
+/// (`tests/monitoring.rs` holds `config/monitoring/` to it).
+pub const ALL: [&str; 23] = [
+    REQUESTS_TOTAL,
+    REQUEST_DURATION_SECONDS,
+    UPSTREAM_ERRORS_TOTAL,
+    TABLE_EPOCH,
+    DATACENTER_UP,
+    FAILOVERS_TOTAL,
+    CONFIG_RELOADS_TOTAL,
+    INFLIGHT_REQUESTS,
+    FENCED_WRITES_TOTAL,
+    LEASE_REMAINING_SECONDS,
+    SHARD_UNPROTECTED,
+    BUILD_INFO,
+    RETRIES_TOTAL,
+    OPEN_CONNECTIONS,
+    WORKER_CONNECTIONS_TOTAL,
+    TLS_HANDSHAKE_FAILURES_TOTAL,
+    CLIENT_ERRORS_TOTAL,
+    TRACKED_CLUSTERS,
+    SHARD_MOVED,
+    FAILOVER_MANAGER_ELECTED,
+    OWNERSHIP_CONFLICTS_TOTAL,
+    READY,
+    // The histogram's series carry suffixes; the name itself is REQUEST_DURATION_SECONDS.
+    "loom_router_request_duration_seconds_bucket",
+];
 
 /// The codes of client faults the router answers itself (`RouterError::is_client_fault`), listed
 /// so that every `client_errors_total` series exists before its first error.
@@ -169,6 +202,22 @@ pub fn describe() {
     describe_gauge!(
         TRACKED_CLUSTERS,
         "Clusters this router sends reads of to their owner, after a write it forwarded."
+    );
+    describe_gauge!(
+        SHARD_MOVED,
+        "1 while a shard's owner is not its home DC: a failback to plan."
+    );
+    describe_gauge!(
+        FAILOVER_MANAGER_ELECTED,
+        "1 while the coordination store names a failover manager (memory and etcd only)."
+    );
+    describe_counter!(
+        OWNERSHIP_CONFLICTS_TOTAL,
+        "Forwarded writes answered 503 ownership_conflict: the routers disagreed on the owner."
+    );
+    describe_gauge!(
+        READY,
+        "1 while /readyz answers 200: a table, a healthy local Loom, not draining."
     );
     describe_counter!(
         RETRIES_TOTAL,
@@ -322,6 +371,22 @@ pub fn failover() {
     counter!(FAILOVERS_TOTAL).increment(1);
 }
 
+pub fn set_shard_moved(shard: &str, moved: bool) {
+    gauge!(SHARD_MOVED, "shard" => shard.to_owned()).set(if moved { 1.0 } else { 0.0 });
+}
+
+pub fn set_failover_manager_elected(elected: bool) {
+    gauge!(FAILOVER_MANAGER_ELECTED).set(if elected { 1.0 } else { 0.0 });
+}
+
+pub fn ownership_conflict() {
+    counter!(OWNERSHIP_CONFLICTS_TOTAL).increment(1);
+}
+
+pub fn set_ready(ready: bool) {
+    gauge!(READY).set(if ready { 1.0 } else { 0.0 });
+}
+
 pub fn set_shard_unprotected(shard: &str, unprotected: bool) {
     gauge!(SHARD_UNPROTECTED, "shard" => shard.to_owned()).set(if unprotected { 1.0 } else { 0.0 });
 }
@@ -337,6 +402,9 @@ pub fn register<'a>(
     counter!(FAILOVERS_TOTAL).increment(0);
     counter!(FENCED_WRITES_TOTAL).increment(0);
     counter!(TLS_HANDSHAKE_FAILURES_TOTAL).increment(0);
+    counter!(OWNERSHIP_CONFLICTS_TOTAL).increment(0);
+    gauge!(READY).increment(0.0);
+    gauge!(TRACKED_CLUSTERS).increment(0.0);
     for listener in ["http", "https"] {
         gauge!(OPEN_CONNECTIONS, "listener" => listener).increment(0.0);
     }
@@ -357,6 +425,7 @@ pub fn register<'a>(
     }
     for shard in shards {
         gauge!(SHARD_UNPROTECTED, "shard" => shard.to_string()).increment(0.0);
+        gauge!(SHARD_MOVED, "shard" => shard.to_string()).increment(0.0);
     }
 }
 
@@ -497,6 +566,10 @@ mod tests {
             SHARD_UNPROTECTED,
             OPEN_CONNECTIONS,
             CLIENT_ERRORS_TOTAL,
+            OWNERSHIP_CONFLICTS_TOTAL,
+            READY,
+            TRACKED_CLUSTERS,
+            SHARD_MOVED,
         ] {
             assert!(
                 text.contains(&format!("# HELP {name} ")),

@@ -130,7 +130,7 @@ impl Control {
         let config = Arc::new(config);
         let (configs_tx, configs) = watch::channel(config.clone());
         let table = config.table();
-        metrics::set_table_epoch(table.table_epoch);
+        publish_metrics(&table);
         let current = Arc::new(ArcSwap::from_pointee(Snapshot::new(
             config.clone(),
             table,
@@ -341,7 +341,7 @@ impl Writer {
             }
         }
         table.hook_pending = self.pending_hooks.keys().copied().collect();
-        metrics::set_table_epoch(table.table_epoch);
+        publish_metrics(&table);
         let now = Instant::now();
         self.liveness.observe(view, now);
         let alerts = failover::alerts(view, &|dc| self.liveness.known(dc, now));
@@ -378,7 +378,7 @@ impl Writer {
                     next: table.table_epoch,
                 });
             }
-            metrics::set_table_epoch(table.table_epoch);
+            publish_metrics(&table);
             self.config = next.clone();
             self.current.store(Arc::new(Snapshot::new(
                 next.clone(),
@@ -425,6 +425,15 @@ impl Writer {
 
 /// Log each alert once: when a table raises it, and when a table no longer has it. (A table
 /// holds a few alerts at most, one per shard.)
+/// The gauges that follow the published table: its epoch, and which shards are away from home.
+fn publish_metrics(table: &Table) {
+    metrics::set_table_epoch(table.table_epoch);
+    for shard in table.shards() {
+        let moved = shard.home.is_some_and(|home| home != shard.owner);
+        metrics::set_shard_moved(&shard.key.to_string(), moved);
+    }
+}
+
 fn log_alert_changes(before: &[String], after: &[String]) {
     for raised in after.iter().filter(|a| !before.contains(a)) {
         tracing::warn!("{raised}");

@@ -215,6 +215,7 @@ impl Manager {
             for shard in view.shards.keys() {
                 metrics::set_shard_unprotected(&shard.to_string(), unprotected.contains(shard));
             }
+            metrics::set_failover_manager_elected(view.manager.is_some());
             let was_leading = leading.is_some();
             leading = self.lead(leading, &view).await;
             // A router that just won acts from the next view, the first to show its election.

@@ -121,6 +121,9 @@ fn count_and_log(snap: &Snapshot, seen: &Seen<'_>, error: &RouterError) {
     if matches!(error, RouterError::Fenced(_)) {
         metrics::fenced_write();
     }
+    if matches!(error, RouterError::OwnershipConflict(_)) {
+        metrics::ownership_conflict();
+    }
     if let Some((dc, kind)) = error.upstream_failure() {
         let local = || snap.config.local_dc().name.as_str();
         metrics::upstream_error(dc.unwrap_or_else(local), kind);

@@ -8,12 +8,11 @@
 //! marked `X-Loom-Stale: 1`: for a read, availability beats freshness. Nothing here retries a
 //! 421 for a read; the local answer is what a client without the promise would have had.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use http::header::{HeaderValue, COOKIE, SET_COOKIE};
 use http::{HeaderMap, Request, Response};
 use hyper::body::Incoming;
-use tokio_util::sync::CancellationToken;
 
 use super::peer::{answered, buffer_for_retry, hop_headers, is_misdirected, rebuild};
 use super::request::{header_u64, Ctx, Label, Outcome, ToLocal, ToPeer};
@@ -22,12 +21,8 @@ use crate::http::body::Body;
 use crate::http::error::RouterError;
 use crate::http::forward;
 use crate::http::headers;
-use crate::metrics;
 use crate::routing::classify::{Key, Route};
 use crate::routing::fresh::{self, Asked, Cookie};
-
-/// How often expired clusters leave the map, and the gauge is set.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Proxy {
     /// Which cluster a client's read must be read fresh from its owner, if any: `None` keeps it
@@ -222,19 +217,6 @@ impl Proxy {
     pub fn tracked_clusters(&self) -> usize {
         self.inner.tracked.len()
     }
-
-    /// Sweep expired clusters from the map, and publish how many remain, until `stop` fires.
-    pub fn sweep_tracked(&self, stop: CancellationToken) {
-        let proxy = self.clone();
-        tokio::spawn(stop.run_until_cancelled_owned(async move {
-            let mut every = tokio::time::interval(SWEEP_INTERVAL);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                every.tick().await;
-                metrics::set_tracked_clusters(proxy.inner.tracked.sweep(now_ms()));
-            }
-        }));
-    }
 }
 
 /// Whether a `read-owner` hop was answered by the owner's Loom (or refused by its router as
@@ -255,7 +237,7 @@ fn header_bytes<'a>(
 }
 
 /// Unix time in milliseconds: the cookie's clock, and the map's, so that both expire alike.
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

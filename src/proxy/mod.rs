@@ -194,6 +194,21 @@ impl Proxy {
         }));
     }
 
+    /// Every second until `stop` fires: sweep expired clusters from the map, and publish how
+    /// many remain and whether this router is ready (`loom_router_ready`, for alerting).
+    pub fn publish_every_second(&self, stop: CancellationToken) {
+        let proxy = self.clone();
+        tokio::spawn(stop.run_until_cancelled_owned(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                metrics::set_tracked_clusters(proxy.inner.tracked.sweep(fresh::now_ms()));
+                metrics::set_ready(proxy.is_ready());
+            }
+        }));
+    }
+
     /// Resize the concurrency limit. Shrinking takes effect as requests finish.
     fn set_concurrency_limit(&self, limit: usize) {
         let old = self.inner.limit.swap(limit, Ordering::SeqCst);
