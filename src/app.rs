@@ -163,7 +163,9 @@ impl App {
             crate::http::tls::client_config(&config)?,
             config.limits.max_upstream_connections,
         );
-        let board = Arc::new(HealthBoard::new());
+        // One log of recent events, recorded into by the health board and the snapshot writer.
+        let event_log = Arc::new(crate::events::EventLog::default());
+        let board = Arc::new(HealthBoard::with_event_log(event_log.clone()));
         // Background tasks stop only after the listeners have drained; every early return below
         // stops what was started so far, and so does the end of `run`.
         let background = CancellationToken::new();
@@ -188,7 +190,7 @@ impl App {
             Some(j) => (Some(j.coordination), Some((j.gate, j.handle))),
             None => (None, None),
         };
-        let control = Control::start((*config).clone(), link, self.config_path.clone());
+        let control = Control::start((*config).clone(), link, self.config_path.clone(), event_log);
         // Control is the only writer of the snapshot; the probes and the limiter follow the
         // configs it publishes.
         probes.follow(control.configs());

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::events::{EventLog, Kind};
 use crate::http::body::Body;
 use crate::http::forward::{upstream_uri, Forwarder};
 use crate::metrics;
@@ -100,11 +101,21 @@ pub struct HealthBoard {
     /// Woken on every change, so the lease task (re)registers or withdraws at once rather than
     /// at its next keepalive.
     changed: tokio::sync::Notify,
+    /// Where transitions are recorded for operators.
+    event_log: Arc<EventLog>,
 }
 
 impl HealthBoard {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A board that records every transition in `event_log`.
+    pub fn with_event_log(event_log: Arc<EventLog>) -> Self {
+        Self {
+            event_log,
+            ..Self::default()
+        }
     }
 
     /// Resolves after the next status change.
@@ -134,6 +145,13 @@ impl HealthBoard {
             .insert(dc.to_owned(), status);
         if previous != Some(status) {
             self.changed.notify_waiters();
+            let now = match status {
+                Status::Up => "up",
+                Status::Down => "down",
+                Status::Unknown => "unknown",
+            };
+            self.event_log
+                .record(Kind::Health, format!("datacenter {dc} is {now}"));
         }
     }
 

@@ -15,6 +15,8 @@
 //!
 //! - `shard`: the leaf domain types, `DcId`, `ShardKey`, `ShardState`, `Epoch`.
 //! - `metrics`: metric names and the Prometheus recorder; anything may record into it.
+//! - `events`: the ring of recent events (ownership, health, reloads, fences, hooks) behind
+//!   `/admin/events`; anything may record into it too.
 //! - `routing/`: pure decisions. `classify` (method + path → route and shard key, the path
 //!   rule), `table` (the immutable ownership [`Table`](routing::table::Table), resolve and
 //!   admit), `fence` (the lease arithmetic).
@@ -80,6 +82,7 @@ pub mod config;
 pub mod coord;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod events;
 pub mod health;
 pub mod http;
 pub mod metrics;

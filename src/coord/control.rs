@@ -26,6 +26,7 @@ use crate::coord::failover::{self, Liveness};
 use crate::coord::hook::HookJob;
 use crate::coord::store::Store;
 use crate::coord::{Keys, View};
+use crate::events::{EventLog, Kind};
 use crate::http::headers::via_token;
 use crate::metrics;
 use crate::routing::table::Table;
@@ -117,6 +118,8 @@ pub struct Control {
     /// Each config the writer installs, for the tasks that apply settings outside the snapshot
     /// (health probes, the concurrency limit).
     configs: watch::Receiver<Arc<Config>>,
+    /// Recent events, for `/admin/events`.
+    event_log: Arc<EventLog>,
 }
 
 impl Control {
@@ -126,6 +129,7 @@ impl Control {
         config: Config,
         coordination: Option<StoreLink>,
         config_path: Option<std::path::PathBuf>,
+        event_log: Arc<EventLog>,
     ) -> Self {
         let config = Arc::new(config);
         let (configs_tx, configs) = watch::channel(config.clone());
@@ -147,13 +151,20 @@ impl Control {
             config_path,
             configs: configs_tx,
             last_view: None,
+            event_log: event_log.clone(),
         };
         tokio::spawn(writer.run(rx, coordination));
         Self {
             current,
             events,
             configs,
+            event_log,
         }
+    }
+
+    /// This router's recent events, which the writer and the reloads record into.
+    pub fn event_log(&self) -> &Arc<EventLog> {
+        &self.event_log
     }
 
     /// Every config installed from now on (the current one is marked seen).
@@ -171,9 +182,17 @@ impl Control {
         };
         metrics::config_reload(outcome.is_ok());
         match &outcome {
-            Ok(summary) => tracing::info!("config reloaded: {summary}"),
+            Ok(summary) => {
+                tracing::info!("config reloaded: {summary}");
+                self.event_log
+                    .record(Kind::Reload, format!("config reloaded: {summary}"));
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "config reload refused; the old config keeps serving")
+                tracing::warn!(error = %e, "config reload refused; the old config keeps serving");
+                self.event_log.record(
+                    Kind::Reload,
+                    format!("config reload refused, the old config keeps serving: {e}"),
+                );
             }
         }
         outcome
@@ -212,6 +231,8 @@ struct Writer {
     last_view: Option<View>,
     /// Whose deaths the alerts may report (`failover::Liveness`).
     liveness: Liveness,
+    /// Where ownership changes, fences and hook results are recorded for operators.
+    event_log: Arc<EventLog>,
 }
 
 impl Writer {
@@ -266,6 +287,10 @@ impl Writer {
                 Some((shard, epoch)) = c.hook_results.recv() => {
                     if self.pending_hooks.get(&shard).is_some_and(|(e, _)| *e == epoch) {
                         self.pending_hooks.remove(&shard);
+                        self.event_log.record(
+                            Kind::Hook,
+                            format!("become-owner hook for shard {shard} at epoch {epoch} succeeded; writes admitted"),
+                        );
                         self.republish();
                     }
                 }
@@ -346,6 +371,7 @@ impl Writer {
         self.liveness.observe(view, now);
         let alerts = failover::alerts(view, &|dc| self.liveness.known(dc, now));
         log_alert_changes(&current.alerts, &alerts);
+        record_changes(&self.event_log, &self.config, &current.table, &table);
         self.current.store(Arc::new(Snapshot::new(
             self.config.clone(),
             table,
@@ -379,6 +405,7 @@ impl Writer {
                 });
             }
             publish_metrics(&table);
+            record_changes(&self.event_log, &next, &current.table, &table);
             self.config = next.clone();
             self.current.store(Arc::new(Snapshot::new(
                 next.clone(),
@@ -425,6 +452,48 @@ impl Writer {
 
 /// Log each alert once: when a table raises it, and when a table no longer has it. (A table
 /// holds a few alerts at most, one per shard.)
+/// Ownership changes and fences between the served table and the next, for operators.
+fn record_changes(log: &EventLog, config: &Config, old: &Table, new: &Table) {
+    let name = |dc: usize| config.datacenters.get(dc).map_or("?", |d| d.name.as_str());
+    for shard in new.shards() {
+        let Some(before) = old.shard(shard.key) else {
+            continue;
+        };
+        let why = || {
+            if shard.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" ({}, by {})", shard.reason, shard.changed_by)
+            }
+        };
+        if before.owner != shard.owner {
+            log.record(
+                Kind::Ownership,
+                format!(
+                    "shard {} moved from {} to {} at epoch {}{}",
+                    shard.key,
+                    name(before.owner),
+                    name(shard.owner),
+                    shard.epoch,
+                    why()
+                ),
+            );
+        }
+        if before.state != shard.state {
+            log.record(
+                Kind::Fence,
+                format!(
+                    "shard {} is {} at epoch {}{}",
+                    shard.key,
+                    shard.state.as_str(),
+                    shard.epoch,
+                    why()
+                ),
+            );
+        }
+    }
+}
+
 /// The gauges that follow the published table: its epoch, and which shards are away from home.
 fn publish_metrics(table: &Table) {
     metrics::set_table_epoch(table.table_epoch);
@@ -515,6 +584,7 @@ replicas = ["a"]
             configs: watch::channel(Arc::new(Config::from_toml(CONFIG).unwrap())).0,
             last_view: None,
             liveness: Liveness::new(std::time::Duration::from_secs(5)),
+            event_log: Arc::default(),
         }
     }
 
@@ -529,6 +599,19 @@ replicas = ["a"]
         assert_eq!(current.table.shard(ShardKey::Residue(1)).unwrap().owner, 0);
         w.install(&view(11, "b", Some("a")), None);
         assert_eq!(w.current.load().table.table_epoch, 11);
+        // The move is an event; the older view that was ignored is not.
+        let moves: Vec<String> = w
+            .event_log
+            .recent()
+            .into_iter()
+            .filter(|e| e.kind == Kind::Ownership)
+            .map(|e| e.text)
+            .collect();
+        assert_eq!(moves.len(), 1, "{moves:?}");
+        assert!(
+            moves[0].starts_with("shard 1 moved from a to b at epoch 11"),
+            "{moves:?}"
+        );
     }
 
     #[test]

@@ -143,6 +143,11 @@ async fn handle(state: &AdminState, request: Request<Incoming>) -> Response<Body
             let snap = state.control.snapshot();
             json_response(StatusCode::OK, &table_view(state, &snap))
         }
+        // Read-only and free of secrets: no token, like /admin/table.
+        (true, _, "/admin/events") => json_response(
+            StatusCode::OK,
+            &serde_json::json!({ "events": state.control.event_log().recent() }),
+        ),
         (false, true, "/admin/reload") => {
             if let Some(denied) = authorize(state, &request) {
                 return denied;
@@ -166,7 +171,7 @@ async fn handle(state: &AdminState, request: Request<Incoming>) -> Response<Body
             }
             shard_control(state, request).await
         }
-        (false, _, "/healthz" | "/readyz" | "/metrics" | "/admin/table") => {
+        (false, _, "/healthz" | "/readyz" | "/metrics" | "/admin/table" | "/admin/events") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n")
         }
         (_, false, p) if p.starts_with("/admin/shards/") => {

@@ -196,3 +196,64 @@ fn memory_stays_flat_under_load_when_nothing_scrapes_metrics() {
     eprintln!("RSS grew by {grown} KiB over 32,000 requests");
     assert!(grown < 350, "RSS grew by {grown} KiB over 32,000 requests");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_record_a_failover_as_the_new_owner_saw_it() {
+    let mut c = Cluster::start_with(Options {
+        memory: true,
+        ..Options::default()
+    })
+    .await;
+    all_admitting(&c).await;
+    c.dcs[EU].kill().await;
+    let texts = || async {
+        let r = get(&c.dc(EAST).admin_url("/admin/events")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        r.json()["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["kind"].as_str().unwrap().to_owned(),
+                    e["text"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    eventually(|| async { texts().await.iter().any(|(kind, _)| kind == "hook") }).await;
+    let events = texts().await;
+    let has = |kind: &str, start: &str| {
+        events
+            .iter()
+            .any(|(k, t)| k == kind && t.starts_with(start))
+    };
+    assert!(
+        has("health", "datacenter eu-central is down"),
+        "{events:#?}"
+    );
+    assert!(
+        has(
+            "ownership",
+            "shard 3 moved from eu-central to us-east at epoch "
+        ),
+        "{events:#?}"
+    );
+    assert!(
+        has("hook", "become-owner hook for shard 3 at epoch "),
+        "{events:#?}"
+    );
+    // Newest first, numbered in order.
+    let r = get(&c.dc(EAST).admin_url("/admin/events")).await.json();
+    let seqs: Vec<u64> = r["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] == w[1] + 1), "{seqs:?}");
+    // Read-only: nothing else is allowed.
+    let post = send("POST", &c.dc(EAST).admin_url("/admin/events"), &[], b"").await;
+    assert_eq!(post.status, 405);
+}
