@@ -138,7 +138,7 @@ fn fresh_read(
 ) {
     let tracked = Tracked::default();
     for id in 0..10_000 {
-        tracked.remember(1_000_000 + id, u64::MAX, 100_000);
+        tracked.remember(1_000_000 + id, u64::MAX, 0, 100_000);
     }
     let asked = |h: &HeaderMap| fresh::asked(h.get_all(CONSISTENCY).iter().map(|v| v.as_bytes()));
     group.bench_function("read_your_writes_off_untracked_read", |b| {

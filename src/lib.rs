@@ -55,8 +55,9 @@
 //!    write, create, global-write, provisioner, passthrough) and the shard key: a cluster ID
 //!    from the path, the global shard, this DC's home shard, or a `/v2/nodes` body or lookup.
 //! 4. `routing::table` resolves the key against the table: the local Loom, or the owner DC's
-//!    router. A request from a peer router (`X-Loom-Router-Hop`) is instead admitted or
-//!    answered 421.
+//!    router. A read of one cluster stays local unless the client must read its own write
+//!    (`routing::fresh`), when it goes to the owner too (`read-owner`). A request from a peer
+//!    router (`X-Loom-Router-Hop`) is instead admitted or answered 421.
 //! 5. `http::forward` sends it: to the local Loom over the client connection's own upstream
 //!    connection (its first request, and any past the connection bound, through the pool), to a
 //!    peer over a pooled keep-alive connection with hop headers; it streams the response back,
@@ -75,7 +76,8 @@
 //! - *home*: the DC whose `id_start` lands in a residue. *owner*: the DC that may write it now.
 //! - *global shard*: writes that name no cluster (templates, providers, tenants...).
 //! - *epoch*: a shard's version; grows whenever its owner or state changes.
-//! - *hop*: one router forwarding a write to another. Never more than one.
+//! - *hop*: one router forwarding a write, or a `read-owner` read, to another. Never more than
+//!   one.
 
 pub mod app;
 pub mod config;

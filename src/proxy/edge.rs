@@ -49,6 +49,10 @@ impl Proxy {
         if let Some(error) = &error {
             count_and_log(snap, seen, error);
         }
+        if let Some(failed) = &outcome.owner_failed {
+            // The client got a stale local read; the owner's failure is still an upstream error.
+            count_and_log(snap, seen, failed);
+        }
         if snap.config.access_log != AccessLog::Off {
             let config = &snap.config;
             tracing::info!(

@@ -8,11 +8,10 @@
 //! marked `X-Loom-Stale: 1`: for a read, availability beats freshness. Nothing here retries a
 //! 421 for a read; the local answer is what a client without the promise would have had.
 
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::header::{HeaderValue, COOKIE, SET_COOKIE};
-use http::{HeaderMap, Request, Response};
-use hyper::body::Incoming;
+use http::{HeaderMap, Request};
 
 use super::peer::{answered, buffer_for_retry, hop_headers, is_misdirected, rebuild};
 use super::request::{header_u64, Ctx, Label, Outcome, ToLocal, ToPeer};
@@ -57,9 +56,10 @@ impl Proxy {
         if self.inner.tracked.holds(cluster, now_ms) {
             return true;
         }
+        let window = ctx.snap.config.consistency.read_your_writes.as_millis() as u64;
         headers.contains_key(COOKIE)
             && Cookie::from_headers(header_bytes(headers, &COOKIE))
-                .is_some_and(|c| c.names(cluster, now_ms()))
+                .is_some_and(|c| c.names(cluster, now_ms(), window))
     }
 
     /// A read of `cluster` sent to the router of its shard's owner; this DC's Loom with the stale
@@ -90,8 +90,9 @@ impl Proxy {
             dc: owner.owner,
             epoch: owner.epoch,
         };
-        if !self.inner.health.usable(&config.datacenters[to.dc].name) {
-            return self.read_stale(ctx, request).await;
+        let owner_name = &config.datacenters[to.dc].name;
+        if !self.inner.health.usable(owner_name) {
+            return self.read_stale(ctx, request, None).await;
         }
         let (mut parts, body) = request.into_parts();
         let original_headers = parts.headers.clone();
@@ -101,7 +102,7 @@ impl Proxy {
             Ok((None, once)) => {
                 let body = once.unwrap_or_else(Body::empty);
                 let request = Request::from_parts(parts, body);
-                return self.read_stale(ctx, request).await;
+                return self.read_stale(ctx, request, None).await;
             }
             Err(error) => return Outcome::error(Label::Read, error),
         };
@@ -113,32 +114,63 @@ impl Proxy {
             &config.datacenters[to.dc].router,
             parts.uri.path_and_query(),
         );
+        // Bounded like a forwarded write's hop, not by request_timeout: a silent owner must
+        // not hold a read for 30 s before it falls back, and health checks stop sending reads
+        // there within a few probe intervals anyway.
+        let timeout = config.loom.write_timeout + Duration::from_secs(1);
         let sent = Instant::now();
         let response = self
             .forwarder
             .send_from(
                 ctx.conn.affine.as_ref(),
                 rebuild(&parts, Body::full(bytes.clone())),
-                config.loom.request_timeout,
+                timeout,
             )
             .await;
-        match response {
-            Ok(response) if owner_answered(&response) => {
-                answered(snap, &to, response, sent.elapsed())
+        let failed = match response {
+            Ok(response) if !response.headers().contains_key(headers::ROUTER_ERROR) => {
+                return answered(snap, &to, response, sent.elapsed());
             }
-            _ => {
-                parts.headers = original_headers;
-                let request = Request::from_parts(parts, Body::full(bytes));
-                self.read_stale(ctx, request).await
+            // The owner's router refused the hop itself (draining, overloaded, its Loom down, a
+            // 421, an older router that serves no read hops): this request was fine, so the
+            // local read stands in, and a 421 makes our table catch up.
+            Ok(refused) => {
+                let code = refused.headers().get(headers::ROUTER_ERROR).cloned();
+                if is_misdirected(&refused) {
+                    self.refresh_soon();
+                }
+                tracing::warn!(owner = %owner_name, status = %refused.status(), code = ?code, "read-owner hop refused; serving the local read, marked stale");
+                None
             }
-        }
+            Err(error) => Some(Box::new(RouterError::from_peer(
+                error,
+                owner_name.clone(),
+                timeout,
+            ))),
+        };
+        parts.headers = original_headers;
+        let request = Request::from_parts(parts, Body::full(bytes));
+        self.read_stale(ctx, request, failed).await
     }
 
-    /// The local Loom's answer to a read that should have been fresh, marked as perhaps not.
-    async fn read_stale(&self, ctx: Ctx<'_>, request: Request<Body>) -> Outcome {
+    /// Refresh the table in the background: a 421 said ours is behind.
+    fn refresh_soon(&self) {
+        let control = self.inner.control.clone();
+        tokio::spawn(async move { control.refresh().await });
+    }
+
+    /// The local Loom's answer to a read that should have been fresh, marked as perhaps not;
+    /// `failed` is the owner's failure that made it so, for the edge to count.
+    async fn read_stale(
+        &self,
+        ctx: Ctx<'_>,
+        request: Request<Body>,
+        failed: Option<Box<RouterError>>,
+    ) -> Outcome {
         let mut outcome = self
             .serve_local(ctx, ToLocal::unowned(Label::Read), request)
             .await;
+        outcome.owner_failed = failed;
         if let Ok(response) = &mut outcome.result {
             response
                 .headers_mut()
@@ -197,7 +229,7 @@ impl Proxy {
         let until = now.saturating_add(window.as_millis() as u64);
         self.inner
             .tracked
-            .remember(cluster, until, consistency.max_tracked_clusters);
+            .remember(cluster, until, now, consistency.max_tracked_clusters);
         let cookie = previous.unwrap_or_default();
         let set = cookie.after_write(cluster, until, now, window.as_secs_f64().ceil() as u64);
         if let Ok(value) = HeaderValue::from_str(&set) {
@@ -217,15 +249,6 @@ impl Proxy {
     pub fn tracked_clusters(&self) -> usize {
         self.inner.tracked.len()
     }
-}
-
-/// Whether a `read-owner` hop was answered by the owner's Loom (or refused by its router as
-/// the client's fault), rather than refused for a reason a local read does not share: a 421,
-/// or a 5xx the owner's router wrote itself.
-fn owner_answered(response: &Response<Incoming>) -> bool {
-    let router_refused = response.headers().contains_key(headers::ROUTER_ERROR)
-        && response.status().is_server_error();
-    !router_refused && !is_misdirected(response)
 }
 
 /// A header's field lines, as bytes.

@@ -204,6 +204,7 @@ impl Proxy {
             label,
             served_by: result.is_ok().then_some(local),
             retries: 0,
+            owner_failed: None,
             shard,
             target: Some(local),
             upstream_time,

@@ -219,6 +219,7 @@ pub(super) fn answered(
         upstream_time: Some(upstream_time),
         result: Ok(response),
         retries: 0,
+        owner_failed: None,
     }
 }
 

@@ -81,5 +81,6 @@ fn probe_answer(status: StatusCode, body: &'static str) -> Outcome {
         upstream_time: None,
         result: Ok(response),
         retries: 0,
+        owner_failed: None,
     }
 }

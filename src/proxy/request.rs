@@ -200,6 +200,9 @@ pub(super) struct Outcome {
     pub(super) result: Result<Response<Body>, RouterError>,
     /// How many times a peer's 421 sent the write on again.
     pub(super) retries: u8,
+    /// Why a `read-owner` hop gave way to a local read marked stale: the owner's failure, which
+    /// the edge counts and logs like any other.
+    pub(super) owner_failed: Option<Box<RouterError>>,
 }
 
 impl Outcome {
@@ -212,6 +215,7 @@ impl Outcome {
             upstream_time: None,
             result: Err(error),
             retries: 0,
+            owner_failed: None,
         }
     }
 }

@@ -9,6 +9,8 @@
 //! forged cookie can only make a read slower, never wrong, so it is not signed; it is parsed
 //! strictly and bounded in size, and anything malformed is ignored whole.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use dashmap::DashMap;
 
 use super::classify::parse_cluster_id;
@@ -24,6 +26,11 @@ pub const MAX_COOKIE_ENTRIES: usize = 16;
 /// The longest cookie value honoured: 16 entries of a 19-digit ID, a dot and a 20-digit expiry,
 /// and the 15 dashes between them. Anything longer is ignored unread.
 pub const MAX_COOKIE_BYTES: usize = MAX_COOKIE_ENTRIES * (19 + 1 + 20) + MAX_COOKIE_ENTRIES - 1;
+
+/// How far past this router's own window a cookie's expiry may lie and still count: the routers
+/// of a DC share the window, but not quite their clocks. Anything later is forged or from a
+/// config with a longer window, and is ignored rather than carried forward forever.
+pub const CLOCK_SKEW_MS: u64 = 60_000;
 
 /// What the request asked for in `X-Loom-Consistency`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,31 +101,37 @@ impl Cookie {
             let (id, expiry) = entry.split_once('.')?;
             let id = parse_cluster_id(id).ok()?;
             let expiry = decimal(expiry)?;
+            if entries.iter().any(|&(seen, _)| seen == id) {
+                // A router writes each cluster once; a repeat is not its cookie.
+                return None;
+            }
             entries.push((id, expiry));
         }
         Some(Self { entries })
     }
 
-    /// Whether the cookie names `cluster` with an expiry after `now_ms`.
-    pub fn names(&self, cluster: u64, now_ms: u64) -> bool {
+    /// Whether the cookie names `cluster` with an expiry after `now_ms` and no later than
+    /// `window_ms` (plus [`CLOCK_SKEW_MS`]) from now.
+    pub fn names(&self, cluster: u64, now_ms: u64, window_ms: u64) -> bool {
         self.entries
             .iter()
-            .any(|&(id, expiry)| id == cluster && expiry > now_ms)
+            .any(|&(id, expiry)| id == cluster && live(expiry, now_ms, window_ms))
     }
 
     /// The `Set-Cookie` value after a write to `cluster`: its entry (until `until_ms`) and the
     /// newest unexpired others, at most [`MAX_COOKIE_ENTRIES`], newest first, living `window_s`
     /// seconds in the browser.
     pub fn after_write(&self, cluster: u64, until_ms: u64, now_ms: u64, window_s: u64) -> String {
+        let window_ms = window_s.saturating_mul(1000);
+        // IDs are unique (`parse`), and the written cluster's old entry is replaced.
         let mut entries: Vec<(u64, u64)> = self
             .entries
             .iter()
             .copied()
-            .filter(|&(id, expiry)| id != cluster && expiry > now_ms)
+            .filter(|&(id, expiry)| id != cluster && live(expiry, now_ms, window_ms))
             .collect();
         entries.push((cluster, until_ms));
         entries.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        entries.dedup_by_key(|e| e.0);
         entries.truncate(MAX_COOKIE_ENTRIES);
         let value: Vec<String> = entries
             .iter()
@@ -130,6 +143,15 @@ impl Cookie {
             window_s.max(1)
         )
     }
+}
+
+/// An entry that has not expired at `now_ms`, and does not claim to last longer than a window.
+fn live(expiry: u64, now_ms: u64, window_ms: u64) -> bool {
+    expiry > now_ms
+        && expiry
+            <= now_ms
+                .saturating_add(window_ms)
+                .saturating_add(CLOCK_SKEW_MS)
 }
 
 /// 1 to 20 ASCII digits that fit a u64.
@@ -146,17 +168,35 @@ fn decimal(s: &str) -> Option<u64> {
 #[derive(Debug, Default)]
 pub struct Tracked {
     map: DashMap<u64, u64>,
+    /// When a write that found the map full last swept it (Unix ms): at most once per
+    /// [`FULL_SWEEP_EVERY_MS`], so that a full map of live entries costs writes no scan each.
+    full_sweep_at: AtomicU64,
 }
 
+/// How often a write that finds the map full may sweep it.
+const FULL_SWEEP_EVERY_MS: u64 = 100;
+
 impl Tracked {
-    /// Track `cluster` until `until_ms`. False when the map holds `bound` clusters already.
-    pub fn remember(&self, cluster: u64, until_ms: u64, bound: usize) -> bool {
+    /// Track `cluster` until `until_ms`. False when the map holds `bound` live clusters
+    /// already. The bound is soft by the writes racing this one: the check and the insert are
+    /// two steps, so concurrent writes may pass it by as many as run at once.
+    pub fn remember(&self, cluster: u64, until_ms: u64, now_ms: u64, bound: usize) -> bool {
         if let Some(mut expiry) = self.map.get_mut(&cluster) {
             *expiry = (*expiry).max(until_ms);
             return true;
         }
         if self.map.len() >= bound {
-            return false;
+            let last = self.full_sweep_at.load(Ordering::Relaxed);
+            let due = now_ms >= last.saturating_add(FULL_SWEEP_EVERY_MS);
+            if !due
+                || self
+                    .full_sweep_at
+                    .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_err()
+                || self.sweep(now_ms) >= bound
+            {
+                return false;
+            }
         }
         self.map.insert(cluster, until_ms);
         true
@@ -214,12 +254,19 @@ mod tests {
     #[test]
     fn a_cookie_names_clusters_until_their_expiry() {
         let c = cookie(&["a=1; loom-ryw=13.5000-00000023.9000; b=2"]).unwrap();
-        assert!(c.names(13, 4999));
-        assert!(!c.names(13, 5000), "expired at its expiry");
-        assert!(c.names(23, 8000), "leading zeros are one ID");
-        assert!(!c.names(33, 0));
+        let window = 5000;
+        assert!(c.names(13, 4999, window));
+        assert!(!c.names(13, 5000, window), "expired at its expiry");
+        assert!(c.names(23, 8000, window), "leading zeros are one ID");
+        assert!(!c.names(33, 0, window));
+        // An expiry further ahead than the window and the clock skew is not ours.
+        let far = Cookie::parse(b"23.100000").unwrap();
+        assert!(!far.names(23, 100_000 - window - CLOCK_SKEW_MS - 1, window));
+        assert!(far.names(23, 100_000 - window - CLOCK_SKEW_MS, window));
         // In a second Cookie line, as HTTP/2 splits them.
-        assert!(cookie(&["a=1", "loom-ryw=7.10"]).unwrap().names(7, 9));
+        assert!(cookie(&["a=1", "loom-ryw=7.10"])
+            .unwrap()
+            .names(7, 9, window));
     }
 
     #[test]
@@ -239,6 +286,8 @@ mod tests {
             "loom-ryw=13.999999999999999999999",
             "loom-ryw=13.5; loom-ryw=14.6",
             "loom-ryw=%31%33.5",
+            "loom-ryw=13.5-14.6-13.7",
+            "loom-ryw=13.5-013.6",
         ] {
             assert_eq!(cookie(&[bad]), None, "{bad}");
         }
@@ -258,23 +307,27 @@ mod tests {
         assert!(cookie(&[&format!("loom-ryw={}", entries(16))]).is_some());
         assert_eq!(cookie(&[&format!("loom-ryw={}", entries(17))]), None);
         assert_eq!(cookie(&[&format!("loom-ryw={}", entries(1000))]), None);
-        let longest = format!("{}.{}", i64::MAX, u64::MAX);
-        let sixteen = vec![longest.as_str(); 16].join("-");
+        let sixteen: Vec<String> = (0..16)
+            .map(|i| format!("{}.{}", i64::MAX as u64 - i, u64::MAX))
+            .collect();
+        let sixteen = sixteen.join("-");
         assert_eq!(sixteen.len(), MAX_COOKIE_BYTES);
         assert!(Cookie::parse(sixteen.as_bytes()).is_some());
+        assert!(Cookie::parse(format!("{sixteen}0").as_bytes()).is_none());
     }
 
     #[test]
     fn a_write_sets_a_cookie_of_the_newest_16_unexpired_entries() {
-        let old = Cookie::parse(b"5.100-6.2000-7.3000").unwrap();
+        let old = Cookie::parse(b"5.100-6.2000-7.3000-8.99999999").unwrap();
         assert_eq!(
             old.after_write(6, 9000, 1000, 5),
-            "loom-ryw=6.9000-7.3000; Path=/; HttpOnly; SameSite=Lax; Max-Age=5"
+            "loom-ryw=6.9000-7.3000; Path=/; HttpOnly; SameSite=Lax; Max-Age=5",
+            "5 has expired, 8 claims more than a window, 6 is renewed"
         );
         let full = Cookie {
             entries: (1..=16).map(|i| (i, 1000 + i)).collect(),
         };
-        let set = full.after_write(99, 5000, 0, 1);
+        let set = full.after_write(99, 5000, 0, 5);
         let value = set.split(';').next().unwrap();
         let entries = value.strip_prefix("loom-ryw=").unwrap();
         assert!(
@@ -292,11 +345,11 @@ mod tests {
     #[test]
     fn tracked_clusters_expire_and_stay_within_the_bound() {
         let t = Tracked::default();
-        assert!(t.remember(1, 100, 2));
-        assert!(t.remember(2, 100, 2));
-        assert!(!t.remember(3, 100, 2), "full");
+        assert!(t.remember(1, 100, 0, 2));
+        assert!(t.remember(2, 100, 0, 2));
+        assert!(!t.remember(3, 100, 0, 2), "full");
         assert!(
-            t.remember(1, 200, 2),
+            t.remember(1, 200, 0, 2),
             "a tracked cluster is renewed when full"
         );
         assert!(t.holds(1, || 150));
@@ -307,10 +360,25 @@ mod tests {
             "the expired entry went with the read that found it"
         );
         assert!(!t.holds(3, || unreachable!("no entry, no clock")));
-        assert!(t.remember(3, 300, 2));
+        assert!(t.remember(3, 300, 150, 2));
         assert_eq!(t.sweep(250), 1);
         assert!(t.holds(3, || 250));
         assert_eq!(t.sweep(300), 0);
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_full_map_of_expired_entries_makes_room_at_most_every_100_ms() {
+        let t = Tracked::default();
+        assert!(t.remember(1, 50, 0, 2));
+        assert!(t.remember(2, 1000, 0, 2));
+        // At 160 ms entry 1 has expired, and no write has swept yet: this one does, and fits.
+        assert!(t.remember(3, 1000, 160, 2));
+        assert_eq!(t.len(), 2);
+        assert!(t.remember(4, 200, 170, 3));
+        // Full again at 210 ms with 4 expired, but the last sweep was at 160 ms: too soon.
+        assert!(!t.remember(5, 1000, 210, 3));
+        assert!(t.remember(5, 1000, 260, 3), "100 ms after the last sweep");
+        assert!(!t.holds(4, || 260));
     }
 }

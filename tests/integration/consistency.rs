@@ -180,24 +180,75 @@ async fn the_consistency_header_reads_from_the_owner_even_with_tracking_off() {
     }
 }
 
+fn owner_header() -> [(&'static str, &'static str); 3] {
+    [COOPR[0], COOPR[1], ("x-loom-consistency", "owner")]
+}
+
+/// Routers that probe their peers every 3 s and need two failures to find one down: a test can
+/// break a peer and, for the next 3 s at least, the others still believe it up, so their hop
+/// is really tried.
+fn probing_once() -> Options {
+    Options {
+        replication_delay: Duration::from_millis(50),
+        health_interval: Duration::from_secs(3),
+        ..Options::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_read_for_an_unreachable_or_down_owner_is_served_locally_and_marked_stale() {
+async fn a_read_whose_owner_router_refuses_it_or_is_gone_is_served_locally_and_marked_stale() {
+    let mut c = Cluster::start_with(probing_once()).await;
+    let id = east_cluster(&c, "stale").await;
+    let path = format!("/v2/clusters/{id}");
+    // The owner's router answers for itself (its Loom is down: 502 upstream_unreachable).
+    c.dcs[EAST].stop_loom().await;
+    c.clear();
+    let refused = send("GET", &c.dc(EU).url(&path), &owner_header(), b"").await;
+    assert_served(&refused, "read", "eu-central");
+    assert_eq!(refused.header("x-loom-stale"), Some("1"));
+    assert_eq!(refused.header("x-loom-router-error"), None);
+    assert_eq!(refused.json()["id"], id.as_str());
+    assert_eq!(c.who_saw("GET", &path), ["eu-central"]);
+    // The owner's router is gone: the hop is refused at connect.
+    c.dcs[EAST].stop_router().await;
+    c.clear();
+    let gone = send("GET", &c.dc(EU).url(&path), &owner_header(), b"").await;
+    assert_served(&gone, "read", "eu-central");
+    assert_eq!(gone.header("x-loom-stale"), Some("1"));
+    assert_eq!(c.who_saw("GET", &path), ["eu-central"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_sent_to_a_router_that_does_not_own_the_shard_falls_back_stale() {
+    // eu-central believes shard 1 moved to us-west; us-west's table (and us-east's) says not.
+    let mut options = probing_once();
+    options.per_dc[EU] = "\n[[shards]]\nresidue = 1\nowner = \"us-west\"\nepoch = 5\n".to_owned();
+    let c = Cluster::start_with(options).await;
+    let id = create_cluster(c.dc(EAST), "misdirected").await;
+    let path = format!("/v2/clusters/{id}");
+    eventually(|| async { c.dc(EU).loom.cluster(1).is_some() }).await;
+    c.clear();
+    let r = send("GET", &c.dc(EU).url(&path), &owner_header(), b"").await;
+    assert_served(&r, "read", "eu-central");
+    assert_eq!(r.header("x-loom-stale"), Some("1"));
+    assert_eq!(
+        c.who_saw("GET", &path),
+        ["eu-central"],
+        "us-west answered 421"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_for_an_owner_health_checks_find_down_is_served_locally_and_marked_stale() {
     let mut c = Cluster::start_with(Options {
         replication_delay: Duration::from_millis(50),
         ..Options::default()
     })
     .await;
-    let id = east_cluster(&c, "stale").await;
+    let id = east_cluster(&c, "down").await;
     let path = format!("/v2/clusters/{id}");
-    let owner = [COOPR[0], COOPR[1], ("x-loom-consistency", "owner")];
+    let owner = owner_header();
     c.dcs[EAST].stop_router().await;
-    c.clear();
-    // At once: health has not seen it yet, and the hop is refused.
-    let unreachable = send("GET", &c.dc(EU).url(&path), &owner, b"").await;
-    assert_served(&unreachable, "read", "eu-central");
-    assert_eq!(unreachable.header("x-loom-stale"), Some("1"));
-    assert_eq!(unreachable.json()["id"], id.as_str());
-    assert_eq!(c.who_saw("GET", &path), ["eu-central"]);
     // Once health checks find it down, the hop is not even tried.
     eventually(|| async {
         let table = get(&c.dc(EU).admin_url("/admin/table")).await.json();
@@ -216,7 +267,14 @@ async fn malformed_cookies_and_a_cookie_of_1000_clusters_are_ignored() {
     let path = format!("/v2/clusters/{id}");
     let n: u64 = id.parse().unwrap();
     let far = u64::MAX / 2;
-    let thousand: Vec<String> = (0..1000).map(|i| format!("{}.{far}", n + i)).collect();
+    let soon = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        + 10_000;
+    let thousand: Vec<String> = (0..1000).map(|i| format!("{}.{soon}", n + i)).collect();
+    // 17 short entries: under the size bound, over the count.
+    let seventeen: Vec<String> = (0..17).map(|i| format!("{}.{soon}", n + i)).collect();
     let cookies = [
         format!("loom-ryw={n}"),
         format!("loom-ryw={n}.{far}-"),
@@ -225,8 +283,10 @@ async fn malformed_cookies_and_a_cookie_of_1000_clusters_are_ignored() {
         format!("loom-ryw={n}.{far}; loom-ryw={n}.{far}"),
         format!("loom-ryw={n}.{far}{}", "0".repeat(5000)),
         format!("loom-ryw={}", thousand.join("-")),
-        // Expired.
+        format!("loom-ryw={}", seventeen.join("-")),
+        // Expired, and claiming far more than the 30 s window.
         format!("loom-ryw={n}.1000"),
+        format!("loom-ryw={n}.{far}"),
     ];
     for cookie in &cookies {
         let headers = [COOPR[0], COOPR[1], ("cookie", cookie.as_str())];
@@ -235,7 +295,7 @@ async fn malformed_cookies_and_a_cookie_of_1000_clusters_are_ignored() {
         assert_eq!(r.header("x-loom-stale"), None);
     }
     // The same cluster in a well-formed cookie goes to the owner.
-    let good = format!("session=1; loom-ryw={n}.{far}");
+    let good = format!("session=1; loom-ryw={}", seventeen[..16].join("-"));
     let headers = [COOPR[0], COOPR[1], ("cookie", good.as_str())];
     let r = send("GET", &c.dc(EU).url(&path), &headers, b"").await;
     assert_served(&r, "read-owner", "us-east");

@@ -260,6 +260,8 @@ pub struct Options {
     /// `[loom] connect_timeout`, which is also how long a request waits for a connection when
     /// `max_upstream_connections` are all busy.
     pub connect_timeout: Duration,
+    /// `[health] interval` of every router (100 ms).
+    pub health_interval: Duration,
 }
 
 impl Default for Options {
@@ -279,6 +281,7 @@ impl Default for Options {
             client_auth: "optional",
             config_files: false,
             connect_timeout: Duration::from_millis(300),
+            health_interval: Duration::from_millis(100),
         }
     }
 }
@@ -512,8 +515,9 @@ fn router_toml(
         (Coordination::Static, profile)
     };
     let tables = format!(
-        "[health]\ninterval = \"100ms\"\ntimeout = \"300ms\"\nunhealthy_after = 2\n\
+        "[health]\ninterval = \"{}ms\"\ntimeout = \"300ms\"\nunhealthy_after = 2\n\
          healthy_after = 1\n\n[log]\naccess = \"off\"\n{}\n",
+        options.health_interval.as_millis(),
         options.per_dc[i]
     );
     let loom_keys = format!(
