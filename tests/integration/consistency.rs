@@ -54,6 +54,19 @@ async fn a_remote_write_is_read_back_from_its_owner_until_the_window_ends() {
     assert_eq!(read.json()["status"], "terminated");
     assert_eq!(read.header("x-loom-stale"), None);
     assert_eq!(c.who_saw("GET", &path), ["us-east"]);
+    // The owner's Loom saw the client's read, with the proxy headers and none of the hop's.
+    let seen = c.dc(EAST).received();
+    let at_owner = seen.iter().rfind(|r| r.path_and_query == path).unwrap();
+    for name in [
+        "x-loom-router-hop",
+        "x-loom-router-origin",
+        "x-loom-router-epoch",
+        "x-loom-router-shard",
+    ] {
+        assert!(!at_owner.headers.contains_key(name), "{name} reached Loom");
+    }
+    assert_eq!(at_owner.headers["coopr-userid"], "admin");
+    assert!(at_owner.headers.contains_key("x-forwarded-for"));
     // Read from eu-central's own Loom it would still be the old cluster.
     assert_ne!(before, "terminated");
     assert_eq!(eu_loom_status(&c, &id).await, before);
