@@ -222,6 +222,8 @@ impl App {
             forwarder: runtime.forwarder.clone(),
             coordination: gate,
             metrics,
+            started: std::time::Instant::now(),
+            traffic: Default::default(),
         };
         let admin = tokio::spawn(admin::serve(
             self.admin,

@@ -91,13 +91,23 @@ impl Counter {
     }
 }
 
+/// What the probes last found of one DC, for the status page.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DcHealth {
+    pub status: Status,
+    /// When the DC entered this status.
+    pub since: std::time::SystemTime,
+    /// How long the last probe took, answered or not.
+    pub last_probe: Option<Duration>,
+}
+
 /// The latest status of every DC, by name. Keyed by name rather than index so that it outlives
 /// config reloads that add, remove or reorder DCs.
 #[derive(Debug, Default)]
 pub struct HealthBoard {
     /// Written by the probe tasks only (rarely: on a change); read by the request path for
     /// forwarded writes, `/readyz`, `/admin/table` and the lease task.
-    statuses: RwLock<HashMap<String, Status>>,
+    statuses: RwLock<HashMap<String, DcHealth>>,
     /// Woken on every change, so the lease task (re)registers or withdraws at once rather than
     /// at its next keepalive.
     changed: tokio::sync::Notify,
@@ -124,12 +134,27 @@ impl HealthBoard {
     }
 
     pub fn get(&self, dc: &str) -> Status {
+        self.detail(dc).map_or(Status::Unknown, |h| h.status)
+    }
+
+    /// The status, since when, and the last probe's time.
+    pub fn detail(&self, dc: &str) -> Option<DcHealth> {
         self.statuses
             .read()
             .expect("health board lock poisoned")
             .get(dc)
             .copied()
-            .unwrap_or(Status::Unknown)
+    }
+
+    /// A probe of `dc` took `took`.
+    pub fn observe_probe(&self, dc: &str, took: Duration) {
+        let mut statuses = self.statuses.write().expect("health board lock poisoned");
+        let entry = statuses.entry(dc.to_owned()).or_insert(DcHealth {
+            status: Status::Unknown,
+            since: std::time::SystemTime::now(),
+            last_probe: None,
+        });
+        entry.last_probe = Some(took);
     }
 
     /// Whether requests may be sent to the DC: anything but a confirmed `Down`.
@@ -138,12 +163,21 @@ impl HealthBoard {
     }
 
     pub fn set(&self, dc: &str, status: Status) {
-        let previous = self
-            .statuses
-            .write()
-            .expect("health board lock poisoned")
-            .insert(dc.to_owned(), status);
-        if previous != Some(status) {
+        let previous = {
+            let mut statuses = self.statuses.write().expect("health board lock poisoned");
+            let entry = statuses.entry(dc.to_owned()).or_insert(DcHealth {
+                status: Status::Unknown,
+                since: std::time::SystemTime::now(),
+                last_probe: None,
+            });
+            let previous = entry.status;
+            if previous != status {
+                entry.status = status;
+                entry.since = std::time::SystemTime::now();
+            }
+            previous
+        };
+        if previous != status {
             self.changed.notify_waiters();
             let now = match status {
                 Status::Up => "up",
@@ -275,7 +309,9 @@ impl Probe {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
+            let started = std::time::Instant::now();
             let ok = self.probe_once().await;
+            self.board.observe_probe(&self.name, started.elapsed());
             if let Some(status) = counter.observe(ok, self.thresholds) {
                 self.board.set(&self.name, status);
                 metrics::set_datacenter_up(&self.name, status == Status::Up);

@@ -7,6 +7,7 @@
 //!
 //! This file must not decide what to record; callers do.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -251,6 +252,28 @@ struct RouteCells {
     duration: OnceLock<Histogram>,
     /// By status code; a route sees a handful.
     counts: RwLock<Vec<(u16, Counter)>>,
+    /// The same requests as plain counters the router can read back, for the status page's
+    /// traffic over the last minute: the exporter's handles are write-only.
+    name: OnceLock<&'static str>,
+    /// By status class, 1xx to 5xx.
+    classes: [AtomicU64; 5],
+    /// By latency, in [`DURATION_BUCKETS`] and one more for anything slower.
+    buckets: [AtomicU64; DURATION_BUCKETS.len() + 1],
+}
+
+/// One route's requests so far, as [`RequestMetrics::totals`] reads them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteTotals {
+    pub route: &'static str,
+    /// By status class, 1xx to 5xx.
+    pub classes: [u64; 5],
+    /// By latency bucket: upper bounds [`latency_bounds`], then one for anything slower.
+    pub buckets: Vec<u64>,
+}
+
+/// The upper bounds of the latency buckets [`RouteTotals::buckets`] counts, in seconds.
+pub fn latency_bounds() -> &'static [f64] {
+    DURATION_BUCKETS
 }
 
 impl RequestMetrics {
@@ -282,10 +305,38 @@ impl RequestMetrics {
                 counts.push((status, counter));
             }
         }
+        let seconds = elapsed.as_secs_f64();
         cells
             .duration
             .get_or_init(|| histogram!(REQUEST_DURATION_SECONDS, "route" => route.name))
-            .record(elapsed.as_secs_f64());
+            .record(seconds);
+        cells.name.get_or_init(|| route.name);
+        if let Some(class) = cells.classes.get(usize::from(status / 100).wrapping_sub(1)) {
+            class.fetch_add(1, Ordering::Relaxed);
+        }
+        let bucket = DURATION_BUCKETS
+            .iter()
+            .position(|&bound| seconds <= bound)
+            .unwrap_or(DURATION_BUCKETS.len());
+        cells.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Every route taken so far, with its requests by status class and latency bucket.
+    pub fn totals(&self) -> Vec<RouteTotals> {
+        self.routes
+            .iter()
+            .filter_map(|cells| {
+                Some(RouteTotals {
+                    route: cells.name.get()?,
+                    classes: std::array::from_fn(|i| cells.classes[i].load(Ordering::Relaxed)),
+                    buckets: cells
+                        .buckets
+                        .iter()
+                        .map(|b| b.load(Ordering::Relaxed))
+                        .collect(),
+                })
+            })
+            .collect()
     }
 
     /// Count a request in `loom_router_inflight_requests` until the guard is dropped.

@@ -13,6 +13,7 @@ need=()
 command -v protoc > /dev/null || need+=(protobuf-compiler)
 command -v etcd > /dev/null || need+=(etcd-server)
 command -v ss > /dev/null || need+=(iproute2)
+command -v chromium > /dev/null || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

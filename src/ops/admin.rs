@@ -56,6 +56,10 @@ pub struct AdminState {
     /// The write gate and store access, with the memory and etcd backends.
     pub coordination: Option<(Arc<Gate>, Handle)>,
     pub metrics: PrometheusHandle,
+    /// When the router started, for its uptime.
+    pub started: std::time::Instant,
+    /// The last minute of request totals, sampled every second while the listener runs.
+    pub traffic: Arc<super::traffic::Traffic>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -78,6 +82,7 @@ impl AdminState {
 
 /// Serve the admin endpoints until `shutdown` fires.
 pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
+    sample_traffic(&state, shutdown.clone());
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     loop {
@@ -115,6 +120,21 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: Cancellat
     let _ = tokio::time::timeout(Duration::from_secs(1), graceful.shutdown()).await;
 }
 
+/// Sample the request totals every second for `/admin/status`, until `stop` fires.
+fn sample_traffic(state: &AdminState, stop: CancellationToken) {
+    let (proxy, traffic) = (state.proxy.clone(), state.traffic.clone());
+    tokio::spawn(stop.run_until_cancelled_owned(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            every.tick().await;
+            traffic.record(std::time::Instant::now(), proxy.request_totals());
+        }
+    }));
+}
+
+/// The status page: one self-contained HTML file, no external scripts, fonts or styles.
+const STATUS_PAGE: &str = include_str!("status.html");
+
 async fn handle(state: &AdminState, request: Request<Incoming>) -> Response<Body> {
     let get = request.method() == Method::GET || request.method() == Method::HEAD;
     let post = request.method() == Method::POST;
@@ -142,6 +162,27 @@ async fn handle(state: &AdminState, request: Request<Incoming>) -> Response<Body
         (true, _, "/admin/table") => {
             let snap = state.control.snapshot();
             json_response(StatusCode::OK, &table_view(state, &snap))
+        }
+        (true, _, "/") => {
+            let mut response = Response::new(Body::full(STATUS_PAGE));
+            let h = response.headers_mut();
+            h.insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            // Nothing from elsewhere, ever: the page must work in an air-gapped DC.
+            h.insert(
+                "content-security-policy",
+                HeaderValue::from_static(
+                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                     connect-src 'self'",
+                ),
+            );
+            response
+        }
+        (true, _, "/admin/status") => {
+            let snap = state.control.snapshot();
+            json_response(StatusCode::OK, &status_view(state, &snap))
         }
         // Read-only and free of secrets: no token, like /admin/table.
         (true, _, "/admin/events") => json_response(
@@ -171,9 +212,12 @@ async fn handle(state: &AdminState, request: Request<Incoming>) -> Response<Body
             }
             shard_control(state, request).await
         }
-        (false, _, "/healthz" | "/readyz" | "/metrics" | "/admin/table" | "/admin/events") => {
-            text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n")
-        }
+        (
+            false,
+            _,
+            "/" | "/healthz" | "/readyz" | "/metrics" | "/admin/table" | "/admin/events"
+            | "/admin/status",
+        ) => text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"),
         (_, false, p) if p.starts_with("/admin/shards/") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n")
         }
@@ -454,6 +498,85 @@ fn table_view<'a>(state: &AdminState, snap: &'a Snapshot) -> TableView<'a> {
         alerts: &snap.alerts,
         tracked_clusters: state.proxy.tracked_clusters(),
         coordination: coordination_view(state, snap),
+    }
+}
+
+/// `/admin/status`: this router at a glance, for the status page (docs/operations.md).
+#[derive(Debug, Serialize)]
+struct StatusView<'a> {
+    datacenter: &'a str,
+    router_id: Option<String>,
+    version: &'static str,
+    uptime_seconds: u64,
+    table_epoch: u64,
+    ready: bool,
+    draining: bool,
+    /// With a store: whether the lease lets this router admit writes now.
+    admitting: Option<bool>,
+    lease: Option<LeaseView>,
+    failover_manager: Option<String>,
+    tracked_clusters: usize,
+    datacenters: Vec<DcStatus<'a>>,
+    traffic: super::traffic::TrafficView,
+}
+
+/// One DC as this router's probes see it.
+#[derive(Debug, Serialize)]
+struct DcStatus<'a> {
+    name: &'a str,
+    status: &'static str,
+    /// How long it has been in that status.
+    for_seconds: Option<u64>,
+    last_probe_ms: Option<f64>,
+}
+
+fn status_view<'a>(state: &AdminState, snap: &'a Snapshot) -> StatusView<'a> {
+    let config = &snap.config;
+    let coordination = coordination_view(state, snap);
+    let datacenters = config
+        .datacenters
+        .iter()
+        .map(|d| {
+            let health = state.health.detail(&d.name);
+            DcStatus {
+                name: &d.name,
+                status: match health.map(|h| h.status) {
+                    Some(Status::Up) => "up",
+                    Some(Status::Down) => "down",
+                    _ => "unknown",
+                },
+                for_seconds: health
+                    .and_then(|h| h.since.elapsed().ok())
+                    .map(|d| d.as_secs()),
+                last_probe_ms: health
+                    .and_then(|h| h.last_probe)
+                    .map(|d| d.as_secs_f64() * 1000.0),
+            }
+        })
+        .collect();
+    let (router_id, admitting, lease, failover_manager) = match coordination {
+        Some(c) => (
+            Some(c.router_id),
+            Some(c.lease.admitting),
+            Some(c.lease),
+            c.failover_manager,
+        ),
+        None => (None, None, None, None),
+    };
+    StatusView {
+        datacenter: &config.local_dc().name,
+        router_id,
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_seconds: state.started.elapsed().as_secs(),
+        table_epoch: snap.table.table_epoch,
+        ready: state.proxy.is_ready(),
+        draining: state.proxy.is_draining(),
+        admitting,
+        lease,
+        failover_manager,
+        tracked_clusters: state.proxy.tracked_clusters(),
+        datacenters,
+        traffic: state.traffic.view(),
     }
 }
 

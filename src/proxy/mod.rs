@@ -250,6 +250,16 @@ impl Proxy {
         &self.inner.control
     }
 
+    /// Whether SIGTERM has started the drain.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst)
+    }
+
+    /// The requests answered so far, by route, status class and latency (the status page).
+    pub fn request_totals(&self) -> Vec<metrics::RouteTotals> {
+        self.inner.metrics.totals()
+    }
+
     /// Turn `/readyz` to 503: the load balancer stops sending new traffic.
     pub fn start_draining(&self) {
         self.inner.draining.store(true, Ordering::SeqCst);

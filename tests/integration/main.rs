@@ -27,6 +27,7 @@ mod history;
 mod peers;
 mod reload;
 mod routing;
+mod status_page;
 mod support;
 mod tls;
 mod upstream;
