@@ -195,18 +195,51 @@ impl Proxy {
     }
 
     /// Every second until `stop` fires: sweep expired clusters from the map, and publish how
-    /// many remain and whether this router is ready (`loom_router_ready`, for alerting).
+    /// many remain and whether this router is ready (`loom_router_ready`, for alerting); and
+    /// record in the events when the lease starts or stops letting this router admit writes.
     pub fn publish_every_second(&self, stop: CancellationToken) {
         let proxy = self.clone();
         tokio::spawn(stop.run_until_cancelled_owned(async move {
-            let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+            // The lease is looked at ten times a second, so that a fence of a few hundred
+            // milliseconds still shows in the events; the rest once a second.
+            let mut every = tokio::time::interval(std::time::Duration::from_millis(100));
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
+            // With a store: whether the lease let this router admit writes at the last look.
+            let mut admitting = None;
+            for tick in 0u64.. {
                 every.tick().await;
-                metrics::set_tracked_clusters(proxy.inner.tracked.sweep(fresh::now_ms()));
-                metrics::set_ready(proxy.is_ready());
+                admitting = proxy.record_fence_changes(admitting);
+                if tick % 10 == 0 {
+                    metrics::set_tracked_clusters(proxy.inner.tracked.sweep(fresh::now_ms()));
+                    metrics::set_ready(proxy.is_ready());
+                }
             }
         }));
+    }
+
+    /// An event when the lease stops or starts letting this router admit writes: the fences
+    /// an operator looks for that no table shows. `None` without a store, and before the first
+    /// table from it.
+    fn record_fence_changes(&self, before: Option<bool>) -> Option<bool> {
+        self.inner.gate.as_ref()?;
+        let snap = self.inner.control.snapshot();
+        if !snap.from_store {
+            return before;
+        }
+        let now = self.may_admit(&snap);
+        let log = self.inner.control.event_log();
+        match (before, now) {
+            (Some(true), false) => log.record(
+                crate::events::Kind::Fence,
+                "writes fenced here: the lease is not certain to outlast write_timeout",
+            ),
+            (Some(false), true) => log.record(
+                crate::events::Kind::Fence,
+                "writes admitted here again: the lease is renewed",
+            ),
+            _ => {}
+        }
+        Some(now)
     }
 
     /// Resize the concurrency limit. Shrinking takes effect as requests finish.

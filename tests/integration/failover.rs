@@ -202,6 +202,16 @@ async fn a_router_cut_off_from_the_store_fences_itself_before_others_take_over()
     // The others moved shard 2 to its replica, eu-central.
     until_owner(c.dc(EAST), 2, "eu-central").await;
     history::check(&c, &acked);
+    // us-west's events say when its writes were fenced.
+    eventually(|| async {
+        let events = get(&c.dc(WEST).admin_url("/admin/events")).await.json();
+        events["events"].as_array().unwrap().iter().any(|e| {
+            e["kind"] == "fence"
+                && e["text"]
+                    == "writes fenced here: the lease is not certain to outlast write_timeout"
+        })
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
