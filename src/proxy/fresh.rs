@@ -8,7 +8,7 @@
 //! marked `X-Loom-Stale: 1`: for a read, availability beats freshness. Nothing here retries a
 //! 421 for a read; the local answer is what a client without the promise would have had.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use http::header::{HeaderValue, COOKIE, SET_COOKIE};
 use http::{HeaderMap, Request};
@@ -16,6 +16,9 @@ use http::{HeaderMap, Request};
 use super::peer::{answered, buffer_for_retry, hop_headers, is_misdirected, rebuild};
 use super::request::{header_u64, Ctx, Label, Outcome, ToLocal, ToPeer};
 use super::Proxy;
+// Unix milliseconds: the cookie's clock and the map's, so that both expire alike (the same
+// clock failover stamps records with).
+use crate::coord::failover::unix_ms as now_ms;
 use crate::http::body::Body;
 use crate::http::error::RouterError;
 use crate::http::forward;
@@ -257,11 +260,4 @@ fn header_bytes<'a>(
     name: &http::HeaderName,
 ) -> impl Iterator<Item = &'a [u8]> {
     headers.get_all(name).into_iter().map(HeaderValue::as_bytes)
-}
-
-/// Unix time in milliseconds: the cookie's clock, and the map's, so that both expire alike.
-pub(super) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -210,7 +210,9 @@ impl Proxy {
                 every.tick().await;
                 admitting = proxy.record_fence_changes(admitting);
                 if tick % 10 == 0 {
-                    metrics::set_tracked_clusters(proxy.inner.tracked.sweep(fresh::now_ms()));
+                    metrics::set_tracked_clusters(
+                        proxy.inner.tracked.sweep(crate::coord::failover::unix_ms()),
+                    );
                     metrics::set_ready(proxy.is_ready());
                 }
             }
