@@ -32,6 +32,17 @@ pub enum Status {
     Down,
 }
 
+impl Status {
+    /// As the events and `/admin/status` name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Up => "up",
+            Self::Down => "down",
+        }
+    }
+}
+
 /// Consecutive-result thresholds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Thresholds {
@@ -179,13 +190,10 @@ impl HealthBoard {
         };
         if previous != status {
             self.changed.notify_waiters();
-            let now = match status {
-                Status::Up => "up",
-                Status::Down => "down",
-                Status::Unknown => "unknown",
-            };
-            self.event_log
-                .record(Kind::Health, format!("datacenter {dc} is {now}"));
+            self.event_log.record(
+                Kind::Health,
+                format!("datacenter {dc} is {}", status.as_str()),
+            );
         }
     }
 

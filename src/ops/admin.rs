@@ -540,11 +540,7 @@ fn status_view<'a>(state: &AdminState, snap: &'a Snapshot) -> StatusView<'a> {
             let health = state.health.detail(&d.name);
             DcStatus {
                 name: &d.name,
-                status: match health.map(|h| h.status) {
-                    Some(Status::Up) => "up",
-                    Some(Status::Down) => "down",
-                    _ => "unknown",
-                },
+                status: health.map_or(Status::Unknown, |h| h.status).as_str(),
                 for_seconds: health
                     .and_then(|h| h.since.elapsed().ok())
                     .map(|d| d.as_secs()),
